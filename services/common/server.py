@@ -1,0 +1,321 @@
+"""The gRPC server every llmops service runs on.
+
+:func:`create_server` binds a ``grpc.aio`` server with what every service needs:
+
+* ``grpc.health.v1``: the overall status ``""`` is SERVING while the server runs (liveness); each
+  service's own name follows its readiness check (e.g. serving is ready only with a model loaded).
+* server reflection, so ``grpcurl list`` and ``describe`` work;
+* one interceptor that maps domain errors to status codes through :mod:`llmops.common.errors`
+  (``INTERNAL`` with a generic message as the last resort) and records
+  ``llmops_grpc_server_*`` metrics;
+* message-size and concurrency limits (over the limit: ``RESOURCE_EXHAUSTED``);
+* graceful shutdown: health turns NOT_SERVING, new calls are refused, in-flight calls get
+  ``grace_seconds`` to finish;
+* a Prometheus ``/metrics`` HTTP endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from llmops.common.errors import status_for
+from llmops.common.metrics import GrpcServerMetrics, MetricsHttpServer, serve_metrics
+from llmops.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Readiness = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One gRPC service to host.
+
+    Attributes:
+        name: full service name, e.g. ``llmops.registry.v1.RegistryService`` (health and reflection).
+        servicer: the servicer instance.
+        add_to_server: the generated ``add_<Name>Servicer_to_server`` function.
+        readiness: async check for readiness; ``None`` means ready as soon as the server starts.
+    """
+
+    name: str
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    readiness: Readiness | None = None
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    # "/llmops.registry.v1.RegistryService/GetVersion" -> ("llmops.registry.v1.RegistryService", "GetVersion")
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service or "unknown", method or "unknown"
+
+
+class _RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Error mapping and metrics around every handler."""
+
+    def __init__(self, metrics: GrpcServerMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split_method(handler_call_details.method)
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, service, method), **kwargs)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, service, method), **kwargs
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, service, method), **kwargs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(handler.stream_stream, service, method), **kwargs
+        )
+
+    def _unary(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = self._begin(service, method)
+            failure: BaseException | None = None
+            try:
+                result = behavior(request, context)
+                return await result if asyncio.iscoroutine(result) else result
+            except BaseException as exc:  # noqa: BLE001 - every failure is mapped to a status
+                failure = exc
+                await _abort_with(exc, context, service, method)
+            finally:
+                self._end(service, method, started, context, failure)
+
+        return wrapper
+
+    def _streaming(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = self._begin(service, method)
+            failure: BaseException | None = None
+            try:
+                result = behavior(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        yield item
+                elif asyncio.iscoroutine(result):
+                    await result  # the handler wrote its messages with context.write()
+                else:
+                    for item in result:
+                        yield item
+            except BaseException as exc:  # noqa: BLE001
+                failure = exc
+                await _abort_with(exc, context, service, method)
+            finally:
+                self._end(service, method, started, context, failure)
+
+        return wrapper
+
+    def _begin(self, service: str, method: str) -> float:
+        self._metrics.in_flight.labels(service, method).inc()
+        return time.perf_counter()
+
+    def _end(
+        self,
+        service: str,
+        method: str,
+        started: float,
+        context: grpc.aio.ServicerContext,
+        failure: BaseException | None,
+    ) -> None:
+        self._metrics.in_flight.labels(service, method).dec()
+        self._metrics.handling_seconds.labels(service, method).observe(time.perf_counter() - started)
+        self._metrics.handled.labels(service, method, _final_code(context, failure).name).inc()
+
+
+def _final_code(context: grpc.aio.ServicerContext, failure: BaseException | None) -> grpc.StatusCode:
+    if isinstance(failure, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):  # some grpc versions keep the raw integer
+        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.OK if failure is None else grpc.StatusCode.INTERNAL
+
+
+async def _abort_with(exc: BaseException, context: grpc.aio.ServicerContext, service: str, method: str) -> NoReturn:
+    if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)):
+        raise exc  # the handler aborted with its own status, or the client went away
+    mapped = status_for(exc)
+    if mapped.error_id is not None:
+        log.error(
+            "unexpected error in %s/%s (error id %s)",
+            service,
+            method,
+            mapped.error_id,
+            exc_info=exc,
+            extra={"fields": {"service": service, "method": method, "error_id": mapped.error_id}},
+        )
+    await context.abort(mapped.code, mapped.message, trailing_metadata=mapped.trailing_metadata)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+class LLMOpsServer:
+    """A running service: the gRPC server, its health state and its /metrics endpoint."""
+
+    def __init__(
+        self,
+        grpc_server: grpc.aio.Server,
+        port: int,
+        bindings: Sequence[ServiceBinding],
+        health_servicer: health.aio.HealthServicer,
+        settings: Settings,
+        registry: CollectorRegistry,
+        metrics_port: int | None,
+    ) -> None:
+        self.grpc_server = grpc_server
+        self.port = port
+        self.bindings = tuple(bindings)
+        self.health = health_servicer
+        self.settings = settings
+        self.registry = registry
+        self._metrics_port = metrics_port
+        self.metrics_server: MetricsHttpServer | None = None
+        self._readiness_task: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+
+    @property
+    def metrics_http_port(self) -> int | None:
+        """Port of /metrics, or ``None`` when no metrics endpoint was asked for."""
+        return self.metrics_server.port if self.metrics_server else None
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        if self._metrics_port is not None:
+            self.metrics_server = serve_metrics(self.settings.host, self._metrics_port, self.registry)
+        for binding in self.bindings:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING if binding.readiness else health_pb2.HealthCheckResponse.SERVING
+            await self.health.set(binding.name, status)
+        if any(b.readiness for b in self.bindings):
+            await self.refresh_readiness()
+            self._readiness_task = asyncio.create_task(self._poll_readiness(), name="llmops-readiness")
+
+    async def set_ready(self, service_name: str, ready: bool) -> None:
+        """Set one service's readiness in grpc.health.v1 by hand."""
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(service_name, status)
+
+    async def refresh_readiness(self) -> None:
+        """Run every readiness check once and publish the results."""
+        for binding in self.bindings:
+            if binding.readiness is None:
+                continue
+            try:
+                ready = bool(await asyncio.wait_for(binding.readiness(), self.settings.health_poll_seconds * 5))
+            except Exception:  # noqa: BLE001 - a failing check means "not ready", never a crash
+                log.warning("readiness check of %s failed", binding.name, exc_info=True)
+                ready = False
+            await self.set_ready(binding.name, ready)
+
+    async def _poll_readiness(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_poll_seconds)
+            await self.refresh_readiness()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, give in-flight calls ``grace`` seconds."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(self.settings.grace_seconds if grace is None else grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
+        if self._readiness_task is not None:
+            self._readiness_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readiness_task
+        await self.health.enter_graceful_shutdown()
+        log.info("draining: grace %.1fs", grace)
+        await self.grpc_server.stop(grace)
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
+            self.metrics_server = None
+
+    def install_signal_handlers(self) -> None:
+        """Drain on SIGTERM or SIGINT (Kubernetes sends SIGTERM before it kills a pod)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: self._on_signal(s))
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("received %s", sig.name)
+        asyncio.ensure_future(self.stop())
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+        if self._stopping is not None:
+            await self._stopping
+
+
+async def create_server(
+    address: str,
+    bindings: Sequence[ServiceBinding],
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    metrics_port: int | None = None,
+) -> tuple[LLMOpsServer, int]:
+    """Bind and start a server hosting ``bindings`` on ``address`` (``host:0`` picks a free port).
+
+    Args:
+        address: ``host:port`` to bind.
+        bindings: the services to host.
+        settings: message limits, concurrency, grace period, health polling.
+        registry: where metrics are registered (a fresh registry when omitted).
+        metrics_port: port of the /metrics endpoint (0 picks a free one; ``None`` serves none).
+
+    Returns:
+        The started server and the port it bound.
+    """
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = GrpcServerMetrics(registry)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    grpc_server = grpc.aio.server(
+        interceptors=[_RuntimeInterceptor(metrics)],
+        options=options,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    for binding in bindings:
+        binding.add_to_server(binding.servicer, grpc_server)
+    service_names = [b.name for b in bindings]
+    service_names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(service_names, grpc_server)
+    port = grpc_server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind gRPC server to {address}")
+    server = LLMOpsServer(grpc_server, port, bindings, health_servicer, settings, registry, metrics_port)
+    await server.start()
+    log.info("serving %s on port %d", ", ".join(b.name for b in bindings) or "health only", port)
+    return server, port
