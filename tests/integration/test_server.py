@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmops.common import errors
@@ -22,7 +23,6 @@ from llmops.common.server import LLMOpsServer, create_server
 from llmops.common.settings import Settings
 from tests.integration.probe import SERVICE, ProbeApp
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def _settings(**overrides: object) -> Settings:
@@ -38,7 +38,7 @@ async def _start(app: ProbeApp, **overrides: object) -> tuple[LLMOpsServer, grpc
     return server, channel
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def probe() -> AsyncIterator[tuple[ProbeApp, LLMOpsServer, grpc.aio.Channel]]:
     app = ProbeApp()
     server, channel = await _start(app)
@@ -183,6 +183,7 @@ async def test_health_follows_readiness(probe) -> None:
         if await poll():
             break
         await asyncio.sleep(0.02)
+    app.ready = True
     assert statuses[-1] == not_serving
     assert await _health(channel, "") == serving  # liveness is unaffected
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -190,8 +191,8 @@ async def test_health_follows_readiness(probe) -> None:
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_metrics_count_calls_by_code(probe) -> None:
-    _, server, channel = probe
+async def test_metrics_count_calls_by_code() -> None:
+    server, channel = await _start(ProbeApp())
     await _unary(channel, "Echo")(b"0", timeout=10)
     with pytest.raises(grpc.aio.AioRpcError):
         await _unary(channel, "Raise")(b"NotFound", timeout=10)
@@ -201,6 +202,8 @@ async def test_metrics_count_calls_by_code(probe) -> None:
     assert f'llmops_grpc_server_handled_total{{code="NOT_FOUND",method="Raise",service="{SERVICE}"}} 1.0' in body
     assert f'llmops_grpc_server_handling_seconds_count{{method="Echo",service="{SERVICE}"}} 1.0' in body
     assert f'llmops_grpc_server_in_flight{{method="Echo",service="{SERVICE}"}} 0.0' in body
+    await channel.close()
+    await server.stop(0)
 
 
 async def test_stop_drains_in_flight_and_refuses_new_calls() -> None:

@@ -1,0 +1,256 @@
+{{/*
+Names. Kubernetes names and label values are at most 63 characters, so every name is cut there.
+*/}}
+{{- define "llmops.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "llmops.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llmops.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Name of one component's resources: (dict "root" $ "component" "registry"). */}}
+{{- define "llmops.componentName" -}}
+{{- printf "%s-%s" (include "llmops.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Name of one served model's resources: (dict "root" $ "model" $model). Cut to 54 characters so that
+"-headless" still fits in 63.
+*/}}
+{{- define "llmops.servingName" -}}
+{{- printf "%s-serving-%s" (include "llmops.fullname" .root) .model.name | trunc 54 | trimSuffix "-" }}
+{{- end }}
+
+{{/* KubeRay derives "<name>-head-svc" and cuts names over 50 characters from the front: stay under. */}}
+{{- define "llmops.rayClusterName" -}}
+{{- printf "%s-ray" (include "llmops.fullname" .) | trunc 41 | trimSuffix "-" }}
+{{- end }}
+
+{{/* RayService name of one model; KubeRay appends "-serve-svc" and "-head-svc". */}}
+{{- define "llmops.rayServiceName" -}}
+{{- printf "%s-serve-%s" (include "llmops.fullname" .root) .model.name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels. selectorLabels never change after install (Deployments' selectors are immutable);
+labels add the version and chart. Both take (dict "root" $ "component" "registry").
+*/}}
+{{- define "llmops.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llmops.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name | trunc 63 | trimSuffix "-" }}
+{{- with .component }}
+app.kubernetes.io/component: {{ . }}
+{{- end }}
+{{- end }}
+
+{{- define "llmops.labels" -}}
+helm.sh/chart: {{ include "llmops.chart" .root }}
+{{ include "llmops.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: llmops
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one served model's pods: (dict "root" $ "model" $model). */}}
+{{- define "llmops.servingSelectorLabels" -}}
+{{ include "llmops.selectorLabels" (dict "root" .root "component" "serving") }}
+llmops.io/model: {{ .model.name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Images. */}}
+{{- define "llmops.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "llmops.gpuImage" -}}
+{{- printf "%s:%s" .Values.gpuImage.repository (default .Chart.AppVersion .Values.gpuImage.tag) }}
+{{- end }}
+
+{{/* The image serving pods run: the GPU image on GPU nodes, the CPU image otherwise. */}}
+{{- define "llmops.servingImage" -}}
+{{- if .Values.serving.gpu.enabled }}{{ include "llmops.gpuImage" . }}{{ else }}{{ include "llmops.image" . }}{{ end }}
+{{- end }}
+
+{{- define "llmops.servingImagePullPolicy" -}}
+{{- if .Values.serving.gpu.enabled }}{{ .Values.gpuImage.pullPolicy }}{{ else }}{{ .Values.image.pullPolicy }}{{ end }}
+{{- end }}
+
+{{/* ServiceAccount of a workload: (dict "root" $ "component" "training"). */}}
+{{- define "llmops.serviceAccountName" -}}
+{{- if .root.Values.serviceAccount.create }}
+{{- include "llmops.componentName" . }}
+{{- else }}
+{{- "default" }}
+{{- end }}
+{{- end }}
+
+{{/* grpc.health.v1 service name a component reports readiness under, e.g. llmops.registry.v1.RegistryService. */}}
+{{- define "llmops.healthServiceName" -}}
+{{- printf "llmops.%s.v1.%sService" . (title .) }}
+{{- end }}
+
+{{/* host:port clients use to reach a component's gRPC port: (dict "root" $ "component" "cache"). */}}
+{{- define "llmops.address" -}}
+{{- printf "%s:%v" (include "llmops.componentName" .) .root.Values.ports.grpc }}
+{{- end }}
+
+{{/* Address of serving: the first served model's Service. */}}
+{{- define "llmops.servingAddress" -}}
+{{- $model := first .Values.serving.models }}
+{{- printf "%s:%v" (include "llmops.servingName" (dict "root" . "model" $model)) .Values.ports.grpc }}
+{{- end }}
+
+{{- define "llmops.redisUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s:6379/0" (include "llmops.componentName" (dict "root" . "component" "redis")) }}
+{{- else }}
+{{- .Values.redis.external.url }}
+{{- end }}
+{{- end }}
+
+{{- define "llmops.mlflowTrackingUri" -}}
+{{- if .Values.mlflow.enabled }}
+{{- printf "http://%s:5000" (include "llmops.componentName" (dict "root" . "component" "mlflow")) }}
+{{- else }}
+{{- .Values.mlflow.external.trackingUri }}
+{{- end }}
+{{- end }}
+
+{{- define "llmops.rayAddress" -}}
+{{- if .Values.raycluster.enabled }}
+{{- printf "ray://%s-head-svc:10001" (include "llmops.rayClusterName" .) }}
+{{- else }}
+{{- .Values.raycluster.externalAddress }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level security context of llmops pods (and Ray pods, which run the same images). */}}
+{{- define "llmops.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.podSecurity.runAsUser }}
+runAsGroup: {{ .Values.podSecurity.runAsGroup }}
+fsGroup: {{ .Values.podSecurity.fsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Container security context of every container the chart runs: non-root, read-only root filesystem,
+no privilege escalation, no capabilities. Writable paths are emptyDir or PVC mounts.
+*/}}
+{{- define "llmops.containerSecurityContext" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: ["ALL"]
+{{- end }}
+
+{{/* Environment every llmops container gets besides its ConfigMaps. */}}
+{{- define "llmops.commonEnv" -}}
+- name: HOME
+  value: /tmp
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+{{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret }}
+- name: LLMOPS_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.external.existingSecret }}
+      key: {{ .Values.redis.external.secretKey }}
+{{- end }}
+{{- end }}
+
+{{/* ConfigMaps every llmops container reads: (dict "root" $ "component" "registry"). */}}
+{{- define "llmops.envFrom" -}}
+- configMapRef:
+    name: {{ include "llmops.componentName" (dict "root" .root "component" "config") }}
+- configMapRef:
+    name: {{ include "llmops.componentName" (dict "root" .root "component" (printf "%s-config" .component)) }}
+{{- end }}
+
+{{/* Volumes of every llmops pod: /tmp, the data dir, and the API keys Secret when set. */}}
+{{- define "llmops.commonVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 2Gi
+- name: data
+  emptyDir:
+    sizeLimit: {{ .sizeLimit }}
+{{- with .root.Values.auth.existingSecret }}
+- name: api-keys
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "llmops.commonVolumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: data
+  mountPath: /var/lib/llmops
+{{- if .Values.auth.existingSecret }}
+- name: api-keys
+  mountPath: /etc/llmops/auth
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Native gRPC probes: liveness on "" (the process), readiness on the service name (dependencies ready). */}}
+{{- define "llmops.grpcProbes" -}}
+startupProbe:
+  grpc:
+    port: {{ .root.Values.ports.grpc }}
+    service: ""
+  periodSeconds: 2
+  failureThreshold: 60
+livenessProbe:
+  grpc:
+    port: {{ .root.Values.ports.grpc }}
+    service: ""
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 6
+readinessProbe:
+  grpc:
+    port: {{ .root.Values.ports.grpc }}
+    service: {{ include "llmops.healthServiceName" .component }}
+  periodSeconds: 5
+  timeoutSeconds: 3
+  failureThreshold: 3
+{{- end }}
+
+{{/* Services that are on, in a fixed order. */}}
+{{- define "llmops.enabledServices" -}}
+{{- $out := list }}
+{{- range $c := list "registry" "training" "quantization" "serving" "cache" }}
+{{- if (index $.Values $c).enabled }}{{ $out = append $out $c }}{{ end }}
+{{- end }}
+{{- join "," $out }}
+{{- end }}
+
+{{/* Whether a Deployment per served model exists (not in RayService mode). */}}
+{{- define "llmops.servingDeployments" -}}
+{{- if and .Values.serving.enabled (ne .Values.serving.autoscaling.mode "rayservice") }}true{{ end }}
+{{- end }}
