@@ -199,6 +199,8 @@ def status_for(exc: BaseException) -> MappedStatus:
                 status.details.add().Pack(detail)
             metadata = ((STATUS_DETAILS_KEY, status.SerializeToString()),)
         return MappedStatus(exc.code, exc.message, metadata)
+    if type(exc) is NotImplementedError:  # a generated servicer base whose RPC nobody implemented
+        return MappedStatus(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
     error_id = uuid.uuid4().hex[:12]
     return MappedStatus(
         grpc.StatusCode.INTERNAL, f"{GENERIC_INTERNAL_MESSAGE} (error id {error_id})", (), error_id

@@ -254,3 +254,114 @@ readinessProbe:
 {{- define "llmops.servingDeployments" -}}
 {{- if and .Values.serving.enabled (ne .Values.serving.autoscaling.mode "rayservice") }}true{{ end }}
 {{- end }}
+
+{{/*
+Pod template of a Ray node (head or worker) running one of the llmops images. KubeRay replaces the
+container command with `ray start`; the image supplies bash and wget for KubeRay's probes.
+Takes (dict "root" $ "role" "head"|"worker" "group" "cpu" "image" ... "pullPolicy" ... "resources" ...
+"nodeSelector" ... "tolerations" ... "labels" ... "envFromComponent" "training"|"serving").
+*/}}
+{{- define "llmops.rayPodTemplate" -}}
+{{- $root := .root }}
+metadata:
+  labels:
+    {{- include "llmops.labels" (dict "root" $root "component" .component) | nindent 4 }}
+    llmops.io/ray-node: {{ .group }}
+spec:
+  {{- if ne .role "head" }}
+  serviceAccountName: {{ include "llmops.serviceAccountName" (dict "root" $root "component" "ray-worker") }}
+  automountServiceAccountToken: false
+  {{- end }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- include "llmops.podSecurityContext" $root | nindent 4 }}
+  containers:
+    - name: {{ printf "ray-%s" .role }}
+      image: {{ .image }}
+      imagePullPolicy: {{ .pullPolicy }}
+      {{- if eq .role "head" }}
+      ports:
+        - name: gcs-server
+          containerPort: 6379
+          protocol: TCP
+        - name: dashboard
+          containerPort: 8265
+          protocol: TCP
+        - name: client
+          containerPort: 10001
+          protocol: TCP
+        - name: ray-metrics
+          containerPort: 8080
+          protocol: TCP
+        {{- if .serve }}
+        - name: serve
+          containerPort: 8000
+          protocol: TCP
+        - name: serve-grpc
+          containerPort: 9000
+          protocol: TCP
+        {{- end }}
+      {{- end }}
+      envFrom:
+        - configMapRef:
+            name: {{ include "llmops.componentName" (dict "root" $root "component" "config") }}
+        - configMapRef:
+            name: {{ include "llmops.componentName" (dict "root" $root "component" (printf "%s-config" .envFromComponent)) }}
+            optional: true
+      env:
+        {{- include "llmops.commonEnv" $root | nindent 8 }}
+      resources:
+        {{- toYaml .resources | nindent 8 }}
+      securityContext:
+        {{- include "llmops.containerSecurityContext" $root | nindent 8 }}
+      volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+        - name: dshm
+          mountPath: /dev/shm
+  volumes:
+    - name: tmp
+      emptyDir:
+        sizeLimit: 20Gi
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $root.Values.raycluster.shmSizeLimit }}
+  {{- with .nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/* In-tree Ray autoscaler options: the sidecar gets the same hardened container settings. */}}
+{{- define "llmops.rayAutoscalerOptions" -}}
+upscalingMode: {{ .Values.raycluster.autoscaler.upscalingMode }}
+idleTimeoutSeconds: {{ .Values.raycluster.autoscaler.idleTimeoutSeconds }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+resources:
+  {{- toYaml .Values.raycluster.autoscaler.resources | nindent 2 }}
+env:
+  - name: HOME
+    value: /tmp/ray
+securityContext:
+  {{- include "llmops.containerSecurityContext" . | nindent 2 }}
+{{- end }}
+
+{{/* Resources with GPUs added to requests and limits: (dict "resources" $r "name" "nvidia.com/gpu" "count" 1). */}}
+{{- define "llmops.withGpus" -}}
+{{- $resources := deepCopy .resources }}
+{{- $requests := $resources.requests | default dict }}
+{{- $limits := $resources.limits | default dict }}
+{{- $_ := set $requests .name .count }}
+{{- $_ := set $limits .name .count }}
+{{- $_ := set $resources "requests" $requests }}
+{{- $_ := set $resources "limits" $limits }}
+{{- toYaml $resources }}
+{{- end }}

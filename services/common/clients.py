@@ -1,0 +1,253 @@
+"""Typed async gRPC clients of every llmops service, used by the CLI, other services and tests.
+
+A client wraps the generated async stub (``client.stub`` is fully typed by the mypy-protobuf stubs)
+and adds what every caller needs: a default deadline, the API key in metadata, retries of
+``UNAVAILABLE`` through the gRPC service config, and failures turned back into the domain errors of
+:mod:`llmops.common.errors` (so ``NotFound`` on the server is ``NotFound`` here)::
+
+    async with RegistryClient.connect(settings.registry.address) as registry:
+        version = await registry.unary(registry.stub.GetVersion, GetVersionRequest(...))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmops.common.errors import (
+    LLMOpsError,
+    ResourceExhausted,
+    Unavailable,
+    error_from_status,
+    retry_delay_from_metadata,
+)
+from llmops.proto.cache.v1 import cache_service_pb2_grpc
+from llmops.proto.quantization.v1 import quantization_service_pb2_grpc
+from llmops.proto.registry.v1 import registry_service_pb2_grpc
+from llmops.proto.serving.v1 import serving_service_pb2_grpc
+from llmops.proto.training.v1 import training_service_pb2_grpc
+
+StubT = TypeVar("StubT")
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+
+API_KEY_METADATA = "x-api-key"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def _service_config(service_name: str) -> str:
+    # Transparent retries of calls that never reached a handler (connection refused, server draining).
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": service_name}],
+                    "retryPolicy": {
+                        "maxAttempts": 4,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def open_channel(
+    address: str,
+    service_name: str = "",
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> grpc.aio.Channel:
+    """An ``aio`` channel with our message limits, keepalive and retry policy."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.enable_retries", 1),
+    ]
+    if service_name:
+        options.append(("grpc.service_config", _service_config(service_name)))
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options=options)
+    return grpc.aio.insecure_channel(address, options=options)
+
+
+def translate(exc: grpc.aio.AioRpcError) -> LLMOpsError:
+    """The domain error matching a failed call's status."""
+    error = error_from_status(exc.code(), exc.details() or exc.code().name)
+    if isinstance(error, ResourceExhausted):
+        error.retry_after_seconds = retry_delay_from_metadata(exc.trailing_metadata())
+    return error
+
+
+class ServiceClient(Generic[StubT]):
+    """Base of the typed clients: one service's stub on one channel."""
+
+    service_name: ClassVar[str]
+    stub_factory: ClassVar[Callable[[grpc.aio.Channel], Any]]
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        timeout: float | None = 30.0,
+        api_key: str | None = None,
+        owns_channel: bool = False,
+    ) -> None:
+        self.channel = channel
+        self.stub: StubT = type(self).stub_factory(channel)
+        self.timeout = timeout
+        self._metadata: tuple[tuple[str, str], ...] = ((API_KEY_METADATA, api_key),) if api_key else ()
+        self._owns_channel = owns_channel
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        *,
+        timeout: float | None = 30.0,
+        api_key: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> Self:
+        """A client on a channel of its own (closed by :meth:`close` or ``async with``)."""
+        channel = open_channel(
+            address, cls.service_name, max_message_bytes=max_message_bytes, credentials=credentials
+        )
+        return cls(channel, timeout=timeout, api_key=api_key, owns_channel=True)
+
+    async def unary(
+        self,
+        method: Callable[..., Awaitable[ResponseT]],
+        request: Any,
+        *,
+        timeout: float | None = None,
+    ) -> ResponseT:
+        """Call a unary (or client-streaming, with an iterator as ``request``) RPC."""
+        try:
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc) from exc
+
+    async def client_stream(
+        self,
+        method: Callable[..., Awaitable[ResponseT]],
+        requests: AsyncIterable[Any],
+        *,
+        timeout: float | None = None,
+    ) -> ResponseT:
+        """Call a client-streaming RPC with an async iterable of requests."""
+        return await self.unary(method, requests, timeout=timeout)
+
+    async def stream(
+        self,
+        method: Callable[..., AsyncIterable[ResponseT]],
+        request: Any,
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ResponseT]:
+        """Iterate a server-streaming RPC; ``timeout=None`` uses no deadline for long watches."""
+        call = method(request, timeout=timeout, metadata=self._metadata)
+        try:
+            async for item in call:
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc) from exc
+        finally:
+            cancel = getattr(call, "cancel", None)
+            if cancel is not None:
+                cancel()
+
+    async def health(self, service: str | None = None) -> int:
+        """``grpc.health.v1`` status of this service (or ``service``), e.g. ``HealthCheckResponse.SERVING``."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        request = health_pb2.HealthCheckRequest(service=self.service_name if service is None else service)
+        response = await self.unary(stub.Check, request, timeout=5)
+        return int(response.status)
+
+    async def wait_ready(self, timeout: float = 60.0, interval: float = 0.1) -> None:
+        """Poll health until the service reports SERVING.
+
+        Raises:
+            Unavailable: when it is not ready within ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: str = "no answer"
+        while loop.time() < deadline:
+            try:
+                status = await self.health()
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except LLMOpsError as exc:
+                last = exc.message
+            await asyncio.sleep(interval)
+        raise Unavailable(f"{self.service_name} not ready after {timeout:.0f}s: {last}")
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self.channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class RegistryClient(ServiceClient["registry_service_pb2_grpc.RegistryServiceAsyncStub"]):
+    """Client of ``llmops.registry.v1.RegistryService``."""
+
+    service_name = "llmops.registry.v1.RegistryService"
+    stub_factory = registry_service_pb2_grpc.RegistryServiceStub
+
+
+class TrainingClient(ServiceClient["training_service_pb2_grpc.TrainingServiceAsyncStub"]):
+    """Client of ``llmops.training.v1.TrainingService``."""
+
+    service_name = "llmops.training.v1.TrainingService"
+    stub_factory = training_service_pb2_grpc.TrainingServiceStub
+
+
+class QuantizationClient(ServiceClient["quantization_service_pb2_grpc.QuantizationServiceAsyncStub"]):
+    """Client of ``llmops.quantization.v1.QuantizationService``."""
+
+    service_name = "llmops.quantization.v1.QuantizationService"
+    stub_factory = quantization_service_pb2_grpc.QuantizationServiceStub
+
+
+class ServingClient(ServiceClient["serving_service_pb2_grpc.ServingServiceAsyncStub"]):
+    """Client of ``llmops.serving.v1.ServingService``."""
+
+    service_name = "llmops.serving.v1.ServingService"
+    stub_factory = serving_service_pb2_grpc.ServingServiceStub
+
+
+class CacheClient(ServiceClient["cache_service_pb2_grpc.CacheServiceAsyncStub"]):
+    """Client of ``llmops.cache.v1.CacheService``."""
+
+    service_name = "llmops.cache.v1.CacheService"
+    stub_factory = cache_service_pb2_grpc.CacheServiceStub
+
+
+CLIENT_TYPES: dict[str, type[ServiceClient[Any]]] = {
+    "registry": RegistryClient,
+    "training": TrainingClient,
+    "quantization": QuantizationClient,
+    "serving": ServingClient,
+    "cache": CacheClient,
+}
