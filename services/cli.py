@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -25,7 +24,9 @@ def version() -> None:
 @app.command()
 def serve(
     service: Annotated[str, typer.Argument(help="registry | training | quantization | serving | cache")],
-    port: Annotated[int | None, typer.Option(help="gRPC port (0 picks a free one); default from settings")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="gRPC port (0 picks a free one); default from settings")
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="/metrics port (0 picks a free one); default from settings")
     ] = None,
@@ -60,7 +61,11 @@ def serve(
         # One parseable line on stdout: scripts and tests read the bound ports from it.
         print(f"llmops {service} listening grpc={server.port} metrics={server.metrics_http_port}", flush=True)
 
-    asyncio.run(run_app(factory, settings, host=bind_host, port=grpc_port, metrics_port=http_port, on_started=announce))
+    asyncio.run(
+        run_app(
+            factory, settings, host=bind_host, port=grpc_port, metrics_port=http_port, on_started=announce
+        )
+    )
 
 
 def main() -> None:
@@ -69,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -95,7 +95,7 @@ class ServiceClient(Generic[StubT]):
     """Base of the typed clients: one service's stub on one channel."""
 
     service_name: ClassVar[str]
-    stub_factory: ClassVar[Callable[[grpc.aio.Channel], Any]]
+    stub_factory: ClassVar[Any]  # the generated ``<Name>Stub`` class
 
     def __init__(
         self,
@@ -198,7 +198,7 @@ class ServiceClient(Generic[StubT]):
 
     async def close(self) -> None:
         if self._owns_channel:
-            await self.channel.close()
+            await self.channel.close(None)
 
     async def __aenter__(self) -> Self:
         return self

@@ -23,7 +23,8 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from functools import partial
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +36,16 @@ from llmops.common.metrics import GrpcServerMetrics, MetricsHttpServer, serve_me
 from llmops.common.settings import Settings
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Context = Handler = Any
+    Interceptor = grpc.aio.ServerInterceptor
+#: grpcio's asyncio health servicer (its stubs do not declare the ``aio`` submodule).
+AsyncHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
 
 Readiness = Callable[[], Awaitable[bool]]
 
@@ -62,7 +73,7 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
-class _RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class _RuntimeInterceptor(Interceptor):
     """Error mapping and metrics around every handler."""
 
     def __init__(self, metrics: GrpcServerMetrics) -> None:
@@ -70,19 +81,21 @@ class _RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
+            return handler
         service, method = _split_method(handler_call_details.method)
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, service, method), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, service, method), **kwargs
+            )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
                 self._unary(handler.stream_unary, service, method), **kwargs
@@ -91,18 +104,19 @@ class _RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(handler.unary_stream, service, method), **kwargs
             )
+        assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
             self._streaming(handler.stream_stream, service, method), **kwargs
         )
 
     def _unary(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapper(request: Any, context: Context) -> Any:
             started = self._begin(service, method)
             failure: BaseException | None = None
             try:
                 result = behavior(request, context)
                 return await result if asyncio.iscoroutine(result) else result
-            except BaseException as exc:  # noqa: BLE001 - every failure is mapped to a status
+            except BaseException as exc:
                 failure = exc
                 await _abort_with(exc, context, service, method)
             finally:
@@ -111,7 +125,7 @@ class _RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return wrapper
 
     def _streaming(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def wrapper(request: Any, context: Context) -> AsyncIterator[Any]:
             started = self._begin(service, method)
             failure: BaseException | None = None
             try:
@@ -124,7 +138,7 @@ class _RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 else:
                     for item in result:
                         yield item
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 failure = exc
                 await _abort_with(exc, context, service, method)
             finally:
@@ -141,7 +155,7 @@ class _RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         service: str,
         method: str,
         started: float,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         failure: BaseException | None,
     ) -> None:
         self._metrics.in_flight.labels(service, method).dec()
@@ -149,7 +163,7 @@ class _RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._metrics.handled.labels(service, method, _final_code(context, failure).name).inc()
 
 
-def _final_code(context: grpc.aio.ServicerContext, failure: BaseException | None) -> grpc.StatusCode:
+def _final_code(context: Context, failure: BaseException | None) -> grpc.StatusCode:
     if isinstance(failure, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED
     code = context.code()
@@ -160,7 +174,9 @@ def _final_code(context: grpc.aio.ServicerContext, failure: BaseException | None
     return grpc.StatusCode.OK if failure is None else grpc.StatusCode.INTERNAL
 
 
-async def _abort_with(exc: BaseException, context: grpc.aio.ServicerContext, service: str, method: str) -> NoReturn:
+async def _abort_with(
+    exc: BaseException, context: Context, service: str, method: str
+) -> NoReturn:
     if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)):
         raise exc  # the handler aborted with its own status, or the client went away
     mapped = status_for(exc)
@@ -185,7 +201,7 @@ class LLMOpsServer:
         grpc_server: grpc.aio.Server,
         port: int,
         bindings: Sequence[ServiceBinding],
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: Any,
         settings: Settings,
         registry: CollectorRegistry,
         metrics_port: int | None,
@@ -199,7 +215,8 @@ class LLMOpsServer:
         self._metrics_port = metrics_port
         self.metrics_server: MetricsHttpServer | None = None
         self._readiness_task: asyncio.Task[None] | None = None
-        self._stopping: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Future[None] | None = None
+        self._signal_stop: asyncio.Future[None] | None = None
 
     @property
     def metrics_http_port(self) -> int | None:
@@ -211,7 +228,11 @@ class LLMOpsServer:
         if self._metrics_port is not None:
             self.metrics_server = serve_metrics(self.settings.host, self._metrics_port, self.registry)
         for binding in self.bindings:
-            status = health_pb2.HealthCheckResponse.NOT_SERVING if binding.readiness else health_pb2.HealthCheckResponse.SERVING
+            status = (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if binding.readiness
+                else health_pb2.HealthCheckResponse.SERVING
+            )
             await self.health.set(binding.name, status)
         if any(b.readiness for b in self.bindings):
             await self.refresh_readiness()
@@ -219,7 +240,9 @@ class LLMOpsServer:
 
     async def set_ready(self, service_name: str, ready: bool) -> None:
         """Set one service's readiness in grpc.health.v1 by hand."""
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await self.health.set(service_name, status)
 
     async def refresh_readiness(self) -> None:
@@ -228,8 +251,10 @@ class LLMOpsServer:
             if binding.readiness is None:
                 continue
             try:
-                ready = bool(await asyncio.wait_for(binding.readiness(), self.settings.health_poll_seconds * 5))
-            except Exception:  # noqa: BLE001 - a failing check means "not ready", never a crash
+                ready = bool(
+                    await asyncio.wait_for(binding.readiness(), self.settings.health_poll_seconds * 5)
+                )
+            except Exception:
                 log.warning("readiness check of %s failed", binding.name, exc_info=True)
                 ready = False
             await self.set_ready(binding.name, ready)
@@ -242,7 +267,9 @@ class LLMOpsServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, refuse new calls, give in-flight calls ``grace`` seconds."""
         if self._stopping is None:
-            self._stopping = asyncio.ensure_future(self._stop(self.settings.grace_seconds if grace is None else grace))
+            self._stopping = asyncio.ensure_future(
+                self._stop(self.settings.grace_seconds if grace is None else grace)
+            )
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace: float) -> None:
@@ -261,11 +288,11 @@ class LLMOpsServer:
         """Drain on SIGTERM or SIGINT (Kubernetes sends SIGTERM before it kills a pod)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda s=sig: self._on_signal(s))
+            loop.add_signal_handler(sig, partial(self._on_signal, sig))
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s", sig.name)
-        asyncio.ensure_future(self.stop())
+        self._signal_stop = asyncio.ensure_future(self.stop())
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
@@ -305,7 +332,7 @@ async def create_server(
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     for binding in bindings:
         binding.add_to_server(binding.servicer, grpc_server)

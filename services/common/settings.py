@@ -63,7 +63,9 @@ class ServingSection(ServiceEndpoint):
         default="vllm", description="Engine used for models loaded without an explicit engine."
     )
     max_waiting: int = Field(
-        default=256, ge=1, description="Queued requests per model beyond which new ones get RESOURCE_EXHAUSTED."
+        default=256,
+        ge=1,
+        description="Queued requests per model beyond which new ones get RESOURCE_EXHAUSTED.",
     )
 
 
@@ -104,7 +106,9 @@ class Settings(_Model):
     redis_url: str | None = Field(default=None, description="redis://host:port/db of the cache and limits.")
     mlflow_tracking_uri: str | None = Field(default=None, description="MLflow tracking/registry store URI.")
     mlflow_artifact_root: str | None = Field(default=None, description="MLflow artifact root (file or s3).")
-    ray_address: str | None = Field(default=None, description="Ray cluster address; unset starts a local one.")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster address; unset starts a local one."
+    )
     api_keys_file: Path | None = Field(default=None, description="YAML file of hashed API keys.")
     registry: RegistrySection = _section(RegistrySection, 50051, 9101)
     training: TrainingSection = _section(TrainingSection, 50052, 9102)
@@ -170,7 +174,11 @@ class Settings(_Model):
             for err in exc.errors():
                 loc = tuple(str(part) for part in err["loc"])
                 where = sources.get(loc) or (f"{file}: {'.'.join(loc)}" if file else ".".join(loc))
-                value = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+                value = (
+                    f" (got {err['input']!r})"
+                    if "input" in err and not isinstance(err["input"], dict)
+                    else ""
+                )
                 problems.append(f"{where}: {err['msg']}{value}")
             raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
 

@@ -38,7 +38,9 @@ class FlakyCache(cache_service_pb2_grpc.CacheServiceServicer):
 
 
 class Watcher(training_service_pb2_grpc.TrainingServiceServicer):
-    async def WatchJob(self, request: Any, context: Any) -> AsyncIterator[training_service_pb2.WatchJobResponse]:
+    async def WatchJob(
+        self, request: Any, context: Any
+    ) -> AsyncIterator[training_service_pb2.WatchJobResponse]:
         for seq in (1, 2):
             event = job_pb2.JobEvent(job_id=request.job_id, sequence=seq, state=job_pb2.JOB_STATE_RUNNING)
             yield training_service_pb2.WatchJobResponse(event=event)
@@ -49,9 +51,13 @@ class Watcher(training_service_pb2_grpc.TrainingServiceServicer):
 async def stack() -> AsyncIterator[tuple[LLMOpsServer, FlakyCache]]:
     cache = FlakyCache()
     bindings = [
-        ServiceBinding(CacheClient.service_name, cache, cache_service_pb2_grpc.add_CacheServiceServicer_to_server),
         ServiceBinding(
-            TrainingClient.service_name, Watcher(), training_service_pb2_grpc.add_TrainingServiceServicer_to_server
+            CacheClient.service_name, cache, cache_service_pb2_grpc.add_CacheServiceServicer_to_server
+        ),
+        ServiceBinding(
+            TrainingClient.service_name,
+            Watcher(),
+            training_service_pb2_grpc.add_TrainingServiceServicer_to_server,
         ),
     ]
     server, _ = await create_server("127.0.0.1:0", bindings, Settings.load(env={}))
@@ -104,7 +110,9 @@ async def test_stream_items_then_domain_error(stack) -> None:
     async with TrainingClient.connect(f"127.0.0.1:{server.port}") as client:
         seen = []
         with pytest.raises(errors.NotFound, match="job j1 vanished"):
-            async for response in client.stream(client.stub.WatchJob, training_service_pb2.WatchJobRequest(job_id="j1")):
+            async for response in client.stream(
+                client.stub.WatchJob, training_service_pb2.WatchJobRequest(job_id="j1")
+            ):
                 seen.append(response.event.sequence)
         assert seen == [1, 2]
 

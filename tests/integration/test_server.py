@@ -24,7 +24,6 @@ from llmops.common.settings import Settings
 from tests.integration.probe import SERVICE, ProbeApp
 
 
-
 def _settings(**overrides: object) -> Settings:
     base = {"grace_seconds": 5.0, "health_poll_seconds": 0.05}
     base.update(overrides)
@@ -199,7 +198,9 @@ async def test_metrics_count_calls_by_code() -> None:
     url = f"http://127.0.0.1:{server.metrics_http_port}/metrics"
     body = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
     assert f'llmops_grpc_server_handled_total{{code="OK",method="Echo",service="{SERVICE}"}} 1.0' in body
-    assert f'llmops_grpc_server_handled_total{{code="NOT_FOUND",method="Raise",service="{SERVICE}"}} 1.0' in body
+    assert (
+        f'llmops_grpc_server_handled_total{{code="NOT_FOUND",method="Raise",service="{SERVICE}"}} 1.0' in body
+    )
     assert f'llmops_grpc_server_handling_seconds_count{{method="Echo",service="{SERVICE}"}} 1.0' in body
     assert f'llmops_grpc_server_in_flight{{method="Echo",service="{SERVICE}"}} 0.0' in body
     await channel.close()
@@ -210,7 +211,9 @@ async def test_stop_drains_in_flight_and_refuses_new_calls() -> None:
     app = ProbeApp()
     server, channel = await _start(app)
     echo = _unary(channel, "Echo")
-    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service=SERVICE), timeout=10
+    )
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
     in_flight = asyncio.ensure_future(echo(b"0.5", timeout=10))
     await _wait_for(lambda: app.servicer.calls == 1)

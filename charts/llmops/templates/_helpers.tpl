@@ -262,7 +262,7 @@ Takes (dict "root" $ "role" "head"|"worker" "group" "cpu" "image" ... "pullPolic
 "nodeSelector" ... "tolerations" ... "labels" ... "envFromComponent" "training"|"serving").
 */}}
 {{- define "llmops.rayPodTemplate" -}}
-{{- $root := .root }}
+{{- $root := .root -}}
 metadata:
   labels:
     {{- include "llmops.labels" (dict "root" $root "component" .component) | nindent 4 }}

@@ -40,7 +40,7 @@ def test_unexpected_exception_is_generic_internal() -> None:
 def test_resource_exhausted_packs_retry_info() -> None:
     mapped = errors.status_for(errors.ResourceExhausted("slow down", retry_after_seconds=1.25))
     assert errors.retry_delay_from_metadata(mapped.trailing_metadata) == pytest.approx(1.25)
-    (key, raw), = mapped.trailing_metadata
+    ((key, raw),) = mapped.trailing_metadata
     status = status_pb2.Status.FromString(raw)
     assert key == errors.STATUS_DETAILS_KEY
     assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and status.message == "slow down"
