@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,28 @@ from llmops import __version__
 
 app = typer.Typer(name="llmops", help="Kubernetes-native LLMOps platform.", no_args_is_help=True)
 console = Console(stderr=True)
+
+#: Modules that add their commands to ``llmops`` through ``register(app)`` when they are installed
+#: (each service issue brings its own: ``llmops models ...``, ``llmops train ...``, ``llmops generate``).
+COMMAND_MODULES = (
+    "llmops.registry.cli",
+    "llmops.training.cli",
+    "llmops.quantization.cli",
+    "llmops.serving.cli",
+    "llmops.cache.cli",
+    "llmops.stack.cli",
+)
+
+
+def _register_command_modules() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # that service is not part of this build
+            raise
+        module.register(app)
 
 
 @app.command()
@@ -66,6 +89,9 @@ def serve(
             factory, settings, host=bind_host, port=grpc_port, metrics_port=http_port, on_started=announce
         )
     )
+
+
+_register_command_modules()
 
 
 def main() -> None:
