@@ -139,23 +139,23 @@ METRIC_LABELS: Final[dict[str, tuple[str, ...]]] = {
 # --- histogram buckets (seconds) ------------------------------------------------------------------
 #: Unary calls take milliseconds; streaming generation and artifact transfers take minutes.
 GRPC_HANDLING_BUCKETS: Final[tuple[float, ...]] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-)
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+)  # fmt: skip
 #: vLLM's time-to-first-token buckets, cut at 80 s, so both sources read alike on one panel.
 TTFT_BUCKETS: Final[tuple[float, ...]] = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-)
+)  # fmt: skip
 #: vLLM's inter-token buckets with finer steps below 10 ms, where a GPU decodes.
 INTER_TOKEN_LATENCY_BUCKETS: Final[tuple[float, ...]] = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-)
+)  # fmt: skip
 REQUEST_DURATION_BUCKETS: Final[tuple[float, ...]] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-)
+)  # fmt: skip
 #: A Redis GET on the same network answers in well under a millisecond.
 CACHE_LOOKUP_BUCKETS: Final[tuple[float, ...]] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-)
+)  # fmt: skip
 
 #: Buckets of every histogram in :data:`ALL_METRICS`.
 HISTOGRAM_BUCKETS: Final[dict[str, tuple[float, ...]]] = {

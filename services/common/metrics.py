@@ -13,11 +13,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from llmops import __version__
-
-#: Handling-time buckets (seconds): sub-millisecond cache hits up to multi-minute streams.
-HANDLING_SECONDS_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-)  # fmt: skip
+from llmops.common import metric_names as names
 
 
 class GrpcServerMetrics:
@@ -25,26 +21,26 @@ class GrpcServerMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.handled = Counter(
-            "llmops_grpc_server_handled_total",
+            names.GRPC_SERVER_HANDLED_TOTAL,
             "gRPC calls completed, by final status code.",
             ["service", "method", "code"],
             registry=registry,
         )
         self.handling_seconds = Histogram(
-            "llmops_grpc_server_handling_seconds",
+            names.GRPC_SERVER_HANDLING_SECONDS,
             "Time from receiving a call to sending its status.",
             ["service", "method"],
-            buckets=HANDLING_SECONDS_BUCKETS,
+            buckets=names.GRPC_HANDLING_BUCKETS,
             registry=registry,
         )
         self.in_flight = Gauge(
-            "llmops_grpc_server_in_flight",
+            names.GRPC_SERVER_IN_FLIGHT,
             "gRPC calls being handled now.",
             ["service", "method"],
             registry=registry,
         )
         self.build_info = Gauge(
-            "llmops_build_info", "Version of the running llmops build (value is 1).", ["version"],
+            names.BUILD_INFO, "Version of the running llmops build (value is 1).", ["version"],
             registry=registry,
         )  # fmt: skip
         self.build_info.labels(version=__version__).set(1)

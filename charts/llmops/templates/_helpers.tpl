@@ -24,7 +24,8 @@ Names. Kubernetes names and label values are at most 63 characters, so every nam
 
 {{/* Name of one component's resources: (dict "root" $ "component" "registry"). */}}
 {{- define "llmops.componentName" -}}
-{{- printf "%s-%s" (include "llmops.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- $room := max 1 (sub 62 (len .component)) | int }}
+{{- printf "%s-%s" (include "llmops.fullname" .root | trunc $room | trimSuffix "-") .component | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{/*
@@ -32,17 +33,21 @@ Name of one served model's resources: (dict "root" $ "model" $model). Cut to 54 
 "-headless" still fits in 63.
 */}}
 {{- define "llmops.servingName" -}}
-{{- printf "%s-serving-%s" (include "llmops.fullname" .root) .model.name | trunc 54 | trimSuffix "-" }}
+{{- $suffix := printf "serving-%s" .model.name }}
+{{- $room := max 1 (sub 53 (len $suffix)) | int }}
+{{- printf "%s-%s" (include "llmops.fullname" .root | trunc $room | trimSuffix "-") $suffix | trunc 54 | trimSuffix "-" }}
 {{- end }}
 
 {{/* KubeRay derives "<name>-head-svc" and cuts names over 50 characters from the front: stay under. */}}
 {{- define "llmops.rayClusterName" -}}
-{{- printf "%s-ray" (include "llmops.fullname" .) | trunc 41 | trimSuffix "-" }}
+{{- printf "%s-ray" (include "llmops.fullname" . | trunc 37 | trimSuffix "-") }}
 {{- end }}
 
 {{/* RayService name of one model; KubeRay appends "-serve-svc" and "-head-svc". */}}
 {{- define "llmops.rayServiceName" -}}
-{{- printf "%s-serve-%s" (include "llmops.fullname" .root) .model.name | trunc 40 | trimSuffix "-" }}
+{{- $suffix := printf "serve-%s" .model.name }}
+{{- $room := max 1 (sub 39 (len $suffix)) | int }}
+{{- printf "%s-%s" (include "llmops.fullname" .root | trunc $room | trimSuffix "-") $suffix | trunc 40 | trimSuffix "-" }}
 {{- end }}
 
 {{/*
@@ -267,6 +272,9 @@ metadata:
   labels:
     {{- include "llmops.labels" (dict "root" $root "component" .component) | nindent 4 }}
     llmops.io/ray-node: {{ .group }}
+    {{- with .model }}
+    llmops.io/model: {{ .name }}
+    {{- end }}
 spec:
   {{- if ne .role "head" }}
   serviceAccountName: {{ include "llmops.serviceAccountName" (dict "root" $root "component" "ray-worker") }}
@@ -282,8 +290,8 @@ spec:
     - name: {{ printf "ray-%s" .role }}
       image: {{ .image }}
       imagePullPolicy: {{ .pullPolicy }}
-      {{- if eq .role "head" }}
       ports:
+        {{- if eq .role "head" }}
         - name: gcs-server
           containerPort: 6379
           protocol: TCP
@@ -293,6 +301,10 @@ spec:
         - name: client
           containerPort: 10001
           protocol: TCP
+        - name: dashboard-agent
+          containerPort: 52365
+          protocol: TCP
+        {{- end }}
         - name: ray-metrics
           containerPort: 8080
           protocol: TCP
@@ -304,7 +316,6 @@ spec:
           containerPort: 9000
           protocol: TCP
         {{- end }}
-      {{- end }}
       envFrom:
         - configMapRef:
             name: {{ include "llmops.componentName" (dict "root" $root "component" "config") }}
