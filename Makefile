@@ -68,6 +68,7 @@ fmt: $(STAMP) ## Format and auto-fix with ruff
 .PHONY: test
 test: setup ## Set up what is missing, then run the whole suite (the README's test command)
 	$(MAKE) --no-print-directory proto-check
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit

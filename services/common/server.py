@@ -174,9 +174,7 @@ def _final_code(context: Context, failure: BaseException | None) -> grpc.StatusC
     return grpc.StatusCode.OK if failure is None else grpc.StatusCode.INTERNAL
 
 
-async def _abort_with(
-    exc: BaseException, context: Context, service: str, method: str
-) -> NoReturn:
+async def _abort_with(exc: BaseException, context: Context, service: str, method: str) -> NoReturn:
     if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)):
         raise exc  # the handler aborted with its own status, or the client went away
     mapped = status_for(exc)
