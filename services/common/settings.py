@@ -43,7 +43,51 @@ class ServiceEndpoint(_Model):
 
 
 class RegistrySection(ServiceEndpoint):
-    """Registry service settings."""
+    """Registry service settings.
+
+    MLflow's tracking URI and artifact root are the top-level ``mlflow_tracking_uri`` and
+    ``mlflow_artifact_root``; unset, the registry uses ``sqlite:///<data_dir>/mlflow.db`` and
+    ``<data_dir>/mlartifacts``. With a tracking server and no artifact root, files go where the
+    server's default artifact root says. Several replicas must share ``alias_db_url`` (PostgreSQL).
+    """
+
+    experiment_name: str = Field(
+        default="llmops-registry",
+        min_length=1,
+        description="MLflow experiment whose runs hold version files.",
+    )
+    alias_db_url: str | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL (SQLite or PostgreSQL) of the alias history and lock table; "
+            "unset: sqlite:///<data_dir>/registry/aliases.db. Shared by every registry replica."
+        ),
+    )
+    staging_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Folder for uploads in progress; unset: <data_dir>/registry/staging. On the artifact "
+            "folder's disk, a finished upload moves into place without a copy."
+        ),
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Where files of a remote artifact store (S3) are cached to be streamed; unset: <data_dir>/registry/cache.",
+    )
+    max_artifact_bytes: int = Field(
+        default=1 << 40, ge=1, description="Largest artifact one registration may upload, in bytes."
+    )
+    upload_chunk_bytes: int = Field(
+        default=1024 * 1024,
+        ge=4096,
+        le=3 * 1024 * 1024,
+        description="Chunk size clients (the CLI) use for uploads and ask for on downloads, in bytes.",
+    )
+    source_uri_schemes: list[str] = Field(
+        default_factory=lambda: ["file", "s3", "gs", "runs", "models", "mlflow-artifacts"],
+        description="URI schemes RegisterVersion accepts as source_uri (the server reads them).",
+    )
+    mlflow_telemetry: bool = Field(default=False, description="Leave MLflow's usage telemetry on.")
 
 
 class TrainingSection(ServiceEndpoint):
@@ -53,24 +97,138 @@ class TrainingSection(ServiceEndpoint):
 class QuantizationSection(ServiceEndpoint):
     """Quantization service settings."""
 
+    models_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Folder of local model versions (<name>/<version>/) that jobs read sources from and "
+            "register results into until the registry-backed sink is wired; unset: <data_dir>/quantization/models."
+        ),
+    )
+    work_dir: Path | None = Field(
+        default=None, description="Scratch folder for job outputs; unset: <data_dir>/quantization/work."
+    )
+    workers: int = Field(default=1, ge=1, le=16, description="Jobs that run at once on this server.")
+    max_pending: int = Field(
+        default=8, ge=1, description="Queued plus running jobs before SubmitJob answers RESOURCE_EXHAUSTED."
+    )
+
 
 class ServingSection(ServiceEndpoint):
     """Serving service settings."""
 
-    http_port: int = Field(default=8000, description="Port of the OpenAI-compatible HTTP API.")
-    model: str | None = Field(default=None, description="Model to load at start: name@alias or name:version.")
+    http_port: int = Field(
+        default=8000, ge=0, description="Port of the OpenAI-compatible HTTP API (0 picks a free one)."
+    )
+    http_enabled: bool = Field(default=True, description="Serve the OpenAI-compatible HTTP API.")
+    model: str | None = Field(
+        default=None,
+        description="Model to load at start: name@alias, name:version or name (registry), or a folder path.",
+    )
+    served_name: str | None = Field(
+        default=None, description="Name requests use for the start-up model; unset: the model or folder name."
+    )
     engine: Literal["vllm", "transformers", "tensorrt_llm"] = Field(
         default="vllm", description="Engine used for models loaded without an explicit engine."
+    )
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Engine options of the start-up model, by EngineOptions field name "
+            '(e.g. {"kv_cache_bytes": 1073741824, "max_model_len": 2048}).'
+        ),
     )
     max_waiting: int = Field(
         default=256,
         ge=1,
         description="Queued requests per model beyond which new ones get RESOURCE_EXHAUSTED.",
     )
+    max_tokens_limit: int = Field(
+        default=0,
+        ge=0,
+        description="Cap on max_tokens per completion; 0 means only the context length bounds it.",
+    )
+    drain_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long an unload lets in-flight requests finish before aborting them.",
+    )
+    alias_poll_seconds: float = Field(
+        default=30.0, gt=0, description="How often a model loaded with follow_alias checks its alias."
+    )
 
 
 class CacheSection(ServiceEndpoint):
-    """Cache service settings."""
+    """Cache service settings; Redis itself is the top-level ``redis_url``.
+
+    The same values configure the response cache wherever it runs: in the cache service and inside
+    serving, which talks to Redis directly.
+    """
+
+    key_prefix: str = Field(
+        default="llmops:cache:",
+        min_length=1,
+        max_length=64,
+        description="Prefix of every Redis key the cache writes (entries, indexes, locks).",
+    )
+    default_ttl_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Lifetime of a stored answer when the caller names none; 0: no expiry.",
+    )
+    max_ttl_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="Longest lifetime a caller may ask for (0 and longer are capped); 0: no cap.",
+    )
+    max_entry_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest answer stored, serialized, in bytes."
+    )
+    redis_timeout_ms: int = Field(
+        default=50,
+        ge=1,
+        le=60_000,
+        description="Longest wait for one Redis operation (and connection); past it the cache fails open.",
+    )
+    failure_cooldown_ms: int = Field(
+        default=1000,
+        ge=0,
+        le=600_000,
+        description="After a Redis failure, skip Redis for this long (every call a fast miss); 0: retry at once.",
+    )
+    maxmemory_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=0,
+        description="Redis maxmemory set at start (0: leave Redis's value); the instance should belong to the cache.",
+    )
+    maxmemory_policy: Literal[
+        "allkeys-lru", "allkeys-lfu", "volatile-lru", "volatile-lfu", "allkeys-random", "volatile-ttl"
+    ] = Field(default="allkeys-lru", description="Redis eviction policy set at start.")
+    configure_redis: bool = Field(
+        default=True,
+        description="CONFIG SET maxmemory and its policy at start; false (or a managed Redis that forbids CONFIG): only check and warn.",
+    )
+    single_flight_lock_ms: int = Field(
+        default=2000,
+        ge=50,
+        le=600_000,
+        description="Lifetime of the lock one computing request holds (renewed while it computes); a crashed holder is replaced after it.",
+    )
+    single_flight_wait_ms: int = Field(
+        default=60_000,
+        ge=0,
+        description="Longest an identical request waits for the holder's answer before computing its own.",
+    )
+    single_flight_poll_ms: int = Field(
+        default=20,
+        ge=1,
+        le=10_000,
+        description="Longest pause between a waiting request's looks for the answer.",
+    )
+    stats_refresh_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="How often the cache service recounts entries and bytes for its gauges (a SCAN); 0: only on Stats.",
+    )
 
 
 def _section(cls: type[ServiceEndpoint], port: int, metrics_port: int) -> Any:
