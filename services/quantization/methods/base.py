@@ -1,0 +1,186 @@
+"""What every quantization method provides, and the spec and result types they share.
+
+A :class:`Quantizer` reads a model folder in Hugging Face layout and writes a quantized folder that
+its own :meth:`Quantizer.load_for_eval` (and, where a standard format exists, plain
+``from_pretrained``) loads back. Validation lives here so every method rejects the same way: an
+unsupported combination is ``INVALID_ARGUMENT`` naming the supported ones; a source that is already
+quantized is ``FAILED_PRECONDITION``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from llmops.common.errors import FailedPrecondition, InvalidArgument
+
+if TYPE_CHECKING:
+    import torch
+
+#: File written into every result folder: which method made it, and with what settings.
+MARKER_FILE = "llmops_quantization.json"
+#: Extensions of the files whose bytes count as "model size".
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+#: Non-weight files copied from the source so the result loads on its own (tokenizer, generation).
+_COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+ProgressFn = Callable[[float], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationSpec:
+    """How to quantize, in domain terms (the proto's method/bits/group_size/gguf_type/device).
+
+    Zero values mean "the method's default", as in the proto.
+    """
+
+    method: str
+    bits: int = 0
+    group_size: int = 0
+    gguf_type: str = ""
+    device: str = "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedArtifact:
+    """A written result folder."""
+
+    path: Path
+    method: str
+    format: str  # "int8" | "int4" | "gguf"
+    size_bytes: int
+    settings: Mapping[str, Any]
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of the weight files in ``folder`` (not config or tokenizer files)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def ensure_not_quantized(src_dir: Path) -> None:
+    """Raise ``FailedPrecondition`` when ``src_dir`` already holds a quantized model."""
+    config_path = src_dir / "config.json"
+    if not config_path.is_file():
+        raise InvalidArgument(f"{src_dir.name} has no config.json (not a Hugging Face model folder)")
+    config = json.loads(config_path.read_text())
+    if (src_dir / MARKER_FILE).exists() or config.get("quantization_config"):
+        raise FailedPrecondition("the source model is already quantized; quantize its full-precision parent")
+
+
+class Quantizer(abc.ABC):
+    """One quantization method.
+
+    Subclasses set the class attributes, implement :meth:`quantize` and :meth:`load_for_eval`, and
+    may narrow :meth:`validate`.
+    """
+
+    name: ClassVar[str]
+    result_format: ClassVar[str]
+    devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
+    supported_bits: ClassVar[tuple[int, ...]]
+    #: Allowed ``group_size`` values, 0 (the default) included; ``()`` means the field is ignored.
+    supported_group_sizes: ClassVar[tuple[int, ...]] = ()
+    needs_calibration: ClassVar[bool] = False
+
+    def validate(self, spec: QuantizationSpec) -> QuantizationSpec:
+        """Check ``spec`` for this method and return it with defaults filled in.
+
+        Raises:
+            InvalidArgument: naming the supported values of the offending field.
+        """
+        if spec.device not in self.devices:
+            raise InvalidArgument(
+                f"{self.name} runs on {_names(self.devices)} here, not {spec.device!r}", field="device"
+            )
+        bits = spec.bits or self.supported_bits[0]
+        if bits not in self.supported_bits:
+            raise InvalidArgument(
+                f"{self.name} supports bits {_names(self.supported_bits)}, not {spec.bits}", field="bits"
+            )
+        group_size = spec.group_size
+        if self.supported_group_sizes:
+            if group_size not in (0, *self.supported_group_sizes):
+                raise InvalidArgument(
+                    f"{self.name} supports group_size {_names(self.supported_group_sizes)} "
+                    f"(0 means 128), not {group_size}",
+                    field="group_size",
+                )
+            group_size = group_size or 128
+        elif group_size not in (0,):
+            raise InvalidArgument(f"{self.name} takes no group_size (got {group_size})", field="group_size")
+        if spec.gguf_type and self.name != "gguf":
+            raise InvalidArgument(
+                f"gguf_type is only for the gguf method, not {self.name}", field="gguf_type"
+            )
+        return dataclasses.replace(spec, bits=bits, group_size=group_size)
+
+    @abc.abstractmethod
+    def quantize(
+        self,
+        src_dir: Path,
+        out_dir: Path,
+        spec: QuantizationSpec,
+        calibration: Sequence[torch.Tensor] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> QuantizedArtifact:
+        """Quantize the model in ``src_dir`` into ``out_dir`` (created; must be empty or missing).
+
+        Args:
+            src_dir: A full-precision model folder in Hugging Face layout.
+            out_dir: Where the result goes.
+            spec: A spec already passed through :meth:`validate`.
+            calibration: Token id tensors ``(1, seq)`` for calibrated methods; ignored otherwise.
+            progress: Called with the fraction done, in [0, 1].
+        """
+
+    @abc.abstractmethod
+    def load_for_eval(self, out_dir: Path) -> Any:
+        """Load a result folder as a ``torch.nn.Module`` causal LM (``generate`` and ``.logits``)."""
+
+    # helpers for subclasses ----------------------------------------------------------------------
+
+    def _finish(
+        self, src_dir: Path, out_dir: Path, spec: QuantizationSpec, **extra: Any
+    ) -> QuantizedArtifact:
+        """Copy tokenizer files, write the marker, and describe the result."""
+        for name in _COPIED_FILES:
+            if (src_dir / name).is_file() and not (out_dir / name).exists():
+                shutil.copy2(src_dir / name, out_dir / name)
+        settings = {
+            "method": self.name,
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "gguf_type": spec.gguf_type,
+            **extra,
+        }
+        (out_dir / MARKER_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        return QuantizedArtifact(
+            path=out_dir,
+            method=self.name,
+            format=self.result_format,
+            size_bytes=weight_bytes(out_dir),
+            settings=settings,
+        )
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir``; refuse one that already has files (a result is never overwritten)."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FailedPrecondition(f"output folder {out_dir.name} is not empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _names(values: Sequence[Any] | frozenset[Any]) -> str:
+    items = sorted(values, key=str) if isinstance(values, frozenset) else list(values)
+    return ", ".join(str(v) for v in items)
