@@ -97,6 +97,14 @@ demo: setup ## The whole loop on the embedded stack (arrives with the demo issue
 bench: setup ## Benchmarks: print ratios against baselines measured in the same run
 	$(PY) benchmarks/run.py
 
+.PHONY: bench-serving
+bench-serving: setup ## Serving: engine vs our gRPC vs OpenAI HTTP at concurrency 1/8/32, vLLM vs transformers
+	$(PY) benchmarks/serving/run.py
+
+.PHONY: bench-serving-ray
+bench-serving-ray: setup ## What Ray Serve's gRPC proxy adds per call vs a replica's own gRPC server
+	$(PY) benchmarks/serving/ray_overhead.py
+
 ##@ Housekeeping
 
 .PHONY: clean

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -55,12 +56,21 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option(help="Interface to bind; default from settings")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML settings file (else LLMOPS_CONFIG_FILE)")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="serving only: model to load at start (name@alias, name:version or a folder)"),
+    ] = None,
 ) -> None:
     """Run one service until SIGTERM, then drain in-flight calls and stop."""
     from llmops.common.app import ServiceNotAvailable, load_app_factory, run_app
     from llmops.common.logging import configure_logging
     from llmops.common.settings import Settings, SettingsError
 
+    if model is not None:
+        if service != "serving":
+            console.print("[red]error:[/red] --model applies to the serving service only", highlight=False)
+            raise typer.Exit(2)
+        os.environ["LLMOPS_SERVING_MODEL"] = model
     try:
         settings = Settings.load(config_file=config)
     except SettingsError as exc:

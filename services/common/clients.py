@@ -231,10 +231,51 @@ class QuantizationClient(ServiceClient["quantization_service_pb2_grpc.Quantizati
 
 
 class ServingClient(ServiceClient["serving_service_pb2_grpc.ServingServiceAsyncStub"]):
-    """Client of ``llmops.serving.v1.ServingService``."""
+    """Client of ``llmops.serving.v1.ServingService``.
+
+    ``generate_text`` and ``stream_text`` cover the common case (one text prompt, one completion)::
+
+        async with ServingClient.connect(settings.serving.address) as serving:
+            print(await serving.generate_text("tiny", "def add(a, b):", max_tokens=32, greedy=True))
+            async for piece in serving.stream_text("tiny", "def add(a, b):", max_tokens=32):
+                print(piece, end="")
+    """
 
     service_name = "llmops.serving.v1.ServingService"
     stub_factory = serving_service_pb2_grpc.ServingServiceStub
+
+    @staticmethod
+    def _request(model: str, prompt: str, sampling: dict[str, Any], stream: bool) -> Any:
+        from llmops.proto.common.v1 import generation_pb2, sampling_pb2
+        from llmops.proto.serving.v1 import serving_service_pb2 as pb
+
+        kind = pb.GenerateStreamRequest if stream else pb.GenerateRequest
+        return kind(
+            model=pb.ModelSelector(served_name=model),
+            prompt=generation_pb2.Prompt(text=prompt),
+            sampling=sampling_pb2.SamplingParams(**sampling),
+        )
+
+    async def generate_text(
+        self, model: str, prompt: str, *, timeout: float | None = None, **sampling: Any
+    ) -> str:
+        """The text of one completion of ``prompt`` by the served model ``model``.
+
+        ``sampling`` takes ``SamplingParams`` fields (``max_tokens=32``, ``temperature=0.7``, ...).
+        """
+        response = await self.unary(
+            self.stub.Generate, self._request(model, prompt, sampling, False), timeout=timeout
+        )
+        return str(response.output.completions[0].text)
+
+    async def stream_text(
+        self, model: str, prompt: str, *, timeout: float | None = None, **sampling: Any
+    ) -> AsyncIterator[str]:
+        """The text of one completion as it is generated, piece by piece."""
+        request = self._request(model, prompt, sampling, True)
+        async for message in self.stream(self.stub.GenerateStream, request, timeout=timeout or self.timeout):
+            if message.WhichOneof("event") == "delta" and message.delta.text_delta:
+                yield str(message.delta.text_delta)
 
 
 class CacheClient(ServiceClient["cache_service_pb2_grpc.CacheServiceAsyncStub"]):

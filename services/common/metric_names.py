@@ -176,6 +176,7 @@ VLLM_TIME_TO_FIRST_TOKEN_SECONDS: Final = "vllm:time_to_first_token_seconds"
 #: Replaced ``vllm:time_per_output_token_seconds`` (deprecated in 0.11).
 VLLM_INTER_TOKEN_LATENCY_SECONDS: Final = "vllm:inter_token_latency_seconds"
 VLLM_E2E_REQUEST_LATENCY_SECONDS: Final = "vllm:e2e_request_latency_seconds"
+VLLM_REQUEST_QUEUE_TIME_SECONDS: Final = "vllm:request_queue_time_seconds"
 VLLM_GENERATION_TOKENS_TOTAL: Final = "vllm:generation_tokens_total"
 VLLM_PROMPT_TOKENS_TOTAL: Final = "vllm:prompt_tokens_total"
 #: Replaced ``vllm:gpu_cache_usage_perc``; a fraction in [0, 1] despite the name.
@@ -188,6 +189,7 @@ ENGINE_PASSTHROUGH: Final[dict[str, str]] = {
     VLLM_TIME_TO_FIRST_TOKEN_SECONDS: HISTOGRAM,
     VLLM_INTER_TOKEN_LATENCY_SECONDS: HISTOGRAM,
     VLLM_E2E_REQUEST_LATENCY_SECONDS: HISTOGRAM,
+    VLLM_REQUEST_QUEUE_TIME_SECONDS: HISTOGRAM,
     VLLM_GENERATION_TOKENS_TOTAL: COUNTER,
     VLLM_PROMPT_TOKENS_TOTAL: COUNTER,
     VLLM_KV_CACHE_USAGE_PERC: GAUGE,

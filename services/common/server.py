@@ -249,16 +249,17 @@ class LLMOpsServer:
             if binding.readiness is None:
                 continue
             try:
-                ready = bool(
-                    await asyncio.wait_for(binding.readiness(), self.settings.health_poll_seconds * 5)
-                )
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
+                # arrives as the check completes, and stop() would then wait on the poller forever.
+                async with asyncio.timeout(self.settings.health_poll_seconds * 5):
+                    ready = bool(await binding.readiness())
             except Exception:
                 log.warning("readiness check of %s failed", binding.name, exc_info=True)
                 ready = False
             await self.set_ready(binding.name, ready)
 
     async def _poll_readiness(self) -> None:
-        while True:
+        while self._stopping is None:
             await asyncio.sleep(self.settings.health_poll_seconds)
             await self.refresh_readiness()
 

@@ -19,7 +19,7 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmops.common import errors
-from llmops.common.server import LLMOpsServer, create_server
+from llmops.common.server import LLMOpsServer, ServiceBinding, create_server
 from llmops.common.settings import Settings
 from tests.integration.probe import SERVICE, ProbeApp
 
@@ -226,3 +226,18 @@ async def test_stop_drains_in_flight_and_refuses_new_calls() -> None:
         await echo(b"0", timeout=2)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     await channel.close()
+
+
+@pytest.mark.timeout(60)
+async def test_stop_never_hangs_on_a_readiness_check_in_flight() -> None:
+    # A readiness check that hops to a thread (as a store ping does) finishing just as stop()
+    # cancels the poller used to swallow the cancellation (Python 3.11's wait_for) and hang stop().
+    async def ready() -> bool:
+        return await asyncio.to_thread(lambda: True)
+
+    settings = _settings(health_poll_seconds=0.001, grace_seconds=0.0)
+    binding = ServiceBinding("llmops.test.v1.Readiness", None, lambda servicer, server: None, readiness=ready)
+    for i in range(100):
+        server, _ = await create_server("127.0.0.1:0", [binding], settings)
+        await asyncio.sleep(0.005 + (i % 7) * 0.001)
+        await asyncio.wait_for(server.stop(0), 5)

@@ -1,0 +1,1 @@
+"""The model registry service: versions, aliases, lineage and verified artifacts on MLflow."""

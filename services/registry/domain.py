@@ -1,0 +1,328 @@
+"""Domain objects of the registry: what the service logic and the stores speak (never proto types).
+
+Every object is immutable. Timestamps are timezone-aware UTC datetimes. A version number is an
+``int`` >= 1; ``0`` stands for "no version" where the API says so (alias history).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from llmops.common.errors import InvalidArgument
+
+T = TypeVar("T")
+
+
+class ModelFormat(enum.Enum):
+    """How a version's weights are stored (``llmops.common.v1.ModelFormat``)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+    GGUF = "gguf"
+    ADAPTER = "adapter"
+
+    @property
+    def metric_label(self) -> str:
+        """The bounded ``format`` label of the registry metrics: safetensors | adapter | gguf."""
+        if self is ModelFormat.GGUF:
+            return "gguf"
+        if self is ModelFormat.ADAPTER:
+            return "adapter"
+        return "safetensors"
+
+    @property
+    def is_full_weights(self) -> bool:
+        """Hugging Face layout with config.json and safetensors weights."""
+        return self not in (ModelFormat.GGUF, ModelFormat.ADAPTER)
+
+
+class VersionStatus(enum.Enum):
+    """Where a version is in registration."""
+
+    PENDING = "PENDING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+class JobKind(enum.Enum):
+    """Which service ran the job that made a version."""
+
+    NONE = "NONE"
+    TRAINING = "TRAINING"
+    QUANTIZATION = "QUANTIZATION"
+
+
+#: Tag-key prefixes kept for the registry's own bookkeeping (and MLflow's); callers may not use them.
+RESERVED_TAG_PREFIXES = ("llmops.", "mlflow.")
+_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+_ALIAS_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+#: MLflow reserves ``latest`` and version-like aliases (``v1``), so the registry does too.
+_RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$")
+
+
+def check_model_name(name: str, field_name: str = "name") -> str:
+    """Return ``name`` if it is a valid model name, else raise ``InvalidArgument``."""
+    if not _MODEL_NAME.match(name):
+        raise InvalidArgument(
+            f"model name {name!r} must be 1-128 characters from [a-z0-9._-], starting with a letter or digit",
+            field=field_name,
+        )
+    return name
+
+
+def check_alias_name(alias: str, field_name: str = "alias") -> str:
+    """Return ``alias`` if it is a valid, unreserved alias name, else raise ``InvalidArgument``."""
+    if not _ALIAS_NAME.match(alias):
+        raise InvalidArgument(
+            f"alias {alias!r} must be 1-64 characters from [a-z0-9_-], starting with a letter",
+            field=field_name,
+        )
+    if _RESERVED_ALIAS.match(alias):
+        raise InvalidArgument(f"alias {alias!r} is reserved", field=field_name)
+    return alias
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A version of a model: exact (``version``), through an alias, or the latest READY one."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.version is not None and self.alias is not None:
+            raise InvalidArgument("a model reference names a version or an alias, not both")
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}:{self.version}"
+        if self.alias is not None:
+            return f"{self.name}@{self.alias}"
+        return self.name
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        """``name``, ``name:3`` or ``name@champion``."""
+        if "@" in text:
+            name, _, alias = text.partition("@")
+            return cls(name, alias=alias)
+        if ":" in text:
+            name, _, version = text.rpartition(":")
+            if not version.isdigit():
+                raise InvalidArgument(f"bad model reference {text!r}: expected name, name:N or name@alias")
+            return cls(name, version=int(version))
+        return cls(text)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """Data a version was trained or calibrated on (DVC path + revision)."""
+
+    path: str
+    revision: str = ""
+    repo: str = ""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What a version was made from and by what. A stored parent always has ``version`` set."""
+
+    parent: ModelRef | None = None
+    dataset: DatasetRef | None = None
+    dataset_commit: str = ""
+    mlflow_run_id: str = ""
+    job_id: str = ""
+    job_kind: JobKind = JobKind.NONE
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One file of an artifact: path relative to its root ('/' separators), size, sha256 hex."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Model:
+    """A named series of versions."""
+
+    name: str
+    description: str
+    tags: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+    created_by: str
+    latest_version: int
+    version_count: int
+    aliases: dict[str, int]
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """Everything a store needs to add a version; the store assigns the number and the time."""
+
+    model_name: str
+    format: ModelFormat
+    status: VersionStatus
+    manifest: tuple[ManifestFile, ...]
+    manifest_sha256: str
+    parameter_count: int = 0
+    base_model: str = ""
+    adapter_base: ModelRef | None = None
+    lineage: Lineage = field(default_factory=Lineage)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    created_by: str = ""
+    request_id: str = ""
+    failure_reason: str = ""
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.manifest)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One immutable, numbered version of a model."""
+
+    name: str
+    version: int
+    format: ModelFormat | None  # None: registered outside llmops (directly in MLflow)
+    status: VersionStatus
+    artifact_uri: str
+    manifest: tuple[ManifestFile, ...]
+    manifest_sha256: str
+    parameter_count: int
+    base_model: str
+    adapter_base: ModelRef | None
+    lineage: Lineage
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    description: str
+    created_at: datetime
+    created_by: str
+    aliases: tuple[str, ...] = ()
+    failure_reason: str = ""
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.manifest)
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.name, version=self.version)
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """One change of an alias; ``0`` as from/to means created/deleted by this change."""
+
+    model_name: str
+    alias: str
+    from_version: int
+    to_version: int
+    moved_by: str
+    moved_at: datetime
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedAlias:
+    """Where an alias points now, and since when."""
+
+    model_name: str
+    alias: str
+    version: int
+    moved_at: datetime
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """A registration request as the caller sent it: references not yet resolved."""
+
+    model_name: str
+    format: ModelFormat | None
+    create_model: bool = False
+    base_model: str = ""
+    adapter_base: ModelRef | None = None
+    lineage: Lineage = field(default_factory=Lineage)
+    parameter_count: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    source_uri: str = ""
+    aliases: tuple[str, ...] = ()
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class FileChunk:
+    """A piece of one uploaded file."""
+
+    path: str
+    offset: int
+    data: bytes
+    last: bool
+
+
+@dataclass(frozen=True)
+class UploadSummary:
+    """The client's manifest of what it sent."""
+
+    files: tuple[ManifestFile, ...]
+
+
+UploadPart = FileChunk | UploadSummary
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    """Which files of which version to stream, from where."""
+
+    ref: ModelRef
+    paths: tuple[str, ...] = ()
+    chunk_size_bytes: int = 0
+    resume_path: str = ""
+    resume_offset: int = 0
+
+
+@dataclass(frozen=True)
+class DownloadChunk:
+    """One chunk of one downloaded file (``sha256`` set only on a file's last chunk)."""
+
+    path: str
+    offset: int
+    data: bytes
+    file_size: int
+    total_bytes: int
+    bytes_sent: int
+    sha256: str
+    file_index: int
+    file_count: int
+
+
+@dataclass(frozen=True)
+class LineageChain:
+    """Versions from the requested one back towards the root."""
+
+    versions: tuple[ModelVersion, ...]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a listing; ``next_token`` empty on the last page."""
+
+    items: tuple[T, ...]
+    next_token: str = ""

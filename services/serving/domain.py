@@ -1,0 +1,434 @@
+"""Domain objects of the serving service: what the service, the engines and both APIs speak.
+
+No proto or HTTP types live here. A request arrives as a :class:`GenerationRequest` whose
+:class:`SamplingParams` mirror ``llmops.common.v1.SamplingParams`` field for field (``None`` where the
+proto field is ``optional`` and unset); validation turns them into a :class:`Decoding`, where every
+default is filled in and every value is in range, which is all an engine ever sees.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+
+
+class EngineKind(enum.Enum):
+    """Inference engine a model runs in (``llmops.serving.v1.Engine``)."""
+
+    VLLM = "vllm"
+    TRANSFORMERS = "transformers"
+    TENSORRT_LLM = "tensorrt_llm"
+    #: The deterministic test engine; never chosen by a client.
+    FAKE = "fake"
+
+
+class FinishReason(enum.Enum):
+    """Why a completion ended (``llmops.common.v1.FinishReason``)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    ABORT = "abort"
+
+    @property
+    def metric_label(self) -> str:
+        """The bounded ``finish_reason`` label: stop | length | abort."""
+        return "stop" if self is FinishReason.STOP_SEQUENCE else self.value
+
+    @property
+    def openai(self) -> str:
+        """OpenAI's ``finish_reason`` string."""
+        if self is FinishReason.LENGTH:
+            return "length"
+        return "abort" if self is FinishReason.ABORT else "stop"
+
+
+class ModelState(enum.Enum):
+    """Where a served model is in its life (``llmops.serving.v1.LoadedModelState``)."""
+
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registry version: exact, through an alias, or the latest READY one when neither is set."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}:{self.version}"
+        if self.alias is not None:
+            return f"{self.name}@{self.alias}"
+        return self.name
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        """``name``, ``name:3`` or ``name@champion``."""
+        if "@" in text:
+            name, _, alias = text.partition("@")
+            return cls(name, alias=alias)
+        name, sep, version = text.rpartition(":")
+        if sep and version.isdigit():
+            return cls(name, version=int(version))
+        return cls(text)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A registry version after resolution, with the alias it was reached through ("" if none)."""
+
+    name: str
+    version: int
+    alias: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class ModelSelector:
+    """Picks a loaded model: by served name, or by registry reference; exactly one is set."""
+
+    served_name: str | None = None
+    model_ref: ModelRef | None = None
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation, handed to the chat template as is."""
+
+    role: str
+    content: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The input: exactly one of raw text, token ids or chat messages."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    add_generation_prompt: bool = True
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding controls as the client sent them; ``None`` means unset (see sampling.proto)."""
+
+    greedy: bool = False
+    temperature: float | None = None
+    top_k: int = 0
+    top_p: float | None = None
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    seed: int | None = None
+    n: int = 0
+    use_beam_search: bool = False
+    beam_width: int = 0
+    length_penalty: float | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool | None = None
+
+    def set_fields(self) -> list[str]:
+        """Names of the controls set to something other than their default."""
+        defaults = SamplingParams()
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Validated decoding controls with every default filled in; what engines receive.
+
+    ``greedy`` is true whenever the temperature is 0. ``set_controls`` names the controls the client
+    set, so an engine can refuse those it cannot honour (never silently ignore them).
+    """
+
+    max_tokens: int
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    seed: int | None = None
+    n: int = 1
+    use_beam_search: bool = False
+    beam_width: int = 0
+    length_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    set_controls: frozenset[str] = frozenset()
+
+    @property
+    def deterministic(self) -> bool:
+        """Same inputs give the same output on the same engine (greedy, beam search or seeded)."""
+        return self.greedy or self.use_beam_search or self.seed is not None
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One likely alternative at a position."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of one token, its 1-based rank, and the top alternatives when asked for."""
+
+    token_id: int
+    token: str
+    logprob: float
+    rank: int
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass
+class CompletionDelta:
+    """New tokens of one completion since its previous delta; the last one has ``finish_reason``."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_sequence: str = ""
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class EngineOutput:
+    """What an engine yields: deltas of one or more completions.
+
+    The first output of a request carries ``prompt_token_ids`` as the engine saw them (and prompt
+    log-probabilities when asked for); every completion's last delta has its finish reason.
+    """
+
+    deltas: list[CompletionDelta]
+    prompt_logprobs: list[TokenLogprob] | None = None
+    cached_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A validated request handed to an engine."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    decoding: Decoding
+    adapter: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A generation request as both APIs hand it to the service."""
+
+    model: ModelSelector
+    prompt: Prompt
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str = ""
+    request_id: str = ""
+    #: Seconds the caller still waits (its gRPC deadline or HTTP timeout); ``None`` means no limit.
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request, summed over its completions."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Completion:
+    """One whole generated answer."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    stop_sequence: str = ""
+    cumulative_logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """Closes a generation stream once every completion finished."""
+
+    served_name: str
+    model: ResolvedModel | None
+    usage: Usage
+    prompt_token_ids: tuple[int, ...]
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+#: One message of a generation stream.
+StreamEvent = CompletionDelta | StreamEnd
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The whole answer to a request."""
+
+    request_id: str
+    served_name: str
+    model: ResolvedModel | None
+    completions: tuple[Completion, ...]
+    prompt_token_ids: tuple[int, ...]
+    usage: Usage
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine tuning at load time (``llmops.serving.v1.EngineOptions``); 0 / None mean defaults."""
+
+    dtype: str = ""  # "", "float32", "bfloat16", "float16"
+    device: str = ""  # "", "cpu", "cuda"
+    max_model_len: int = 0
+    gpu_memory_utilization: float | None = None
+    kv_cache_bytes: int = 0
+    tensor_parallel_size: int = 0
+    pipeline_parallel_size: int = 0
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool = False
+    quantization: str = ""
+    enable_lora: bool = False
+    max_loras: int = 0
+    max_lora_rank: int = 0
+    extra_args: Mapping[str, str] = field(default_factory=dict)
+
+    def set_fields(self) -> list[str]:
+        """Names of the options set to something other than their default."""
+        defaults = EngineOptions()
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: a registry reference or a folder on this server; exactly one is set."""
+
+    model_ref: ModelRef | None = None
+    local_path: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A model source made into a folder this server can load."""
+
+    path: Path
+    model: ResolvedModel | None = None
+    format: str = ""  # "fp32", "bf16", ... as the registry says; "" when unknown
+    #: For an adapter from the registry: the base version it was trained on.
+    adapter_base: ModelRef | None = None
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Load a model under a served name."""
+
+    source: ModelSource
+    served_name: str = ""
+    engine: EngineKind | None = None
+    options: EngineOptions = field(default_factory=EngineOptions)
+    replace: bool = False
+    no_wait: bool = False
+    follow_alias: bool = False
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A LoRA adapter active on a loaded model."""
+
+    name: str
+    local_path: str
+    rank: int
+    loaded_at: datetime
+    adapter: ResolvedModel | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model this server serves or is loading, as ListModels reports it."""
+
+    served_name: str
+    engine: EngineKind
+    state: ModelState
+    options: EngineOptions
+    local_path: str = ""
+    model: ResolvedModel | None = None
+    format: str = ""
+    error_message: str = ""
+    max_model_len: int = 0
+    adapters: tuple[LoadedAdapter, ...] = ()
+    loaded_at: datetime | None = None
+    follow_alias: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """Tokenize text or a chat with a loaded model's tokenizer."""
+
+    model: ModelSelector
+    text: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    return_token_strings: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    """Token ids (and strings when asked for) and the model's context length."""
+
+    token_ids: tuple[int, ...]
+    token_strings: tuple[str, ...]
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class UnloadResult:
+    """What an unload did."""
+
+    served_name: str
+    aborted_requests: int

@@ -1,0 +1,350 @@
+"""The OpenAI-compatible HTTP API: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/health``.
+
+It calls the same :class:`ServingService` as gRPC, so validation, queueing and metrics are shared.
+Streaming uses server-sent events (``data: {...}`` chunks, then ``data: [DONE]``), with a usage chunk
+when ``stream_options.include_usage`` is set. Errors have OpenAI's shape
+(``{"error": {"message", "type", "param", "code"}}``) and HTTP statuses from the domain error
+(400, 404, 429 with ``Retry-After``, 503, 504). A client that disconnects aborts its generation.
+``auth`` is the hook the security issue fills (API keys); ``None`` leaves the API open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from llmops.common.errors import InvalidArgument, LLMOpsError, NotFound, ResourceExhausted, status_for
+from llmops.serving.domain import (
+    Completion,
+    CompletionDelta,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ModelSelector,
+    ModelState,
+    Prompt,
+    StreamEnd,
+    StreamEvent,
+    TokenLogprob,
+    Usage,
+)
+from llmops.serving.openai_schema import ChatBody, CompletionBody
+from llmops.serving.service import ServingService
+
+AuthHook = Callable[[Request], Awaitable[None]]
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 499, "UNIMPLEMENTED": 501,
+}  # fmt: skip
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """HTTP status and OpenAI error body for an exception (generic INTERNAL for unexpected ones)."""
+    mapped = status_for(exc)
+    status = _HTTP_STATUS.get(mapped.code.name, 500)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    field = getattr(exc, "field", None)
+    param = field.removeprefix("sampling.") if isinstance(field, str) else None  # OpenAI's own field names
+    code = "model_not_found" if isinstance(exc, NotFound) else mapped.code.name.lower()
+    return status, {"error": {"message": mapped.message, "type": kind, "param": param, "code": code}}
+
+
+def _error_response(exc: BaseException) -> JSONResponse:
+    status, body = error_body(exc)
+    headers = {}
+    if isinstance(exc, ResourceExhausted) and exc.retry_after_seconds is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_seconds)))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def _usage(u: Usage) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
+    if u.cached_prompt_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": u.cached_prompt_tokens}
+    return usage
+
+
+def _completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    offsets, position = [], offset
+    for e in entries:
+        offsets.append(position)
+        position += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    def item(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {**item(e.token, e.logprob), "top_logprobs": [item(t.token, t.logprob) for t in e.top]}
+            for e in entries
+        ]
+    }
+
+
+def _finish(reason: FinishReason | None) -> str | None:
+    return None if reason is None else reason.openai
+
+
+async def _until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run ``work``; cancel it (aborting the generation) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+
+
+def create_http_app(service: ServingService, *, auth: AuthHook | None = None) -> FastAPI:
+    """The FastAPI app over ``service``."""
+    app = FastAPI(title="llmops serving (OpenAI-compatible)", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(LLMOpsError)
+    async def _domain_error(request: Request, exc: LLMOpsError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(p) for p in first["loc"] if p != "body")
+        return _error_response(InvalidArgument(str(first["msg"]), field=field or None))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if auth is not None and request.url.path.startswith("/v1/"):
+            try:
+                await auth(request)
+            except LLMOpsError as exc:
+                return _error_response(exc)
+        return await call_next(request)
+
+    def select(model: str) -> tuple[ModelSelector, str, str]:
+        """(selector, adapter, name to report) for a served name or an adapter name (served on its
+        base model); empty means the only model."""
+        loaded = service.list_models()
+        if not model and len(loaded) == 1:
+            model = loaded[0].served_name
+        if model in {m.served_name for m in loaded}:
+            return ModelSelector(served_name=model), "", model
+        for info in loaded:
+            if any(a.name == model for a in info.adapters):
+                return ModelSelector(served_name=info.served_name), model, model
+        if not model:
+            raise InvalidArgument("name the model", field="model")
+        raise NotFound(f"the model {model!r} does not exist")
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if await service.ready() else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = []
+        for info in service.list_models():
+            if info.state is not ModelState.READY:
+                continue
+            created = int(info.loaded_at.timestamp()) if info.loaded_at else 0
+            data.append({"id": info.served_name, "object": "model", "created": created, "owned_by": "llmops",
+                         "root": info.local_path or str(info.model or ""), "parent": None,
+                         "max_model_len": info.max_model_len})  # fmt: skip
+            for adapter in info.adapters:
+                data.append({"id": adapter.name, "object": "model", "created": int(adapter.loaded_at.timestamp()),
+                             "owned_by": "llmops", "root": adapter.local_path, "parent": info.served_name})  # fmt: skip
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionBody, request: Request) -> Response:
+        body.check()
+        selector, adapter, name = select(body.model)
+        sampling = body.sampling(body.max_tokens, body.logprobs)
+        request_id = body.request_id or request.headers.get("x-request-id", "")
+        requests = [
+            GenerationRequest(
+                model=selector,
+                prompt=Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=p),
+                sampling=sampling,
+                adapter=adapter,
+                request_id=request_id,
+            )
+            for p in body.prompts()
+        ]
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            rid, events = await service.generate_stream(requests[0])
+            return StreamingResponse(
+                _completion_chunks(events, cid, created, name, body),
+                media_type="text/event-stream",
+                headers={"x-request-id": rid},
+            )
+        results: list[GenerationResult] = await _until_disconnected(
+            request, asyncio.gather(*(service.generate(r) for r in requests))
+        )
+        choices = []
+        for i, result in enumerate(results):
+            for c in result.completions:
+                choice: dict[str, Any] = {"index": i * body.n + c.index, "text": c.text, "finish_reason": _finish(c.finish_reason),
+                                          "logprobs": _completion_logprobs(c.logprobs, 0) if body.logprobs is not None else None}  # fmt: skip
+                if c.stop_sequence:
+                    choice["stop_reason"] = c.stop_sequence
+                choices.append(choice)
+        usage = Usage(
+            sum(r.usage.prompt_tokens for r in results), sum(r.usage.completion_tokens for r in results)
+        )
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": name,
+                "choices": choices,
+                "usage": _usage(usage),
+            },
+            headers={"x-request-id": results[0].request_id},
+        )
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatBody, request: Request) -> Response:
+        body.check()
+        selector, adapter, name = select(body.model)
+        generation = GenerationRequest(
+            model=selector,
+            prompt=Prompt(
+                messages=tuple(m.domain() for m in body.messages),
+                add_generation_prompt=body.add_generation_prompt,
+            ),
+            sampling=body.sampling(body.max_output(), body.logprob_count()),
+            adapter=adapter,
+            request_id=body.request_id or request.headers.get("x-request-id", ""),
+        )
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            rid, events = await service.generate_stream(generation)
+            return StreamingResponse(
+                _chat_chunks(events, cid, created, name, body),
+                media_type="text/event-stream",
+                headers={"x-request-id": rid},
+            )
+        result: GenerationResult = await _until_disconnected(request, service.generate(generation))
+        choices = [_chat_choice(c, body.logprobs) for c in result.completions]
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": name,
+                "choices": choices,
+                "usage": _usage(result.usage),
+            },
+            headers={"x-request-id": result.request_id},
+        )
+
+    return app
+
+
+def _chat_choice(c: Completion, logprobs: bool) -> dict[str, Any]:
+    return {
+        "index": c.index,
+        "message": {"role": "assistant", "content": c.text},
+        "logprobs": _chat_logprobs(c.logprobs) if logprobs else None,
+        "finish_reason": _finish(c.finish_reason),
+    }
+
+
+async def _guarded(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent | bytes]:
+    """The events, then an SSE error chunk if generation fails after the response started."""
+    try:
+        async for event in events:
+            yield event
+    except LLMOpsError as exc:
+        yield _sse(error_body(exc)[1])
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _completion_chunks(
+    events: AsyncIterator[StreamEvent], cid: str, created: int, model: str, body: CompletionBody
+) -> AsyncIterator[bytes]:
+    offsets: dict[int, int] = {}
+    async for event in _guarded(events):
+        if isinstance(event, bytes):
+            yield event
+            return
+        if isinstance(event, StreamEnd):
+            if body.include_usage:
+                yield _sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                            "choices": [], "usage": _usage(event.usage)})  # fmt: skip
+            break
+        assert isinstance(event, CompletionDelta)
+        if not event.text and event.finish_reason is None:
+            continue
+        offset = offsets.get(event.index, 0)
+        offsets[event.index] = offset + len(event.text)
+        choice = {"index": event.index, "text": event.text, "finish_reason": _finish(event.finish_reason),
+                  "logprobs": _completion_logprobs(event.logprobs, offset) if body.logprobs is not None else None}  # fmt: skip
+        yield _sse(
+            {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+        )
+    yield _sse("[DONE]")
+
+
+async def _chat_chunks(
+    events: AsyncIterator[StreamEvent], cid: str, created: int, model: str, body: ChatBody
+) -> AsyncIterator[bytes]:
+    started: set[int] = set()
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": choices, **extra})  # fmt: skip
+
+    async for event in _guarded(events):
+        if isinstance(event, bytes):
+            yield event
+            return
+        if isinstance(event, StreamEnd):
+            if body.include_usage:
+                yield chunk([], usage=_usage(event.usage))
+            break
+        assert isinstance(event, CompletionDelta)
+        delta: dict[str, Any] = {}
+        if event.index not in started:
+            started.add(event.index)
+            delta["role"] = "assistant"
+        if event.text or "role" in delta:
+            delta["content"] = event.text
+        if not delta and event.finish_reason is None:
+            continue
+        choice = {"index": event.index, "delta": delta, "finish_reason": _finish(event.finish_reason),
+                  "logprobs": _chat_logprobs(event.logprobs) if body.logprobs and event.logprobs else None}  # fmt: skip
+        yield chunk([choice])
+    yield _sse("[DONE]")

@@ -1,0 +1,171 @@
+"""Request bodies of the OpenAI-compatible HTTP API, and their translation to domain requests.
+
+Bodies are strict (``extra="forbid"``): a field we do not know is an error naming it, never ignored.
+Besides OpenAI's fields they accept vLLM's common extensions (``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``use_beam_search``, ...),
+which the official ``openai`` client sends through ``extra_body``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmops.common.errors import InvalidArgument
+from llmops.serving.domain import ChatMessage, SamplingParams
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Sampling(_Body):
+    """Controls shared by both endpoints (OpenAI's, then vLLM-style extensions)."""
+
+    model: str = ""
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = Field(
+        default=None, description="End-user id; recorded nowhere, accepted for compatibility."
+    )
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool | None = None
+    use_beam_search: bool = False
+    beam_width: int = 0
+    length_penalty: float | None = None
+    prompt_logprobs: int | None = None
+    request_id: str = ""
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise InvalidArgument(f"key {key!r} is not a token id", field="logit_bias") from None
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=bias,
+            stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            ignore_eos=self.ignore_eos,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            seed=self.seed,
+            n=self.n,
+            use_beam_search=self.use_beam_search,
+            beam_width=self.beam_width,
+            length_penalty=self.length_penalty,
+            logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionBody(_Sampling):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check(self) -> None:
+        if self.echo:
+            raise InvalidArgument("echo is not supported", field="echo")
+        if self.suffix:
+            raise InvalidArgument("suffix is not supported", field="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidArgument("best_of must equal n (or be left out)", field="best_of")
+        if self.stream and len(self.prompts()) > 1:
+            raise InvalidArgument("streaming takes one prompt per request", field="prompt")
+
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        """One prompt per entry: text or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise InvalidArgument("must not be empty", field="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [tuple(int(x) for x in p)]  # type: ignore[union-attr, arg-type]
+        if all(isinstance(x, str) for x in p):
+            return [str(x) for x in p]
+        return [tuple(x) for x in p]  # type: ignore[arg-type]
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def domain(self) -> ChatMessage:
+        content = self.content
+        text = "".join(part.text for part in content) if isinstance(content, list) else (content or "")
+        return ChatMessage(self.role, text, self.name or "")
+
+
+class ChatBody(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[Message]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def check(self) -> None:
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise InvalidArgument("tool calling is not supported", field="tools")
+        if self.response_format not in (None, {"type": "text"}):
+            raise InvalidArgument("only the text response format is supported", field="response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidArgument("needs logprobs: true", field="top_logprobs")
+
+    def max_output(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
