@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
@@ -12,8 +11,8 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
+from llmops.common.cli_support import resolve_address, run_with_client
 from llmops.common.clients import CacheClient
-from llmops.common.errors import LLMOpsError
 from llmops.proto.cache.v1 import cache_service_pb2 as pb
 
 T = TypeVar("T")
@@ -35,27 +34,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _address(address: str | None) -> str:
-    if address:
-        return address
-    from llmops.common.settings import Settings, SettingsError
-
-    try:
-        return Settings.load().cache.address
-    except SettingsError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+    return resolve_address("cache", address)
 
 
 def _run(address: str | None, work: Callable[[CacheClient], Awaitable[T]]) -> T:
-    async def main() -> T:
-        async with CacheClient.connect(_address(address), timeout=60) as client:
-            return await work(client)
-
-    try:
-        return asyncio.run(main())
-    except LLMOpsError as exc:
-        err.print(f"[red]error:[/red] {exc.code.name}: {exc.message}", highlight=False)
-        raise typer.Exit(1) from None
+    return run_with_client(CacheClient, "cache", address, work, timeout=60)
 
 
 def parse_target(text: str) -> pb.InvalidateRequest:

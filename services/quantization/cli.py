@@ -5,7 +5,6 @@ Sources read ``name`` (latest version) or ``name:3``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
@@ -13,12 +12,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 from google.protobuf import json_format
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from llmops.common.cli_support import resolve_address, run_with_client
 from llmops.common.clients import QuantizationClient
-from llmops.common.errors import LLMOpsError
 from llmops.proto.common.v1 import dataset_pb2, job_pb2, model_pb2
 from llmops.proto.quantization.v1 import quantization_service_pb2 as pb
 from llmops.quantization.grpc_app import METHODS
@@ -44,27 +42,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _address(address: str | None) -> str:
-    if address:
-        return address
-    from llmops.common.settings import Settings, SettingsError
-
-    try:
-        return Settings.load().quantization.address
-    except SettingsError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+    return resolve_address("quantization", address)
 
 
 def _run(address: str | None, work: Callable[[QuantizationClient], Awaitable[T]]) -> T:
-    async def main() -> T:
-        async with QuantizationClient.connect(_address(address)) as client:
-            return await work(client)
-
-    try:
-        return asyncio.run(main())
-    except LLMOpsError as exc:
-        err.print(f"[red]error:[/red] {exc.code.name}: {escape(exc.message)}", highlight=False)
-        raise typer.Exit(1) from None
+    return run_with_client(QuantizationClient, "quantization", address, work)
 
 
 def _state(value: int) -> str:

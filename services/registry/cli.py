@@ -5,7 +5,6 @@ Model references read ``name`` (latest READY version), ``name:3`` or ``name@cham
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from llmops.common.cli_support import resolve_address, run_with_client
 from llmops.common.clients import RegistryClient
 from llmops.common.errors import LLMOpsError
 from llmops.proto.common.v1 import dataset_pb2, model_pb2
@@ -51,27 +51,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _address(address: str | None) -> str:
-    if address:
-        return address
-    from llmops.common.settings import Settings, SettingsError
-
-    try:
-        return Settings.load().registry.address
-    except SettingsError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+    return resolve_address("registry", address)
 
 
 def _run(address: str | None, work: Callable[[RegistryClient], Awaitable[T]]) -> T:
-    async def main() -> T:
-        async with RegistryClient.connect(_address(address)) as client:
-            return await work(client)
-
-    try:
-        return asyncio.run(main())
-    except LLMOpsError as exc:
-        err.print(f"[red]error:[/red] {exc.code.name}: {escape(exc.message)}", highlight=False)
-        raise typer.Exit(1) from None
+    return run_with_client(RegistryClient, "registry", address, work)
 
 
 def _ref(text: str) -> model_pb2.ModelRef:
