@@ -2,7 +2,8 @@
 
 ``llmops serve serving`` calls :func:`build_app`; the start hook serves the HTTP API on
 ``serving.http_port`` and loads ``serving.model`` when it is set. Readiness (grpc.health.v1) is true
-only while a model is READY.
+only while a model is READY. With ``redis_url`` set, generation goes through the response cache
+(in process, straight to Redis; see :mod:`llmops.serving.service`); without it there is no cache.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from llmops.cache.service import ResponseCache
 from llmops.common.app import ServiceApp
 from llmops.common.errors import InvalidArgument
 from llmops.common.server import ServiceBinding
@@ -113,8 +115,18 @@ class ServingApp(ServiceApp):
             drain_timeout=s.drain_timeout_seconds,
             alias_poll_seconds=s.alias_poll_seconds,
         )
+        self.cache: ResponseCache | None = None
+        if settings.redis_url:
+            from llmops.cache.app import build_response_cache  # the Redis client, only when used
+
+            self.cache = build_response_cache(settings, registry)
         self.service = ServingService(
-            engine_factory, resolver or default_resolver(settings), ServingMetrics(registry), shim, config
+            engine_factory,
+            resolver or default_resolver(settings),
+            ServingMetrics(registry),
+            shim,
+            config,
+            cache=self.cache,
         )
         registry.register(EngineMetricsBridge(shim, self.service.refresh_engine_gauges))
         self.servicer = ServingServicer(self.service)
@@ -135,6 +147,10 @@ class ServingApp(ServiceApp):
         ]
 
     async def start(self) -> None:
+        if self.cache is not None:
+            from llmops.cache.app import start_backend
+
+            await start_backend(self.cache)  # fails open: a Redis down now is logged, not fatal
         if self.settings.serving.http_enabled:
             await self.start_http()
         request = startup_load_request(self.settings)
@@ -179,6 +195,8 @@ class ServingApp(ServiceApp):
     async def close(self) -> None:
         await self.stop_http()
         await self.service.close()
+        if self.cache is not None:
+            await self.cache.backend.close()
 
 
 def build_app(settings: Settings, registry: CollectorRegistry) -> ServiceApp:

@@ -30,6 +30,7 @@ from llmops.serving.domain import (
     SamplingParams,
     StreamEnd,
     TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -144,6 +145,8 @@ def generation_request(
         adapter=message.adapter,
         request_id=message.request_id,
         timeout=timeout,
+        cache_bypass=message.cache.bypass,
+        cache_no_store=message.cache.no_store,
     )
 
 
@@ -252,18 +255,57 @@ def completion(c: Completion) -> generation_pb2.Completion:
     return message
 
 
+def generated_output(result: GenerationResult) -> generation_pb2.GeneratedOutput:
+    return generation_pb2.GeneratedOutput(
+        completions=[completion(c) for c in result.completions],
+        prompt_token_ids=result.prompt_token_ids,
+        prompt_logprobs=logprobs(result.prompt_logprobs),
+        usage=usage(result.usage),
+    )
+
+
 def generate_response(result: GenerationResult) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         request_id=result.request_id,
         served_name=result.served_name,
         model=resolved(result.model),
-        output=generation_pb2.GeneratedOutput(
-            completions=[completion(c) for c in result.completions],
-            prompt_token_ids=result.prompt_token_ids,
-            prompt_logprobs=logprobs(result.prompt_logprobs),
-            usage=usage(result.usage),
-        ),
+        output=generated_output(result),
+        cached=result.cached,
     )
+
+
+# --- a stored GeneratedOutput back to domain objects (response cache hits) ---------------------------
+
+FINISH_FROM_PB = {value: reason for reason, value in FINISH.items()}
+
+
+def logprobs_from_pb(entries: Iterable[generation_pb2.TokenLogprob]) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(
+            token_id=e.token_id,
+            token=e.token,
+            logprob=e.logprob,
+            rank=e.rank,
+            top=tuple(TopLogprob(t.token_id, t.token, t.logprob) for t in e.top_logprobs),
+        )
+        for e in entries
+    ]
+
+
+def completion_from_pb(c: generation_pb2.Completion) -> Completion:
+    return Completion(
+        index=c.index,
+        text=c.text,
+        token_ids=list(c.token_ids),
+        finish_reason=FINISH_FROM_PB.get(c.finish_reason, FinishReason.ABORT),
+        logprobs=logprobs_from_pb(c.logprobs),
+        stop_sequence=c.stop_sequence,
+        cumulative_logprob=c.cumulative_logprob if c.HasField("cumulative_logprob") else None,
+    )
+
+
+def usage_from_pb(u: usage_pb2.Usage) -> Usage:
+    return Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
 
 
 def stream_delta(request_id: str, d: CompletionDelta) -> pb.GenerateStreamResponse:
@@ -278,12 +320,13 @@ def stream_delta(request_id: str, d: CompletionDelta) -> pb.GenerateStreamRespon
         delta.finish_reason = FINISH[d.finish_reason]
     if d.cumulative_logprob is not None:
         delta.cumulative_logprob = d.cumulative_logprob
-    return pb.GenerateStreamResponse(request_id=request_id, delta=delta)
+    return pb.GenerateStreamResponse(request_id=request_id, cached=d.cached, delta=delta)
 
 
 def stream_end(request_id: str, end: StreamEnd) -> pb.GenerateStreamResponse:
     return pb.GenerateStreamResponse(
         request_id=request_id,
+        cached=end.cached,
         end=pb.GenerateStreamEnd(
             served_name=end.served_name,
             model=resolved(end.model),

@@ -225,6 +225,8 @@ class CompletionDelta:
     finish_reason: FinishReason | None = None
     stop_sequence: str = ""
     cumulative_logprob: float | None = None
+    #: True when replayed from the response cache rather than generated.
+    cached: bool = False
 
 
 @dataclass
@@ -261,6 +263,9 @@ class GenerationRequest:
     request_id: str = ""
     #: Seconds the caller still waits (its gRPC deadline or HTTP timeout); ``None`` means no limit.
     timeout: float | None = None
+    #: Response cache opt-outs (``CacheControl``): skip the lookup, skip the store.
+    cache_bypass: bool = False
+    cache_no_store: bool = False
 
 
 @dataclass(frozen=True)
@@ -298,6 +303,8 @@ class StreamEnd:
     usage: Usage
     prompt_token_ids: tuple[int, ...]
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    #: True when replayed from the response cache rather than generated.
+    cached: bool = False
 
 
 #: One message of a generation stream.
@@ -315,6 +322,8 @@ class GenerationResult:
     prompt_token_ids: tuple[int, ...]
     usage: Usage
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    #: True when the answer came from the response cache rather than the engine.
+    cached: bool = False
 
 
 @dataclass(frozen=True)

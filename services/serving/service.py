@@ -9,6 +9,14 @@ domain objects. Invariants it keeps:
 * a cancelled or failed request always aborts its engine work and frees its slot;
 * a deadline that passes while queued or generating ends the request with DEADLINE_EXCEEDED;
 * unloading drains in-flight requests for ``drain_timeout`` and then aborts them (finish reason ABORT).
+
+With a response cache (in process, straight to Redis): a deterministic request for a registry
+version (and registry adapter, if any) is answered from the cache when an identical one was answered
+before, with the same completions, prompt details and usage (``cached`` set, the request id its
+own); identical misses at the same time generate once (single flight). Only complete answers are
+stored (never ABORT, never a cancelled stream). Sampling without a seed, models or adapters loaded
+from a local path and ``CacheControl`` opt-outs skip the lookup and/or the store. A cache that is
+down never fails a request: it is answered from the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmops.cache.domain import CacheKey, LookupOutcome
+from llmops.cache.keys import make_key
+from llmops.cache.service import ResponseCache
 from llmops.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -31,6 +42,8 @@ from llmops.common.errors import (
     NotFound,
     Unavailable,
 )
+from llmops.proto.common.v1 import generation_pb2
+from llmops.serving import convert
 from llmops.serving.domain import (
     Completion,
     CompletionDelta,
@@ -99,47 +112,132 @@ class ServingService(ModelLifecycle):
         metrics: ServingMetrics,
         shim: EngineShimMetrics,
         config: ServingConfig | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         super().__init__(engine_factory, resolver, metrics, shim, config or ServingConfig())
+        self.cache = cache
 
     # --- generation -------------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Generate every completion and return them whole."""
+        """Generate every completion and return them whole (from the response cache when it can)."""
         prepared = await self._prepare(request)
-        completions: dict[int, Completion] = {}
-        end: StreamEnd | None = None
+        key = self._cache_key(request, prepared)
+        if self.cache is None or key is None:
+            return await self._generate(prepared)
+        codec = _ResultCodec(prepared)
+        if request.cache_bypass or not key.cacheable:
+            self.cache.metrics.count(LookupOutcome.BYPASS)
+            result = await self._generate(prepared)
+            if key.cacheable and not request.cache_no_store:
+                await self._store(key, codec, result)
+            return result
+        if request.cache_no_store:
+            cached = await self._lookup(key, codec)
+            return cached if cached is not None else await self._generate(prepared)
+        async with self.cache.flight(key, codec) as flight:
+            if flight.hit and flight.value is not None:
+                return flight.value
+            result = await self._generate(prepared)
+            await flight.store(result)
+            return result
+
+    async def _generate(self, prepared: _Prepared) -> GenerationResult:
+        assembler = _Assembler()
         async for event in self._run(prepared):
-            if isinstance(event, StreamEnd):
-                end = event
-                continue
-            done = completions.setdefault(event.index, Completion(event.index, "", [], FinishReason.ABORT))
-            done.text += event.text
-            done.token_ids.extend(event.token_ids)
-            done.logprobs.extend(event.logprobs)
-            if event.finish_reason is not None:
-                done.finish_reason = event.finish_reason
-                done.stop_sequence = event.stop_sequence
-                done.cumulative_logprob = event.cumulative_logprob
-        assert end is not None
-        return GenerationResult(
-            request_id=prepared.request_id,
-            served_name=end.served_name,
-            model=end.model,
-            completions=tuple(completions[i] for i in sorted(completions)),
-            prompt_token_ids=end.prompt_token_ids,
-            usage=end.usage,
-            prompt_logprobs=end.prompt_logprobs,
-        )
+            assembler.add(event)
+        return assembler.result(prepared.request_id)
 
     async def generate_stream(self, request: GenerationRequest) -> tuple[str, AsyncIterator[StreamEvent]]:
         """Validate now (errors raise here), then stream deltas and a final :class:`StreamEnd`.
+
+        A cache hit replays the stored answer as one delta per completion and the end, each with
+        ``cached`` set; a miss is streamed from the engine and stored once complete.
 
         Returns:
             The request id and the event stream; closing the stream aborts the generation.
         """
         prepared = await self._prepare(request)
-        return prepared.request_id, self._run(prepared)
+        key = self._cache_key(request, prepared)
+        if self.cache is None or key is None:
+            return prepared.request_id, self._run(prepared)
+        return prepared.request_id, self._cached_stream(request, prepared, self.cache, key)
+
+    async def _cached_stream(
+        self, request: GenerationRequest, prepared: _Prepared, cache: ResponseCache, key: CacheKey
+    ) -> AsyncGenerator[StreamEvent, None]:
+        codec = _ResultCodec(prepared)
+        store = key.cacheable and not request.cache_no_store
+        if request.cache_bypass or not key.cacheable:
+            cache.metrics.count(LookupOutcome.BYPASS)
+            bypassed = _Assembler()
+            async with contextlib.aclosing(self._run(prepared)) as events:
+                async for event in events:
+                    bypassed.add(event)
+                    yield event
+            if store:
+                await self._store(key, codec, bypassed.result(prepared.request_id))
+            return
+        if request.cache_no_store:
+            cached = await self._lookup(key, codec)
+            if cached is not None:
+                for event in _replay(cached):
+                    yield event
+                return
+            async with contextlib.aclosing(self._run(prepared)) as events:
+                async for event in events:
+                    yield event
+            return
+        async with cache.flight(key, codec) as flight:
+            if flight.hit and flight.value is not None:
+                for event in _replay(flight.value):
+                    yield event
+                return
+            assembler = _Assembler()
+            async with contextlib.aclosing(self._run(prepared)) as events:
+                async for event in events:
+                    assembler.add(event)
+                    yield event
+            await flight.store(assembler.result(prepared.request_id))
+
+    def _cache_key(self, request: GenerationRequest, prepared: _Prepared) -> CacheKey | None:
+        """The request's cache key; ``None`` when the cache does not apply at all (no cache, a model
+        or adapter loaded from a local path, or both opt-outs set). Non-deterministic requests get a
+        bypass key (counted as bypass)."""
+        if self.cache is None or (request.cache_bypass and request.cache_no_store):
+            return None
+        model = prepared.entry.info.model
+        if model is None:
+            return None
+        adapter = None
+        if request.adapter:
+            loaded = prepared.entry.adapters.get(request.adapter)
+            adapter = None if loaded is None else loaded.adapter
+            if adapter is None:
+                return None
+        try:
+            key = make_key(model, request.prompt, request.sampling, tenant="", adapter=adapter)
+        except LLMOpsError as exc:
+            log.warning("no cache key for request %s: %s", prepared.request_id, exc)
+            return None
+        if key.cacheable and not prepared.engine_request.decoding.deterministic:
+            key = CacheKey(key.model, "", key.tenant, key.adapter)
+        return key
+
+    async def _lookup(self, key: CacheKey, codec: _ResultCodec) -> GenerationResult | None:
+        assert self.cache is not None
+        found = await self.cache.lookup(key)
+        if found.entry is None:
+            return None
+        try:
+            return codec.decode(found.entry.payload)
+        except Exception:
+            log.warning("undecodable cache entry %s; generating", key.digest, exc_info=True)
+            return None
+
+    async def _store(self, key: CacheKey, codec: _ResultCodec, result: GenerationResult) -> None:
+        assert self.cache is not None
+        await self.cache.store(key, codec.encode(result), complete=codec.complete(result))
 
     async def _prepare(self, request: GenerationRequest) -> _Prepared:
         arrival = time.perf_counter()
@@ -360,6 +458,101 @@ class ServingService(ModelLifecycle):
                     if await entry.engine.health():
                         return True
         return False
+
+
+class _Assembler:
+    """Builds the whole answer from a stream of events."""
+
+    def __init__(self) -> None:
+        self.completions: dict[int, Completion] = {}
+        self.end: StreamEnd | None = None
+
+    def add(self, event: StreamEvent) -> None:
+        if isinstance(event, StreamEnd):
+            self.end = event
+            return
+        done = self.completions.setdefault(event.index, Completion(event.index, "", [], FinishReason.ABORT))
+        done.text += event.text
+        done.token_ids.extend(event.token_ids)
+        done.logprobs.extend(event.logprobs)
+        if event.finish_reason is not None:
+            done.finish_reason = event.finish_reason
+            done.stop_sequence = event.stop_sequence
+            done.cumulative_logprob = event.cumulative_logprob
+
+    def result(self, request_id: str) -> GenerationResult:
+        end = self.end
+        assert end is not None
+        return GenerationResult(
+            request_id=request_id,
+            served_name=end.served_name,
+            model=end.model,
+            completions=tuple(self.completions[i] for i in sorted(self.completions)),
+            prompt_token_ids=end.prompt_token_ids,
+            usage=end.usage,
+            prompt_logprobs=end.prompt_logprobs,
+        )
+
+
+class _ResultCodec:
+    """A :class:`GenerationResult` as the cache stores it: a serialized ``GeneratedOutput``.
+
+    Decoding answers for this request: its id, the model that serves it, ``cached`` set.
+    """
+
+    def __init__(self, prepared: _Prepared) -> None:
+        self._request_id = prepared.request_id
+        self._served_name = prepared.entry.served_name
+        self._model = prepared.entry.info.model
+
+    def encode(self, value: GenerationResult) -> bytes:
+        return convert.generated_output(value).SerializeToString()
+
+    def decode(self, data: bytes) -> GenerationResult:
+        output = generation_pb2.GeneratedOutput.FromString(data)
+        return GenerationResult(
+            request_id=self._request_id,
+            served_name=self._served_name,
+            model=self._model,
+            completions=tuple(convert.completion_from_pb(c) for c in output.completions),
+            prompt_token_ids=tuple(output.prompt_token_ids),
+            usage=convert.usage_from_pb(output.usage),
+            prompt_logprobs=tuple(convert.logprobs_from_pb(output.prompt_logprobs)),
+            cached=True,
+        )
+
+    def complete(self, value: GenerationResult) -> bool:
+        return bool(value.completions) and all(
+            c.finish_reason is not FinishReason.ABORT for c in value.completions
+        )
+
+
+def _replay(result: GenerationResult) -> list[StreamEvent]:
+    """A cached answer as a stream: one delta per completion, then the end; all marked cached."""
+    events: list[StreamEvent] = [
+        CompletionDelta(
+            index=c.index,
+            text=c.text,
+            token_ids=list(c.token_ids),
+            logprobs=list(c.logprobs),
+            finish_reason=c.finish_reason,
+            stop_sequence=c.stop_sequence,
+            cumulative_logprob=c.cumulative_logprob,
+            cached=True,
+        )
+        for c in result.completions
+    ]
+    events.append(
+        StreamEnd(
+            served_name=result.served_name,
+            model=result.model,
+            usage=result.usage,
+            prompt_token_ids=result.prompt_token_ids,
+            prompt_logprobs=result.prompt_logprobs,
+            cached=True,
+        )
+    )
+    return events
 
 
 __all__ = ["AlreadyExists", "EngineFactory", "ServingConfig", "ServingService"]
