@@ -101,7 +101,14 @@ class QuantizationSection(ServiceEndpoint):
         default=None,
         description=(
             "Folder of local model versions (<name>/<version>/) that jobs read sources from and "
-            "register results into until the registry-backed sink is wired; unset: <data_dir>/quantization/models."
+            "register results into when use_registry is off; unset: <data_dir>/quantization/models."
+        ),
+    )
+    use_registry: bool = Field(
+        default=False,
+        description=(
+            "Read sources from and register results in the registry service at registry.address "
+            "(sources are cached under <data_dir>/quantization/sources) instead of models_dir."
         ),
     )
     work_dir: Path | None = Field(

@@ -1,5 +1,6 @@
-"""Wires the quantization service (``llmops serve quantization``): settings -> local model source
-and result sink -> thread job runner -> :class:`QuantizationService` -> gRPC servicer.
+"""Wires the quantization service (``llmops serve quantization``): settings -> model source and
+result sink (local folders, or the registry service with ``quantization.use_registry``) -> thread job
+runner -> :class:`QuantizationService` -> gRPC servicer.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from llmops.proto.quantization.v1 import quantization_service_pb2_grpc as pb_grp
 from llmops.quantization.grpc_app import SERVICE_NAME, QuantizationServicer
 from llmops.quantization.methods import default_quantizers
 from llmops.quantization.service import JobRunner, QuantizationService, ThreadJobRunner
-from llmops.quantization.sinks import LocalDirectorySink
-from llmops.quantization.sources import LocalModelSource, ModelSource
+from llmops.quantization.sinks import LocalDirectorySink, RegistrySink, ResultSink
+from llmops.quantization.sources import LocalModelSource, ModelSource, RegistryModelSource
 
 
 class QuantizationApp(ServiceApp):
@@ -45,12 +46,16 @@ def build_app(settings: Settings, registry: CollectorRegistry) -> QuantizationAp
     section = settings.quantization
     models_dir = section.models_dir or settings.data_dir / "quantization" / "models"
     work_dir = section.work_dir or settings.data_dir / "quantization" / "work"
+    source: ModelSource
+    sink: ResultSink
+    if section.use_registry:
+        address = settings.registry.address
+        source = RegistryModelSource(address, settings.data_dir / "quantization" / "sources")
+        sink = RegistrySink(address)
+    else:
+        source, sink = LocalModelSource(models_dir), LocalDirectorySink(models_dir)
     runner = ThreadJobRunner(section.workers)
     service = QuantizationService(
-        default_quantizers(),
-        LocalDirectorySink(models_dir),
-        runner,
-        work_dir,
-        max_pending=section.max_pending,
+        default_quantizers(), sink, runner, work_dir, max_pending=section.max_pending
     )
-    return QuantizationApp(service, LocalModelSource(models_dir), runner)
+    return QuantizationApp(service, source, runner)

@@ -339,6 +339,8 @@ class QuantizationService:
             tags=tags,
             metrics=metrics,
             aliases=spec.aliases,
+            format=artifact.format,
+            job_id=job.id,
         )
         return dataclasses.replace(result, registered=self._sink.register(metadata, out_dir))
 

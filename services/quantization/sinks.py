@@ -1,13 +1,14 @@
 """Where a finished quantization result goes: :class:`ResultSink` and a local-folder sink.
 
-The job core only needs ``register(metadata, directory) -> RegisteredVersion``; a registry-backed
-sink (through ``RegistryClient``) implements the same interface, so the core is tested without a
-registry.
+The job core only needs ``register(metadata, directory) -> RegisteredVersion``; the registry-backed
+:class:`RegistrySink` (through ``RegistryClient``) implements the same interface, so the core is
+tested without a registry.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import json
 import shutil
@@ -27,6 +28,10 @@ class VersionMetadata:
     tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    #: How the weights are stored: "int8", "int4" or "gguf" (the quantizer's artifact format).
+    format: str = ""
+    #: The quantization job that produced the result; empty when unknown.
+    job_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,3 +71,57 @@ class LocalDirectorySink(ResultSink):
         record = dataclasses.asdict(metadata) | {"version": version}
         (target / self.METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         return RegisteredVersion(name=metadata.model_name, version=version, uri=target.resolve().as_uri())
+
+
+#: The registry's ``ModelFormat`` names of the quantizers' artifact formats.
+_REGISTRY_FORMATS = {"int8": "MODEL_FORMAT_INT8", "int4": "MODEL_FORMAT_INT4", "gguf": "MODEL_FORMAT_GGUF"}
+
+
+class RegistrySink(ResultSink):
+    """Uploads the result folder to the registry service as a new version of ``metadata.model_name``.
+
+    The version's lineage names the source version as its parent and the job (kind QUANTIZATION);
+    the measurements go into its metrics. ``register`` is called from a job's worker thread, so
+    each call runs its own event loop and channel.
+    """
+
+    def __init__(self, address: str, *, timeout: float = 3600.0, api_key: str | None = None) -> None:
+        self._address = address
+        self._timeout = timeout
+        self._api_key = api_key
+
+    def register(self, metadata: VersionMetadata, directory: Path) -> RegisteredVersion:
+        return asyncio.run(self._register(metadata, directory))
+
+    async def _register(self, metadata: VersionMetadata, directory: Path) -> RegisteredVersion:
+        from llmops.common.clients import RegistryClient
+        from llmops.common.errors import InvalidArgument
+        from llmops.proto.common.v1 import job_pb2, model_pb2
+        from llmops.proto.registry.v1 import registry_service_pb2 as pb
+        from llmops.registry.client import upload_directory
+
+        if metadata.format not in _REGISTRY_FORMATS:
+            raise InvalidArgument(f"the registry sink cannot store format {metadata.format!r}")
+        lineage = pb.Lineage(job_id=metadata.job_id)
+        if metadata.job_id:
+            lineage.job_kind = job_pb2.JOB_KIND_QUANTIZATION
+        if metadata.parent_version is not None:
+            lineage.parent.CopyFrom(
+                model_pb2.ModelRef(name=metadata.parent_name, version=metadata.parent_version)
+            )
+        request = pb.VersionMetadata(
+            model_name=metadata.model_name,
+            create_model=True,
+            format=model_pb2.ModelFormat.Value(_REGISTRY_FORMATS[metadata.format]),
+            lineage=lineage,
+            metrics=dict(metadata.metrics),
+            tags=dict(metadata.tags),
+            description=metadata.description,
+            aliases=list(metadata.aliases),
+            request_id=f"quantization-{metadata.job_id}" if metadata.job_id else "",
+        )
+        async with RegistryClient.connect(
+            self._address, timeout=self._timeout, api_key=self._api_key
+        ) as client:
+            version = await upload_directory(client, request, directory, timeout=self._timeout)
+        return RegisteredVersion(name=version.name, version=version.version, uri=version.artifact_uri)

@@ -2,13 +2,17 @@
 
 The local layout is the one :class:`~llmops.quantization.sinks.LocalDirectorySink` writes
 (``<root>/<name>/<version>/``), so a result registered locally can be quantized again (and is then
-refused as already quantized). A registry-backed source downloads through ``RegistryClient``.
+refused as already quantized). :class:`RegistryModelSource` resolves through the registry service and
+downloads the version's files through ``RegistryClient`` into a local cache.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
+import shutil
+import uuid
 from pathlib import Path
 
 from llmops.common.errors import InvalidArgument, NotFound
@@ -56,3 +60,60 @@ class LocalModelSource(ModelSource):
         if chosen not in versions:
             raise NotFound(f"model {name} has no version {chosen}")
         return ResolvedSource(name=name, version=chosen, path=folder / str(chosen))
+
+
+class RegistryModelSource(ModelSource):
+    """Versions from the registry service, downloaded once into ``<cache_dir>/<name>/<version>/``.
+
+    Registry versions are immutable, so a complete cached folder is reused; a download goes to a
+    temporary folder renamed into place only when every file is verified. ``resolve`` is called off
+    the event loop (from a thread), so each call runs its own event loop and channel.
+    """
+
+    def __init__(
+        self, address: str, cache_dir: Path, *, timeout: float = 3600.0, api_key: str | None = None
+    ) -> None:
+        self._address = address
+        self._cache_dir = cache_dir
+        self._timeout = timeout
+        self._api_key = api_key
+
+    def resolve(self, name: str, version: int | None = None, alias: str | None = None) -> ResolvedSource:
+        if not name or "/" in name or name.startswith("."):
+            raise InvalidArgument("a model name without '/'", field="spec.source.name")
+        return asyncio.run(self._resolve(name, version, alias))
+
+    async def _resolve(self, name: str, version: int | None, alias: str | None) -> ResolvedSource:
+        from llmops.common.clients import RegistryClient
+        from llmops.proto.common.v1 import model_pb2
+        from llmops.proto.registry.v1 import registry_service_pb2 as pb
+        from llmops.registry.client import download_to_directory
+
+        ref = model_pb2.ModelRef(name=name)
+        if version:
+            ref.version = version
+        elif alias:
+            ref.alias = alias
+        async with RegistryClient.connect(
+            self._address, timeout=self._timeout, api_key=self._api_key
+        ) as client:
+            found = (await client.unary(client.stub.GetVersion, pb.GetVersionRequest(model=ref))).version
+            target = self._cache_dir / name / str(found.version)
+            if not await asyncio.to_thread(target.is_dir):
+                partial = self._cache_dir / name / f".{found.version}.{uuid.uuid4().hex}.partial"
+                await asyncio.to_thread(partial.mkdir, parents=True)
+                try:
+                    exact = model_pb2.ModelRef(name=name, version=found.version)
+                    await download_to_directory(client, exact, partial, timeout=self._timeout)
+                    await asyncio.to_thread(_move_into_place, partial, target)
+                finally:
+                    await asyncio.to_thread(shutil.rmtree, partial, True)
+        return ResolvedSource(name=name, version=int(found.version), path=target)
+
+
+def _move_into_place(partial: Path, target: Path) -> None:
+    try:
+        partial.rename(target)
+    except OSError:
+        if not target.is_dir():  # lost a race to another download of the same version: keep that one
+            raise
