@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llmops.common.errors import InvalidArgument
+from llmops.common.errors import InvalidArgument, Unavailable
 from llmops.serving.domain import ChatMessage
+from llmops.serving.engines.base import Engine
 
 
 class HFTokenizer:
@@ -79,3 +80,31 @@ def read_config(path: Path) -> dict[str, Any]:
     except OSError:
         raise InvalidArgument(f"{path} holds no config.json: not a Hugging Face model folder") from None
     return config
+
+
+class HFTokenizerEngine(Engine):
+    """An engine that tokenizes with :class:`HFTokenizer` (set ``_tokenizer`` when it starts)."""
+
+    _tokenizer: HFTokenizer | None = None
+    #: What callers are told while the tokenizer is not loaded yet (or any more).
+    not_running_message = "the model is not loaded"
+
+    @property
+    def tokenizer(self) -> HFTokenizer:
+        if self._tokenizer is None:
+            raise Unavailable(self.not_running_message)
+        return self._tokenizer
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def tokenize_chat(
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool
+    ) -> list[int]:
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+
+    async def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        return self.tokenizer.token_strings(token_ids)

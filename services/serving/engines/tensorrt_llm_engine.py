@@ -16,7 +16,6 @@ from typing import Any
 
 from llmops.common.errors import FailedPrecondition, Unavailable
 from llmops.serving.domain import (
-    ChatMessage,
     CompletionDelta,
     Decoding,
     EngineKind,
@@ -25,8 +24,8 @@ from llmops.serving.domain import (
     EngineRequest,
     FinishReason,
 )
-from llmops.serving.engines.base import ALL_CONTROLS, Engine, decode_extra_args
-from llmops.serving.engines.hf import HFTokenizer, read_config
+from llmops.serving.engines.base import ALL_CONTROLS, decode_extra_args
+from llmops.serving.engines.hf import HFTokenizer, HFTokenizerEngine, read_config
 
 _UNSUPPORTED_CONTROLS = frozenset(
     {"use_beam_search", "beam_width", "length_penalty", "logit_bias", "logprobs", "prompt_logprobs"}
@@ -62,8 +61,10 @@ def _sampling_params(d: Decoding, end_ids: Sequence[int]) -> Any:
     )
 
 
-class TensorRTLLMEngine(Engine):
+class TensorRTLLMEngine(HFTokenizerEngine):
     """A model served by TensorRT-LLM's LLM API on this node's GPUs."""
+
+    not_running_message = "the TensorRT-LLM engine is not running"
 
     kind = EngineKind.TENSORRT_LLM
     supported_controls = ALL_CONTROLS - _UNSUPPORTED_CONTROLS
@@ -75,7 +76,6 @@ class TensorRTLLMEngine(Engine):
     def __init__(self, model_path: Path, served_name: str, options: EngineOptions) -> None:
         super().__init__(model_path, served_name, options)
         self._llm: Any = None
-        self._tokenizer: HFTokenizer | None = None
         self._config: dict[str, Any] = {}
 
     async def start(self) -> None:
@@ -107,12 +107,6 @@ class TensorRTLLMEngine(Engine):
         return self._llm is not None
 
     @property
-    def tokenizer(self) -> HFTokenizer:
-        if self._tokenizer is None:
-            raise Unavailable("the TensorRT-LLM engine is not running")
-        return self._tokenizer
-
-    @property
     def max_model_len(self) -> int:
         return int(self.options.max_model_len or self._config.get("max_position_embeddings") or 2048)
 
@@ -123,20 +117,6 @@ class TensorRTLLMEngine(Engine):
     @property
     def max_concurrency(self) -> int:
         return self.options.max_num_seqs or 64
-
-    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    async def tokenize_chat(
-        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool
-    ) -> list[int]:
-        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
-
-    async def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        return self.tokenizer.token_strings(token_ids)
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._llm is None:

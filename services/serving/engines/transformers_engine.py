@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,17 +23,17 @@ from typing import Any
 import torch
 
 from llmops.common.errors import InvalidArgument, NotFound, Unavailable
-from llmops.serving.domain import ChatMessage, EngineKind, EngineOptions, EngineOutput, EngineRequest
-from llmops.serving.engines.base import AdapterInfo, Engine, EngineStats, decode_extra_args
+from llmops.serving.domain import EngineKind, EngineOptions, EngineOutput, EngineRequest
+from llmops.serving.engines.base import AdapterInfo, EngineStats, decode_extra_args
 from llmops.serving.engines.beam import beam_search
-from llmops.serving.engines.hf import HFTokenizer, read_config
+from llmops.serving.engines.hf import HFTokenizer, HFTokenizerEngine, read_config
 from llmops.serving.engines.sampling import CompletionTracker, TokenSampler, beam_deltas, prompt_logprobs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DONE = object()
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(HFTokenizerEngine):
     """A Hugging Face causal LM decoded on the CPU (or one GPU) by our own loop."""
 
     kind = EngineKind.TRANSFORMERS
@@ -46,7 +46,6 @@ class TransformersEngine(Engine):
         super().__init__(model_path, served_name, options)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"transformers-{served_name}")
         self._model: Any = None
-        self._tokenizer: HFTokenizer | None = None
         self._device = torch.device("cpu")
         self._max_model_len = 0
         self._vocab_size = 0
@@ -116,26 +115,6 @@ class TransformersEngine(Engine):
         return EngineStats(running=self._running, kv_cache_usage=usage)
 
     # --- tokenizer --------------------------------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> HFTokenizer:
-        if self._tokenizer is None:
-            raise Unavailable("the model is not loaded")
-        return self._tokenizer
-
-    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    async def tokenize_chat(
-        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool
-    ) -> list[int]:
-        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
-
-    async def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        return self.tokenizer.token_strings(token_ids)
 
     # --- generation -------------------------------------------------------------------------------
 

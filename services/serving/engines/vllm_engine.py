@@ -24,13 +24,12 @@ import itertools
 import json
 import os
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from llmops.serving.domain import (
-    ChatMessage,
     CompletionDelta,
     Decoding,
     EngineKind,
@@ -41,9 +40,9 @@ from llmops.serving.domain import (
     TokenLogprob,
     TopLogprob,
 )
-from llmops.serving.engines.base import ALL_OPTIONS, AdapterInfo, Engine, decode_extra_args
+from llmops.serving.engines.base import ALL_OPTIONS, AdapterInfo, decode_extra_args
 from llmops.serving.engines.beam import beam_search
-from llmops.serving.engines.hf import HFTokenizer, read_config
+from llmops.serving.engines.hf import HFTokenizer, HFTokenizerEngine, read_config
 from llmops.serving.engines.sampling import beam_deltas
 from llmops.serving.validation import MAX_BEAM_WIDTH, MAX_LOGPROBS
 
@@ -166,8 +165,10 @@ def _finish(reason: str | None, stop_reason: int | str | None) -> tuple[FinishRe
     return FinishReason.ABORT, ""
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(HFTokenizerEngine):
     """A model served by vLLM's ``AsyncLLM`` in this process (EngineCore in a child process)."""
+
+    not_running_message = "the vLLM engine is not running"
 
     kind = EngineKind.VLLM
     supported_options = ALL_OPTIONS
@@ -176,7 +177,6 @@ class VLLMEngine(Engine):
     def __init__(self, model_path: Path, served_name: str, options: EngineOptions) -> None:
         super().__init__(model_path, served_name, options)
         self._engine: Any = None
-        self._tokenizer: HFTokenizer | None = None
         self._lora_ids = itertools.count(1)
         self._adapters: dict[str, Any] = {}
 
@@ -238,26 +238,6 @@ class VLLMEngine(Engine):
         return int(self.engine.get_num_unfinished_requests())
 
     # --- tokenizer --------------------------------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> HFTokenizer:
-        if self._tokenizer is None:
-            raise Unavailable("the vLLM engine is not running")
-        return self._tokenizer
-
-    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    async def tokenize_chat(
-        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool
-    ) -> list[int]:
-        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
-
-    async def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        return self.tokenizer.token_strings(token_ids)
 
     # --- generation -------------------------------------------------------------------------------
 
