@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
+from llmops.common.domain import ChatMessage as ChatMessage  # re-exported: shared request types
+from llmops.common.domain import Prompt as Prompt
+from llmops.common.domain import SamplingParams as SamplingParams
 from llmops.common.errors import InvalidArgument
 
 #: Registered model names (the registry's rule): they appear in Redis key names, so no ':' can occur.
@@ -58,54 +60,6 @@ class ResolvedModel:
 
     def __str__(self) -> str:
         return f"{self.name}:{self.version}" + (f"@{self.alias}" if self.alias else "")
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    """One turn of a conversation."""
-
-    role: str
-    content: str
-    name: str = ""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """Exactly one of raw text, token ids or chat messages."""
-
-    text: str | None = None
-    token_ids: tuple[int, ...] | None = None
-    messages: tuple[ChatMessage, ...] | None = None
-    add_generation_prompt: bool = True
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Decoding controls as the client sent them; ``None`` means unset (see sampling.proto)."""
-
-    greedy: bool = False
-    temperature: float | None = None
-    top_k: int = 0
-    top_p: float | None = None
-    min_p: float = 0.0
-    repetition_penalty: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: Mapping[int, float] = field(default_factory=dict)
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    max_tokens: int | None = None
-    min_tokens: int = 0
-    seed: int | None = None
-    n: int = 0
-    use_beam_search: bool = False
-    beam_width: int = 0
-    length_penalty: float | None = None
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-    skip_special_tokens: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
+from llmops.common.domain import ChatMessage as ChatMessage  # re-exported: shared request types
+from llmops.common.domain import Prompt as Prompt
+from llmops.common.domain import SamplingParams as SamplingParams
+
 
 class EngineKind(enum.Enum):
     """Inference engine a model runs in (``llmops.serving.v1.Engine``)."""
@@ -100,59 +104,6 @@ class ModelSelector:
 
     served_name: str | None = None
     model_ref: ModelRef | None = None
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    """One turn of a conversation, handed to the chat template as is."""
-
-    role: str
-    content: str
-    name: str = ""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """The input: exactly one of raw text, token ids or chat messages."""
-
-    text: str | None = None
-    token_ids: tuple[int, ...] | None = None
-    messages: tuple[ChatMessage, ...] | None = None
-    add_generation_prompt: bool = True
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Decoding controls as the client sent them; ``None`` means unset (see sampling.proto)."""
-
-    greedy: bool = False
-    temperature: float | None = None
-    top_k: int = 0
-    top_p: float | None = None
-    min_p: float = 0.0
-    repetition_penalty: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: Mapping[int, float] = field(default_factory=dict)
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    max_tokens: int | None = None
-    min_tokens: int = 0
-    seed: int | None = None
-    n: int = 0
-    use_beam_search: bool = False
-    beam_width: int = 0
-    length_penalty: float | None = None
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-    skip_special_tokens: bool | None = None
-
-    def set_fields(self) -> list[str]:
-        """Names of the controls set to something other than their default."""
-        defaults = SamplingParams()
-        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)]
 
 
 @dataclass(frozen=True)
