@@ -91,7 +91,63 @@ class RegistrySection(ServiceEndpoint):
 
 
 class TrainingSection(ServiceEndpoint):
-    """Training service settings."""
+    """Training service settings; the Ray cluster is the top-level ``ray_address``."""
+
+    runner: Literal["ray", "thread"] = Field(
+        default="ray",
+        description="Where job bodies run: Ray actors (local runtime or ray_address), or threads of the service (development).",
+    )
+    use_registry: bool = Field(
+        default=True,
+        description=(
+            "Read base models from and register results in the registry service at registry.address "
+            "(bases are cached under <data_dir>/training/bases); false: numbered folders under models_dir."
+        ),
+    )
+    models_dir: Path | None = Field(
+        default=None,
+        description="Local model versions (<name>/<version>/) when use_registry is off; unset: <data_dir>/training/models.",
+    )
+    data_repo: Path = Field(
+        default=Path("."),
+        description="Root of the DVC data repository that dataset paths are relative to (a Git work tree).",
+    )
+    work_dir: Path | None = Field(
+        default=None,
+        description="Job folders (snapshot, checkpoints, output); unset: <data_dir>/training/jobs. Shared with workers on a cluster.",
+    )
+    max_concurrent_jobs: int = Field(
+        default=1, ge=1, le=256, description="Jobs on workers at once; the rest wait."
+    )
+    max_queued_jobs: int = Field(
+        default=32, ge=1, description="Waiting jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED."
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Tries per job; a lost worker resumes from its last checkpoint until then.",
+    )
+    default_cpus: float = Field(
+        default=2.0,
+        gt=0,
+        description="CPUs per worker when a job names none (Ray also sets its torch threads).",
+    )
+    cancel_grace_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a cancelled job may take to stop before its worker is killed.",
+    )
+    poll_seconds: float = Field(
+        default=0.5, gt=0, le=60, description="Longest wait for a worker's events in one poll."
+    )
+    max_dataset_bytes: int = Field(
+        default=1 << 30, ge=1, description="Largest dataset file a job may train on."
+    )
+    mlflow_experiment: str = Field(
+        default="llmops-training", min_length=1, description="MLflow experiment of jobs that name none."
+    )
+    tracking: bool = Field(default=True, description="Log every job to an MLflow run (mlflow_tracking_uri).")
 
 
 class QuantizationSection(ServiceEndpoint):
@@ -274,12 +330,26 @@ class Settings(_Model):
     ray_address: str | None = Field(
         default=None, description="Ray cluster address; unset starts a local one."
     )
+    ray_temp_dir: Path | None = Field(
+        default=None, description="Temp folder of a local Ray runtime; unset: a new folder under /tmp."
+    )
     api_keys_file: Path | None = Field(default=None, description="YAML file of hashed API keys.")
     registry: RegistrySection = _section(RegistrySection, 50051, 9101)
     training: TrainingSection = _section(TrainingSection, 50052, 9102)
     quantization: QuantizationSection = _section(QuantizationSection, 50053, 9103)
     serving: ServingSection = _section(ServingSection, 50054, 9104)
     cache: CacheSection = _section(CacheSection, 50055, 9105)
+
+    def mlflow_locations(self) -> tuple[str, str | None]:
+        """MLflow's tracking URI and artifact root with the ``data_dir`` defaults filled in.
+
+        A local SQLite store keeps files beside it; a tracking server (or a shared database) keeps
+        them where the server's default artifact root says (``None``), never on this pod's disk.
+        """
+        data_dir = self.data_dir.expanduser().absolute()
+        tracking_uri = self.mlflow_tracking_uri or f"sqlite:///{data_dir / 'mlflow.db'}"
+        local_default = (data_dir / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite") else None
+        return tracking_uri, self.mlflow_artifact_root or local_default
 
     def section(self, service: ServiceName) -> ServiceEndpoint:
         """The endpoint section of one service."""

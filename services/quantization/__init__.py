@@ -2,5 +2,5 @@
 
 ``methods`` holds one :class:`~llmops.quantization.methods.base.Quantizer` per method (INT8 dynamic,
 INT8 weight-only, INT4 weight-only with groups, GGUF export), ``evaluate`` measures size, perplexity
-and tokens/s before and after, and ``sinks`` hands a finished result to the registry or a folder.
+and tokens/s before and after, and ``llmops.registry.sinks`` hands a finished result to the registry or a folder.
 """

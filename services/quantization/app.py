@@ -16,8 +16,8 @@ from llmops.proto.quantization.v1 import quantization_service_pb2_grpc as pb_grp
 from llmops.quantization.grpc_app import SERVICE_NAME, QuantizationServicer
 from llmops.quantization.methods import default_quantizers
 from llmops.quantization.service import JobRunner, QuantizationService, ThreadJobRunner
-from llmops.quantization.sinks import LocalDirectorySink, RegistrySink, ResultSink
-from llmops.quantization.sources import LocalModelSource, ModelSource, RegistryModelSource
+from llmops.registry.sinks import LocalDirectorySink, RegistrySink, ResultSink
+from llmops.registry.sources import LocalModelSource, ModelSource, RegistryModelSource
 
 
 class QuantizationApp(ServiceApp):

@@ -21,7 +21,7 @@ from llmops.proto.quantization.v1 import quantization_service_pb2_grpc as pb_grp
 from llmops.quantization import evaluate
 from llmops.quantization.methods import QuantizationSpec
 from llmops.quantization.service import EvalSpec, Job, JobEvent, JobSpec, JobState, QuantizationService
-from llmops.quantization.sources import ModelSource
+from llmops.registry.sources import ModelSource
 
 SERVICE_NAME = "llmops.quantization.v1.QuantizationService"
 METHODS = {

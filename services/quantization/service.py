@@ -26,7 +26,7 @@ from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, 
 from llmops.quantization import evaluate
 from llmops.quantization.methods import QuantizationSpec, Quantizer, resolve
 from llmops.quantization.methods.base import ensure_not_quantized, weight_bytes
-from llmops.quantization.sinks import RegisteredVersion, ResultSink, VersionMetadata
+from llmops.registry.sinks import RegisteredVersion, ResultSink, VersionMetadata
 
 
 class JobState(enum.Enum):

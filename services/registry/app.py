@@ -39,13 +39,10 @@ class RegistryPaths:
     def from_settings(cls, settings: Settings) -> RegistryPaths:
         data_dir = settings.data_dir.expanduser().absolute()
         section = settings.registry
-        tracking_uri = settings.mlflow_tracking_uri or f"sqlite:///{data_dir / 'mlflow.db'}"
-        # A local SQLite store keeps files beside it; a tracking server (or a shared database)
-        # keeps them where the server's default artifact root says, never on this pod's disk.
-        local_default = (data_dir / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite") else None
+        tracking_uri, artifact_root = settings.mlflow_locations()
         return cls(
             tracking_uri=tracking_uri,
-            artifact_root=settings.mlflow_artifact_root or local_default,
+            artifact_root=artifact_root,
             alias_db_url=section.alias_db_url or f"sqlite:///{data_dir / 'registry' / 'aliases.db'}",
             staging_dir=section.staging_dir or data_dir / "registry" / "staging",
             cache_dir=section.cache_dir or data_dir / "registry" / "cache",

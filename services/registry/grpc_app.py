@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
 
-from llmops.common.clients import API_KEY_METADATA
 from llmops.common.errors import InvalidArgument
+from llmops.common.identity import Context, caller_identity
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
 from llmops.proto.registry.v1 import registry_service_pb2_grpc as pb_grpc
@@ -15,29 +13,7 @@ from llmops.registry import convert
 from llmops.registry.domain import DownloadRequest, UploadPart
 from llmops.registry.service import RegistryService
 
-if TYPE_CHECKING:
-    import grpc
-
-    Context = grpc.aio.ServicerContext[Any, Any]
-else:
-    Context = Any
-
 SERVICE_NAME = "llmops.registry.v1.RegistryService"
-
-
-def caller_identity(context: Context) -> str:
-    """Who is calling: the TLS peer identity, else a fingerprint of the API key, else anonymous.
-
-    The key itself is never stored; its fingerprint is stable, so moves by one key group together.
-    """
-    identities = list(context.peer_identities() or ())
-    if identities:
-        return str(identities[0].decode(errors="replace"))
-    for key, value in context.invocation_metadata() or ():
-        if key == API_KEY_METADATA:
-            raw = value if isinstance(value, bytes) else str(value).encode()
-            return "key:" + hashlib.sha256(raw).hexdigest()[:12]
-    return "anonymous"
 
 
 async def _upload_parts(requests: AsyncIterator[pb.RegisterVersionRequest]) -> AsyncIterator[UploadPart]:

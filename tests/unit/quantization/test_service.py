@@ -26,7 +26,7 @@ from llmops.quantization.service import (
     QuantizationService,
     ThreadJobRunner,
 )
-from llmops.quantization.sinks import LocalDirectorySink
+from llmops.registry.sinks import LocalDirectorySink
 
 
 class ManualRunner(JobRunner):

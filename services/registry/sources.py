@@ -1,6 +1,6 @@
 """Where a job's source model comes from: :class:`ModelSource` and a local-folder implementation.
 
-The local layout is the one :class:`~llmops.quantization.sinks.LocalDirectorySink` writes
+The local layout is the one :class:`~llmops.registry.sinks.LocalDirectorySink` writes
 (``<root>/<name>/<version>/``), so a result registered locally can be quantized again (and is then
 refused as already quantized). :class:`RegistryModelSource` resolves through the registry service and
 downloads the version's files through ``RegistryClient`` into a local cache.
@@ -28,6 +28,9 @@ class ResolvedSource:
 class ModelSource(abc.ABC):
     """Resolves a model reference to a local folder in Hugging Face layout."""
 
+    #: Field that bad names are reported under (``spec.base_model`` for training).
+    field = "spec.source"
+
     @abc.abstractmethod
     def resolve(self, name: str, version: int | None = None, alias: str | None = None) -> ResolvedSource:
         """The folder of ``name`` at ``version`` (latest when neither version nor alias is given).
@@ -40,15 +43,16 @@ class ModelSource(abc.ABC):
 class LocalModelSource(ModelSource):
     """Versions as numbered folders under ``root``; aliases are not supported locally."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, field: str = "spec.source") -> None:
         self._root = root
+        self.field = field
 
     def resolve(self, name: str, version: int | None = None, alias: str | None = None) -> ResolvedSource:
         if not name or "/" in name or name.startswith("."):
-            raise InvalidArgument("a model name without '/'", field="spec.source.name")
+            raise InvalidArgument("a model name without '/'", field=f"{self.field}.name")
         if alias:
             raise InvalidArgument(
-                "the local model source has no aliases; give a version", field="spec.source.alias"
+                "the local model source has no aliases; give a version", field=f"{self.field}.alias"
             )
         folder = self._root / name
         versions = (
@@ -71,8 +75,15 @@ class RegistryModelSource(ModelSource):
     """
 
     def __init__(
-        self, address: str, cache_dir: Path, *, timeout: float = 3600.0, api_key: str | None = None
+        self,
+        address: str,
+        cache_dir: Path,
+        *,
+        timeout: float = 3600.0,
+        api_key: str | None = None,
+        field: str = "spec.source",
     ) -> None:
+        self.field = field
         self._address = address
         self._cache_dir = cache_dir
         self._timeout = timeout
@@ -80,7 +91,7 @@ class RegistryModelSource(ModelSource):
 
     def resolve(self, name: str, version: int | None = None, alias: str | None = None) -> ResolvedSource:
         if not name or "/" in name or name.startswith("."):
-            raise InvalidArgument("a model name without '/'", field="spec.source.name")
+            raise InvalidArgument("a model name without '/'", field=f"{self.field}.name")
         return asyncio.run(self._resolve(name, version, alias))
 
     async def _resolve(self, name: str, version: int | None, alias: str | None) -> ResolvedSource:

@@ -1,8 +1,8 @@
-"""Where a finished quantization result goes: :class:`ResultSink` and a local-folder sink.
+"""Where a job's finished model goes: :class:`ResultSink` and a local-folder sink.
 
-The job core only needs ``register(metadata, directory) -> RegisteredVersion``; the registry-backed
-:class:`RegistrySink` (through ``RegistryClient``) implements the same interface, so the core is
-tested without a registry.
+Training and quantization jobs only need ``register(metadata, directory) -> RegisteredVersion``; the
+registry-backed :class:`RegistrySink` (through ``RegistryClient``) implements the same interface, so
+the job cores are tested without a registry.
 """
 
 from __future__ import annotations
@@ -28,10 +28,21 @@ class VersionMetadata:
     tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
     aliases: tuple[str, ...] = ()
-    #: How the weights are stored: "int8", "int4" or "gguf" (the quantizer's artifact format).
+    #: How the weights are stored: "fp32", "bf16", "fp16", "int8", "int4", "gguf" or "adapter".
     format: str = ""
-    #: The quantization job that produced the result; empty when unknown.
+    #: The job that produced the result; empty when unknown.
     job_id: str = ""
+    #: Which service ran ``job_id``: "quantization" or "training".
+    job_kind: str = "quantization"
+    #: For an adapter: the version it applies to (name, version).
+    adapter_base: tuple[str, int] | None = None
+    #: The data it was trained or calibrated on: (path, revision, repo) and the commit read.
+    dataset: tuple[str, str, str] | None = None
+    dataset_commit: str = ""
+    mlflow_run_id: str = ""
+    #: Foundation model it descends from, for people; empty when unknown.
+    base_model: str = ""
+    parameter_count: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +85,18 @@ class LocalDirectorySink(ResultSink):
 
 
 #: The registry's ``ModelFormat`` names of the quantizers' artifact formats.
-_REGISTRY_FORMATS = {"int8": "MODEL_FORMAT_INT8", "int4": "MODEL_FORMAT_INT4", "gguf": "MODEL_FORMAT_GGUF"}
+_REGISTRY_FORMATS = {
+    name: f"MODEL_FORMAT_{name.upper()}"
+    for name in ("fp32", "bf16", "fp16", "int8", "int4", "gguf", "adapter")
+}
+_JOB_KINDS = {"quantization": "JOB_KIND_QUANTIZATION", "training": "JOB_KIND_TRAINING"}
 
 
 class RegistrySink(ResultSink):
     """Uploads the result folder to the registry service as a new version of ``metadata.model_name``.
 
-    The version's lineage names the source version as its parent and the job (kind QUANTIZATION);
-    the measurements go into its metrics. ``register`` is called from a job's worker thread, so
+    The version's lineage names the source version as its parent, the job and its kind, and the data
+    and MLflow run where known; the measurements go into its metrics. ``register`` is called from a job's worker thread, so
     each call runs its own event loop and channel.
     """
 
@@ -96,15 +111,22 @@ class RegistrySink(ResultSink):
     async def _register(self, metadata: VersionMetadata, directory: Path) -> RegisteredVersion:
         from llmops.common.clients import RegistryClient
         from llmops.common.errors import InvalidArgument
-        from llmops.proto.common.v1 import job_pb2, model_pb2
+        from llmops.proto.common.v1 import dataset_pb2, job_pb2, model_pb2
         from llmops.proto.registry.v1 import registry_service_pb2 as pb
         from llmops.registry.client import upload_directory
 
         if metadata.format not in _REGISTRY_FORMATS:
             raise InvalidArgument(f"the registry sink cannot store format {metadata.format!r}")
-        lineage = pb.Lineage(job_id=metadata.job_id)
+        lineage = pb.Lineage(
+            job_id=metadata.job_id,
+            dataset_commit=metadata.dataset_commit,
+            mlflow_run_id=metadata.mlflow_run_id,
+        )
         if metadata.job_id:
-            lineage.job_kind = job_pb2.JOB_KIND_QUANTIZATION
+            lineage.job_kind = job_pb2.JobKind.Value(_JOB_KINDS[metadata.job_kind])
+        if metadata.dataset is not None:
+            path, revision, repo = metadata.dataset
+            lineage.dataset.CopyFrom(dataset_pb2.DatasetRef(path=path, revision=revision, repo=repo))
         if metadata.parent_version is not None:
             lineage.parent.CopyFrom(
                 model_pb2.ModelRef(name=metadata.parent_name, version=metadata.parent_version)
@@ -118,8 +140,13 @@ class RegistrySink(ResultSink):
             tags=dict(metadata.tags),
             description=metadata.description,
             aliases=list(metadata.aliases),
-            request_id=f"quantization-{metadata.job_id}" if metadata.job_id else "",
+            base_model=metadata.base_model,
+            parameter_count=metadata.parameter_count,
+            request_id=f"{metadata.job_kind}-{metadata.job_id}" if metadata.job_id else "",
         )
+        if metadata.adapter_base is not None:
+            base_name, base_version = metadata.adapter_base
+            request.adapter_base.CopyFrom(model_pb2.ModelRef(name=base_name, version=base_version))
         async with RegistryClient.connect(
             self._address, timeout=self._timeout, api_key=self._api_key
         ) as client:

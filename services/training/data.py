@@ -1,0 +1,230 @@
+"""Training data: read a file of the DVC data repository at a revision, and check every row.
+
+A job's dataset is read once, at submission, and validated row by row before any compute is spent:
+the first malformed line is reported by number. The bytes are then kept as the job's snapshot, so
+every attempt of the job (a resume after a lost worker, a service restart) trains on exactly what
+was validated, and lineage records the commit they were read at.
+
+Files in the workspace are read directly; at a revision, ``dvc.api`` reads them (DVC-tracked files
+from the DVC cache or remote, Git-tracked ones from Git).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmops.training.domain import DATA_FORMATS, DataFormat, DatasetRef, Method
+
+FIELD = "spec.dataset"
+#: The fields each format needs; every one must be a non-empty string (``messages`` a list).
+FORMAT_FIELDS: dict[DataFormat, tuple[str, ...]] = {
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "chat": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+METHOD_FORMATS: dict[Method, tuple[DataFormat, ...]] = {
+    "sft": ("text", "prompt_completion", "chat"),
+    "lora": ("text", "prompt_completion", "chat"),
+    "qlora": ("text", "prompt_completion", "chat"),
+    "dpo": ("preference",),
+}
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSnapshot:
+    """A dataset as read: its bytes, the commit they came from, and what the rows are."""
+
+    content: bytes
+    commit: str
+    data_format: DataFormat
+    num_rows: int
+
+
+class DataRepository:
+    """The DVC data repository at ``root`` (a Git work tree with ``.dvc/``, or a plain folder)."""
+
+    def __init__(self, root: Path, *, max_bytes: int = 1 << 30) -> None:
+        self.root = root
+        self._max_bytes = max_bytes
+
+    def read(self, ref: DatasetRef) -> tuple[bytes, str]:
+        """The file's bytes and the commit they were read at (empty when not under Git).
+
+        Raises:
+            InvalidArgument: a path outside the repository, or a revision with an absolute URI.
+            NotFound: no such file or revision.
+        """
+        if not ref.path:
+            raise InvalidArgument("a path is required", field=f"{FIELD}.ref.path")
+        if "://" in ref.path:
+            return self._read_uri(ref), ""
+        relative = Path(ref.path)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise InvalidArgument(
+                "a path relative to the data repository, without '..'", field=f"{FIELD}.ref.path"
+            )
+        if ref.repo or ref.revision:
+            return self._read_at_revision(ref)
+        path = self.root / relative
+        if not path.is_file():
+            raise NotFound(f"dataset {ref.path} does not exist in the data repository")
+        return self._checked(path.read_bytes()), self._head_commit()
+
+    def _read_uri(self, ref: DatasetRef) -> bytes:
+        if ref.revision:
+            raise InvalidArgument("must be empty for an absolute URI", field=f"{FIELD}.ref.revision")
+        parsed = urlparse(ref.path)
+        if parsed.scheme != "file":
+            raise InvalidArgument(
+                f"{parsed.scheme}:// datasets are not supported; use a data repository path or file://",
+                field=f"{FIELD}.ref.path",
+            )
+        path = Path(unquote(parsed.path))
+        if not path.is_file():
+            raise NotFound(f"dataset {ref.path} does not exist")
+        return self._checked(path.read_bytes())
+
+    def _read_at_revision(self, ref: DatasetRef) -> tuple[bytes, str]:
+        import dvc.api
+        from dvc.exceptions import DvcException, PathMissingError
+
+        repo = ref.repo or str(self.root)
+        commit = ref.revision if _COMMIT.match(ref.revision) else ""
+        if not ref.repo:
+            commit = self._resolve_revision(ref.revision or "HEAD")
+        try:
+            data = dvc.api.read(ref.path, repo=repo, rev=commit or ref.revision or None, mode="rb")
+        except (PathMissingError, FileNotFoundError):
+            raise NotFound(
+                f"dataset {ref.path} does not exist at revision {ref.revision or 'HEAD'}"
+            ) from None
+        except DvcException as exc:
+            raise FailedPrecondition(f"cannot read dataset {ref.path}: {str(exc).splitlines()[0]}") from None
+        return self._checked(bytes(data)), commit
+
+    def _resolve_revision(self, revision: str) -> str:
+        if revision.startswith("-"):
+            raise InvalidArgument("not a revision", field=f"{FIELD}.ref.revision")
+        done = self._git("rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
+        if done is None:
+            raise NotFound(f"revision {revision} does not exist in the data repository")
+        return done
+
+    def _head_commit(self) -> str:
+        return self._git("rev-parse", "--verify", "--quiet", "HEAD^{commit}") or ""
+
+    def _git(self, *args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(self.root), *args], capture_output=True, text=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+
+    def _checked(self, data: bytes) -> bytes:
+        if len(data) > self._max_bytes:
+            raise InvalidArgument(
+                f"the dataset is {len(data)} bytes; this server takes at most {self._max_bytes}", field=FIELD
+            )
+        return data
+
+
+def infer_format(record: dict[str, Any]) -> DataFormat:
+    """The format whose fields the first record has (preference before prompt/completion)."""
+    for data_format in ("preference", "prompt_completion", "chat", "text"):
+        if all(key in record for key in FORMAT_FIELDS[data_format]):  # type: ignore[index]
+            return data_format  # type: ignore[return-value]
+    raise InvalidArgument(
+        "line 1: cannot tell the format from its fields; expected one of "
+        + "; ".join(f"{name}: {', '.join(keys)}" for name, keys in FORMAT_FIELDS.items()),
+        field=FIELD,
+    )
+
+
+def validate_rows(content: bytes, data_format: DataFormat | None, method: Method) -> tuple[DataFormat, int]:
+    """Check every JSON line; returns the (inferred) format and the number of rows.
+
+    Raises:
+        InvalidArgument: naming the first bad line, or a format the method cannot train on.
+    """
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = content[: exc.start].count(b"\n") + 1
+        raise InvalidArgument(f"line {line}: not UTF-8", field=FIELD) from None
+    rows = 0
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        if not raw_line.strip():
+            continue
+        try:
+            record = json.loads(raw_line)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"line {number}: not JSON ({exc.msg})", field=FIELD) from None
+        if not isinstance(record, dict):
+            raise InvalidArgument(f"line {number}: expected a JSON object", field=FIELD)
+        if data_format is None:
+            data_format = infer_format(record)
+            if data_format not in METHOD_FORMATS[method]:
+                raise InvalidArgument(
+                    f"{method} trains on {' or '.join(METHOD_FORMATS[method])} data; the rows are {data_format}",
+                    field=FIELD,
+                )
+        problem = _row_problem(record, data_format)
+        if problem:
+            raise InvalidArgument(f"line {number}: {problem}", field=FIELD)
+        rows += 1
+    if rows == 0:
+        raise InvalidArgument("the dataset has no rows", field=FIELD)
+    assert data_format is not None
+    return data_format, rows
+
+
+def check_format(data_format: DataFormat | None, method: Method) -> None:
+    if data_format is not None and data_format not in METHOD_FORMATS[method]:
+        raise InvalidArgument(
+            f"{method} trains on {' or '.join(METHOD_FORMATS[method])} data, not {data_format}",
+            field=f"{FIELD}.format",
+        )
+
+
+def _row_problem(record: dict[str, Any], data_format: DataFormat) -> str:
+    if data_format == "chat":
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "'messages' must be a non-empty list"
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict):
+                return f"messages[{index}] must be an object"
+            if message.get("role") not in CHAT_ROLES:
+                return f"messages[{index}].role must be one of {', '.join(sorted(CHAT_ROLES))}"
+            if not isinstance(message.get("content"), str):
+                return f"messages[{index}].content must be a string"
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            return "no assistant message to learn from"
+        return ""
+    for key in FORMAT_FIELDS[data_format]:
+        value = record.get(key)
+        if not isinstance(value, str):
+            return f"'{key}' must be a string"
+        if not value.strip() and key != "prompt":
+            return f"'{key}' is empty"
+    return ""
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The records of a validated snapshot."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+__all__ = ["DATA_FORMATS", "DataRepository", "DatasetSnapshot", "check_format", "read_rows", "validate_rows"]
