@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +47,24 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_runtime() -> Iterator[Path]:
+    """One local Ray runtime for the whole test session (its temp folder): training's Ray runner
+    and Ray Serve share it instead of each starting their own."""
+    ray = pytest.importorskip("ray")
+    with tempfile.TemporaryDirectory(prefix="llmops-ray-", dir="/tmp") as temp:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=temp,
+            log_to_driver=False,
+            configure_logging=False,
+            object_store_memory=256 * 1024 * 1024,
+            namespace="llmops-tests",
+        )
+        try:
+            yield Path(temp)
+        finally:
+            ray.shutdown()

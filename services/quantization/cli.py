@@ -98,7 +98,9 @@ async def _watch(client: QuantizationClient, job_id: str) -> pb.QuantizationJob:
         console=err,
     ) as bar:
         task = bar.add_task(job_id, total=1.0)
-        async for response in client.stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+        async for response in client.stream(
+            client.stub.WatchJob, pb.WatchJobRequest(job_id=job_id), timeout=None
+        ):
             event = response.event
             kind = event.WhichOneof("payload")
             if kind == "step":

@@ -285,7 +285,6 @@ def event_to_proto(event: JobEvent) -> job_pb2.JobEvent:
             job_pb2.JobCancelled(reason=event.message, cancelled_by=event.cancelled_by, step=event.step)
         )
     else:
-        message.log.CopyFrom(
-            job_pb2.JobLog(level=LEVELS.get(event.level, job_pb2.LOG_LEVEL_INFO), message=event.message)
-        )  # type: ignore[arg-type]
+        level = LEVELS.get(event.level, job_pb2.LOG_LEVEL_INFO)
+        message.log.CopyFrom(job_pb2.JobLog(level=level, message=event.message))  # type: ignore[arg-type]
     return message

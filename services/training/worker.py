@@ -284,9 +284,13 @@ def _split(dataset: Any, plan: WorkerPlan) -> tuple[Any, Any]:
 
 def train(plan: WorkerPlan, emit: Emit, stop: threading.Event) -> dict[str, Any]:
     """Run the job to its end; returns ``output_dir``, ``format``, ``metrics``, ``parameter_count``."""
+    import datasets
+    import transformers
     from datasets import Dataset
     from transformers import AutoTokenizer
 
+    datasets.disable_progress_bars()  # the job's events are its progress display
+    transformers.utils.logging.disable_progress_bar()
     emit({"kind": "step", "phase": "load", "progress": 0.0})
     tokenizer = AutoTokenizer.from_pretrained(plan.base_dir)
     if tokenizer.pad_token is None:

@@ -7,9 +7,7 @@ errors keeping their status code; the replica's health check passes only with a 
 
 from __future__ import annotations
 
-import os
 import socket
-import tempfile
 from pathlib import Path
 
 import grpc
@@ -35,52 +33,48 @@ def _request(model: str, top_p: float = 1.0) -> pb.GenerateRequest:
 
 
 @pytest.mark.slow
-async def test_ray_serve_replica_direct_and_through_the_proxy(tiny_model_path: Path) -> None:
-    ray = pytest.importorskip("ray")
+async def test_ray_serve_replica_direct_and_through_the_proxy(
+    tiny_model_path: Path, ray_runtime: Path
+) -> None:
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     from llmops.serving.serve_app import SERVICER_FUNCTION, deployment
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     proxy_port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="llmops-ray-", dir="/tmp") as temp:
-        ray.init(
-            num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False, configure_logging=False
+    temp = str(ray_runtime)
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": _free_port()},
+            grpc_options=gRPCOptions(port=proxy_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
         )
-        try:
-            serve.start(
-                http_options={"host": "127.0.0.1", "port": _free_port()},
-                grpc_options=gRPCOptions(port=proxy_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
-            )
-            env = {"LLMOPS_HOST": "127.0.0.1", "LLMOPS_SERVING_PORT": "0", "LLMOPS_SERVING_METRICS_PORT": "0",
-                   "LLMOPS_SERVING_HTTP_PORT": "0", "LLMOPS_SERVING_MODEL": str(tiny_model_path),
-                   "LLMOPS_SERVING_SERVED_NAME": "fake", "LLMOPS_DATA_DIR": temp}  # fmt: skip
-            app = deployment(
-                env=env, engine_factory="llmops.serving.engines.fake:fake_engine_factory", num_cpus=0.5
-            )
-            serve.run(app, name="llmops-serving", route_prefix="/llmops-serving")
-            handle = serve.get_deployment_handle("llmops-serving", app_name="llmops-serving")
-            addresses = await handle.addresses.remote()
-            assert addresses["grpc"].startswith("127.0.0.1:") and addresses["http"].startswith(
-                "http://127.0.0.1:"
-            )
-            await handle.check_health.remote()
-            async with grpc.aio.insecure_channel(addresses["grpc"]) as channel:
-                direct = serving_service_pb2_grpc.ServingServiceStub(channel)
-                response = await direct.Generate(_request("fake"), timeout=30)
-                assert len(response.output.completions[0].token_ids) == 3
-            metadata = (("application", "llmops-serving"),)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy_port}") as channel:
-                proxied = serving_service_pb2_grpc.ServingServiceStub(channel)
-                response = await proxied.Generate(_request("fake"), metadata=metadata, timeout=30)
-                assert len(response.output.completions[0].token_ids) == 3
-                listed = await proxied.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30)
-                assert [m.served_name for m in listed.models] == ["fake"]
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await proxied.Generate(_request("fake", top_p=2.0), metadata=metadata, timeout=30)
-                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert "sampling.top_p" in (info.value.details() or "")
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        env = {"LLMOPS_HOST": "127.0.0.1", "LLMOPS_SERVING_PORT": "0", "LLMOPS_SERVING_METRICS_PORT": "0",
+               "LLMOPS_SERVING_HTTP_PORT": "0", "LLMOPS_SERVING_MODEL": str(tiny_model_path),
+               "LLMOPS_SERVING_SERVED_NAME": "fake", "LLMOPS_DATA_DIR": temp}  # fmt: skip
+        app = deployment(
+            env=env, engine_factory="llmops.serving.engines.fake:fake_engine_factory", num_cpus=0.5
+        )
+        serve.run(app, name="llmops-serving", route_prefix="/llmops-serving")
+        handle = serve.get_deployment_handle("llmops-serving", app_name="llmops-serving")
+        addresses = await handle.addresses.remote()
+        assert addresses["grpc"].startswith("127.0.0.1:") and addresses["http"].startswith(
+            "http://127.0.0.1:"
+        )
+        await handle.check_health.remote()
+        async with grpc.aio.insecure_channel(addresses["grpc"]) as channel:
+            direct = serving_service_pb2_grpc.ServingServiceStub(channel)
+            response = await direct.Generate(_request("fake"), timeout=30)
+            assert len(response.output.completions[0].token_ids) == 3
+        metadata = (("application", "llmops-serving"),)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy_port}") as channel:
+            proxied = serving_service_pb2_grpc.ServingServiceStub(channel)
+            response = await proxied.Generate(_request("fake"), metadata=metadata, timeout=30)
+            assert len(response.output.completions[0].token_ids) == 3
+            listed = await proxied.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30)
+            assert [m.served_name for m in listed.models] == ["fake"]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await proxied.Generate(_request("fake", top_p=2.0), metadata=metadata, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "sampling.top_p" in (info.value.details() or "")
+    finally:
+        serve.shutdown()
