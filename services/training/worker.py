@@ -290,7 +290,7 @@ def train(plan: WorkerPlan, emit: Emit, stop: threading.Event) -> dict[str, Any]
     from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()  # the job's events are its progress display
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     emit({"kind": "step", "phase": "load", "progress": 0.0})
     tokenizer = AutoTokenizer.from_pretrained(plan.base_dir)
     if tokenizer.pad_token is None:
