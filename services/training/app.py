@@ -18,6 +18,7 @@ from llmops.registry.sinks import LocalDirectorySink, RegistrySink, ResultSink
 from llmops.registry.sources import LocalModelSource, ModelSource, RegistryModelSource
 from llmops.training.data import DataRepository
 from llmops.training.grpc_app import SERVICE_NAME, TrainingServicer
+from llmops.training.metrics import register_metrics
 from llmops.training.runners import JobRunner
 from llmops.training.service import Limits, TrainingService
 from llmops.training.store import JobStore
@@ -97,4 +98,5 @@ def build_app(
             poll_seconds=section.poll_seconds,
         ),
     )
+    register_metrics(registry, service.list_jobs)
     return TrainingApp(service)

@@ -140,13 +140,13 @@ class DataRepository:
         return data
 
 
-def infer_format(record: dict[str, Any]) -> DataFormat:
-    """The format whose fields the first record has (preference before prompt/completion)."""
+def infer_format(record: dict[str, Any], line: int = 1) -> DataFormat:
+    """The format whose fields the first record (on ``line``) has (preference before prompt/completion)."""
     for data_format in ("preference", "prompt_completion", "chat", "text"):
         if all(key in record for key in FORMAT_FIELDS[data_format]):  # type: ignore[index]
             return data_format  # type: ignore[return-value]
     raise InvalidArgument(
-        "line 1: cannot tell the format from its fields; expected one of "
+        f"line {line}: cannot tell the format from its fields; expected one of "
         + "; ".join(f"{name}: {', '.join(keys)}" for name, keys in FORMAT_FIELDS.items()),
         field=FIELD,
     )
@@ -164,7 +164,9 @@ def validate_rows(content: bytes, data_format: DataFormat | None, method: Method
         line = content[: exc.start].count(b"\n") + 1
         raise InvalidArgument(f"line {line}: not UTF-8", field=FIELD) from None
     rows = 0
-    for number, raw_line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() would also split at U+2028, U+0085..., which JSON
+    # allows raw inside strings, and would number lines unlike the file.
+    for number, raw_line in enumerate(text.split("\n"), start=1):
         if not raw_line.strip():
             continue
         try:
@@ -174,7 +176,7 @@ def validate_rows(content: bytes, data_format: DataFormat | None, method: Method
         if not isinstance(record, dict):
             raise InvalidArgument(f"line {number}: expected a JSON object", field=FIELD)
         if data_format is None:
-            data_format = infer_format(record)
+            data_format = infer_format(record, number)
             if data_format not in METHOD_FORMATS[method]:
                 raise InvalidArgument(
                     f"{method} trains on {' or '.join(METHOD_FORMATS[method])} data; the rows are {data_format}",
@@ -224,7 +226,8 @@ def _row_problem(record: dict[str, Any], data_format: DataFormat) -> str:
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The records of a validated snapshot."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_bytes().decode("utf-8")
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
 __all__ = ["DATA_FORMATS", "DataRepository", "DatasetSnapshot", "check_format", "read_rows", "validate_rows"]

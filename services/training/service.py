@@ -268,11 +268,11 @@ class TrainingService:
         except Exception as error:  # a bug or a dead dependency: the job fails, the server stays up
             log.exception("training job %s failed in its supervisor", job_id)
             message = error.message if isinstance(error, LLMOpsError) else f"{type(error).__name__}: {error}"
+            self._end_run(job, "FAILED")
             with self._changed:
                 if not job.state.terminal:
                     job.error_message = message.splitlines()[0][:500] if message else type(error).__name__
                     self._finish(job, JobState.FAILED, "failed", message=job.error_message)
-            self._end_run(job, "FAILED")
         finally:
             with self._changed:
                 self._active.pop(job_id, None)
@@ -428,13 +428,15 @@ class TrainingService:
     # conclusion ----------------------------------------------------------------------------------
 
     def _conclude(self, job: Job, outcome: Outcome) -> None:
+        """Record how the job ended; its MLflow run is closed before watchers see the terminal event."""
         if outcome.kind == "succeeded":
             assert outcome.result is not None
             self._succeed(job, outcome.result)
             return
-        status = "KILLED" if outcome.kind == "cancelled" else "FAILED"
+        cancelled = outcome.kind == "cancelled"
+        self._end_run(job, "KILLED" if cancelled else "FAILED")
         with self._changed:
-            if outcome.kind == "cancelled":
+            if cancelled:
                 self._finish(
                     job,
                     JobState.CANCELLED,
@@ -445,7 +447,7 @@ class TrainingService:
             else:
                 job.error_message = outcome.reason or "the worker failed"
                 self._finish(job, JobState.FAILED, "failed", message=job.error_message, step=job.current_step)
-        self._end_run(job, status)
+        self._store.remove_scratch(job.id, keep_output=False)
 
     def _succeed(self, job: Job, result: dict[str, Any]) -> None:
         spec, plan = job.spec, job.plan
@@ -456,8 +458,20 @@ class TrainingService:
             job.progress = max(job.progress, _PHASE_PROGRESS["register"])
             self._emit(job, "step", phase="register", step=job.current_step, total_steps=job.total_steps)
         if job.mlflow_run_id:
-            self._tracker.log_metrics(job.mlflow_run_id, int(result.get("step", job.current_step)), metrics)
-            self._tracker.log_artifacts(job.mlflow_run_id, output_dir, "model")
+            try:
+                self._tracker.log_metrics(
+                    job.mlflow_run_id, int(result.get("step", job.current_step)), metrics
+                )
+                self._tracker.log_artifacts(job.mlflow_run_id, output_dir, "model")
+            except Exception as error:  # the model is still registered; the gap is reported
+                log.warning("MLflow logging of job %s's result failed: %s", job.id, error)
+                with self._changed:
+                    self._emit(
+                        job,
+                        "log",
+                        level="warning",
+                        message=f"MLflow did not take the result's files: {error}",
+                    )
         registered = None
         if spec.register:
             assert spec.base_version is not None
@@ -482,19 +496,17 @@ class TrainingService:
             )
             found = self._sink.register(metadata, output_dir)
             registered = RegisteredResult(found.name, found.version, found.uri)
+        self._end_run(job, "FINISHED")
+        output_uri = registered.uri if registered else output_dir.resolve().as_uri()
+        self._store.remove_scratch(job.id, keep_output=registered is None)
         with self._changed:
-            job.result = registered
-            job.output_uri = registered.uri if registered else output_dir.resolve().as_uri()
+            job.result, job.output_uri = registered, output_uri
             job.latest_metrics.update(metrics)
             self._finish(
-                job, JobState.SUCCEEDED, "finished", metrics=metrics, result=registered, uri=job.output_uri
+                job, JobState.SUCCEEDED, "finished", metrics=metrics, result=registered, uri=output_uri
             )
-        self._store.remove_scratch(job.id, keep_output=registered is None)
-        self._end_run(job, "FINISHED")
 
     def _end_run(self, job: Job, status: str) -> None:
-        if job.state is JobState.CANCELLED:
-            self._store.remove_scratch(job.id, keep_output=False)
         if not job.mlflow_run_id:
             return
         try:

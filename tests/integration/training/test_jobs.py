@@ -175,3 +175,25 @@ async def test_an_alias_base_is_resolved_and_merge_registers_full_weights(stack:
     assert found[-1].state == job_pb2.JOB_STATE_SUCCEEDED, found[-1]
     version = await _version(stack, "tiny-merged", found[-1].finished.result.version)
     assert version.format == model_pb2.MODEL_FORMAT_FP32
+
+
+async def test_metrics_endpoint_counts_jobs_by_state_and_result(stack: Stack) -> None:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = stack.training.server.metrics_http_port
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    listed = await stack.client.unary(stack.client.stub.ListJobs, pb.ListJobsRequest(page_size=1000))
+    succeeded = [j for j in listed.jobs if j.state == job_pb2.JOB_STATE_SUCCEEDED]
+    assert succeeded  # the tests above ran jobs on this stack
+    assert samples[("llmops_training_jobs", (("state", "succeeded"),))] == len(succeeded)
+    lora = sum(1 for j in succeeded if j.spec.method == pb.TRAINING_METHOD_LORA)
+    key = ("llmops_training_jobs_finished_total", (("method", "lora"), ("result", "succeeded")))
+    assert samples[key] == lora
+    assert ("llmops_training_tokens_per_second", (("method", "sft"),)) in samples
