@@ -12,6 +12,7 @@ from the DVC cache or remote, Git-tracked ones from Git).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import subprocess
@@ -78,7 +79,8 @@ class DataRepository:
         path = self.root / relative
         if not path.is_file():
             raise NotFound(f"dataset {ref.path} does not exist in the data repository")
-        return self._checked(path.read_bytes()), self._head_commit()
+        content = self._checked(path.read_bytes())
+        return content, self._workspace_commit(relative, content)
 
     def _read_uri(self, ref: DatasetRef) -> bytes:
         if ref.revision:
@@ -120,8 +122,38 @@ class DataRepository:
             raise NotFound(f"revision {revision} does not exist in the data repository")
         return done
 
-    def _head_commit(self) -> str:
-        return self._git("rev-parse", "--verify", "--quiet", "HEAD^{commit}") or ""
+    def _workspace_commit(self, relative: Path, content: bytes) -> str:
+        """HEAD's commit when the workspace file is what HEAD holds; empty when it is not (or unknown).
+
+        A DVC-tracked file matches when its ``.dvc`` file is unchanged since HEAD and records the
+        content's md5; a Git-tracked one when ``git diff`` against HEAD is empty.
+        """
+        head = self._git("rev-parse", "--verify", "--quiet", "HEAD^{commit}")
+        if head is None:
+            return ""
+        pointer = relative.with_name(relative.name + ".dvc")
+        if (self.root / pointer).is_file():
+            import yaml
+
+            try:
+                outs = yaml.safe_load((self.root / pointer).read_text())["outs"]
+                recorded = next(o["md5"] for o in outs if o.get("path") == relative.name)
+            except (OSError, ValueError, KeyError, TypeError, StopIteration, yaml.YAMLError):
+                return ""
+            unchanged = self._git_ok("diff", "--quiet", "HEAD", "--", pointer.as_posix())
+            return head if unchanged and recorded == hashlib.md5(content).hexdigest() else ""
+        tracked = self._git_ok("ls-files", "--error-unmatch", "--", relative.as_posix())
+        clean = tracked and self._git_ok("diff", "--quiet", "HEAD", "--", relative.as_posix())
+        return head if clean else ""
+
+    def _git_ok(self, *args: str) -> bool:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(self.root), *args], capture_output=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
 
     def _git(self, *args: str) -> str | None:
         try:

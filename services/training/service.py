@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, LLMOpsError, NotFound, ResourceExhausted
-from llmops.registry.sinks import ResultSink, VersionMetadata
+from llmops.registry.sinks import ResultSink
 from llmops.registry.sources import ModelSource
 from llmops.training import data, validation
 from llmops.training.checkpoints import latest_checkpoint
 from llmops.training.domain import Job, JobEvent, JobState, RegisteredResult, TrainingSpec
+from llmops.training.results import output_name, version_metadata
 from llmops.training.runners import Attempt, JobRunner, Outcome
 from llmops.training.store import JobStore
 from llmops.training.tracking import Tracker, file_digest, metrics_of
@@ -181,7 +182,7 @@ class TrainingService:
                 j
                 for j in self._jobs.values()
                 if (not states or j.state in states)
-                and (not output_model_name or self._output_name(j) == output_model_name)
+                and (not output_model_name or output_name(j) == output_model_name)
             ]
             return [self._copy(j) for j in sorted(jobs, key=lambda j: (j.created_at, j.id), reverse=True)]
 
@@ -304,8 +305,10 @@ class TrainingService:
             outcome = self._follow(job, attempt)
             if outcome is None:  # the service is stopping; the job resumes on the next start
                 return None
-            if outcome.kind != "lost" or job.cancel_requested:
+            if outcome.kind != "lost":
                 return outcome
+            if job.cancel_requested:  # lost while stopping on request: it is cancelled, not failed
+                return Outcome("cancelled")
             if job.attempt >= self._limits.max_attempts:
                 return Outcome("failed", reason=f"{outcome.reason} (after {job.attempt} attempts)")
             with self._changed:
@@ -459,41 +462,17 @@ class TrainingService:
             self._emit(job, "step", phase="register", step=job.current_step, total_steps=job.total_steps)
         if job.mlflow_run_id:
             try:
-                self._tracker.log_metrics(
-                    job.mlflow_run_id, int(result.get("step", job.current_step)), metrics
-                )
+                step = int(result.get("step", job.current_step))
+                self._tracker.log_metrics(job.mlflow_run_id, step, metrics)
                 self._tracker.log_artifacts(job.mlflow_run_id, output_dir, "model")
             except Exception as error:  # the model is still registered; the gap is reported
                 log.warning("MLflow logging of job %s's result failed: %s", job.id, error)
                 with self._changed:
-                    self._emit(
-                        job,
-                        "log",
-                        level="warning",
-                        message=f"MLflow did not take the result's files: {error}",
-                    )
+                    self._emit(job, "log", level="warning", message=f"MLflow did not take the files: {error}")
         registered = None
         if spec.register:
             assert spec.base_version is not None
-            adapter = result["format"] == "adapter"
-            metadata = VersionMetadata(
-                model_name=self._output_name(job),
-                parent_name=spec.base_name,
-                parent_version=spec.base_version,
-                description=spec.description
-                or f"{spec.base_name}:{spec.base_version} fine-tuned with {spec.method.upper()} on {spec.dataset.path}",
-                tags={**spec.tags, "training_method": spec.method},
-                metrics=metrics,
-                aliases=spec.aliases,
-                format=result["format"],
-                job_id=job.id,
-                job_kind="training",
-                adapter_base=(spec.base_name, spec.base_version) if adapter else None,
-                dataset=(spec.dataset.path, spec.dataset.revision, spec.dataset.repo),
-                dataset_commit=job.dataset_commit,
-                mlflow_run_id=job.mlflow_run_id,
-                parameter_count=int(result.get("parameter_count", 0)),
-            )
+            metadata = version_metadata(job, result, metrics)
             found = self._sink.register(metadata, output_dir)
             registered = RegisteredResult(found.name, found.version, found.uri)
         self._end_run(job, "FINISHED")
@@ -515,10 +494,6 @@ class TrainingService:
             log.warning("MLflow could not close the run of job %s: %s", job.id, error)
 
     # helpers -------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _output_name(job: Job) -> str:
-        return job.spec.output_model_name or f"{job.spec.base_name}-{job.spec.method}"
 
     def _finish(self, job: Job, state: JobState, kind: str, **fields: Any) -> None:
         """Terminal transition (caller holds the lock)."""

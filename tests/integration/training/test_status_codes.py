@@ -58,7 +58,12 @@ SUBMIT_CASES: list[tuple[str, pb.TrainingJobSpec, grpc.StatusCode, str]] = [
     ("dpo beta on lora", spec(dpo_beta=0.5), INVALID, "dpo_beta"),
     ("lora rank", _with(_lora_r), INVALID, "spec.lora.r"),
     ("two workers", _with(lambda m: setattr(m, "num_workers", 2)), INVALID, "num_workers"),
-    ("bad output name", _with(lambda m: setattr(m, "output_model_name", "Bad Name")), INVALID, "output_model_name"),
+    (
+        "bad output name",
+        _with(lambda m: setattr(m, "output_model_name", "Bad Name")),
+        INVALID,
+        "output_model_name",
+    ),
     ("bad alias", _with(lambda m: m.aliases.append("no spaces")), INVALID, "spec.aliases"),
     ("qlora on a CPU", spec(method=pb.TRAINING_METHOD_QLORA), PRECONDITION, "CUDA"),
     ("fp16 on a CPU", spec(precision=compute_pb2.PRECISION_FP16), PRECONDITION, "FP16"),
@@ -71,7 +76,9 @@ async def _count(stack: Stack) -> int:
     return len(listed.jobs)
 
 
-@pytest.mark.parametrize(("case", "job_spec", "code", "words"), SUBMIT_CASES, ids=[c[0] for c in SUBMIT_CASES])
+@pytest.mark.parametrize(
+    ("case", "job_spec", "code", "words"), SUBMIT_CASES, ids=[c[0] for c in SUBMIT_CASES]
+)
 async def test_submit_refuses_bad_specs_before_any_compute(
     stack: Stack, case: str, job_spec: pb.TrainingJobSpec, code: grpc.StatusCode, words: str
 ) -> None:

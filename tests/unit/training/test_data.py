@@ -268,8 +268,14 @@ def test_a_revision_of_a_git_repository_is_read_at_its_commit(tmp_path: Path) ->
     assert repository.read(DatasetRef("data/sft.jsonl")) == (_jsonl(PC, PC), head)
     with pytest.raises(NotFound, match="revision nope"):
         repository.read(DatasetRef("data/sft.jsonl", revision="nope"))
-    with pytest.raises(NotFound, match="data/other.jsonl"):
+    with pytest.raises(NotFound, match=r"data/other\.jsonl"):
         repository.read(DatasetRef("data/other.jsonl", revision=first))
     with pytest.raises(InvalidArgument) as caught:
         repository.read(DatasetRef("data/sft.jsonl", revision="--all"))
     assert caught.value.field == "spec.dataset.ref.revision"
+    # Lineage never names a commit that does not hold the bytes read: an edited or untracked
+    # workspace file has no commit.
+    (root / "data" / "sft.jsonl").write_bytes(_jsonl(PC))
+    assert repository.read(DatasetRef("data/sft.jsonl")) == (_jsonl(PC), "")
+    (root / "data" / "new.jsonl").write_bytes(_jsonl(PC))
+    assert repository.read(DatasetRef("data/new.jsonl")) == (_jsonl(PC), "")

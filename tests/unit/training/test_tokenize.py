@@ -116,7 +116,9 @@ def test_chat_trains_on_assistant_content_and_its_end_marker_only(tokenizer: Any
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(CHAT, tokenize=False)
     targets = [tokenizer.decode(span) for span in _spans(ids, mask)]
     # each assistant turn, its end marker, and nothing but the template's line break after it
-    assert [t.removesuffix("\n") for t in targets] == [f"{m['content']}{END}" for m in CHAT if m["role"] == "assistant"]
+    assert [t.removesuffix("\n") for t in targets] == [
+        f"{m['content']}{END}" for m in CHAT if m["role"] == "assistant"
+    ]
     context = "".join(tokenizer.decode(span) for span in _spans(ids, mask, value=0))
     for message in CHAT:
         if message["role"] != "assistant":

@@ -164,7 +164,9 @@ def _plan(spec: TrainingSpec, tmp_path: Path, context_length: int = 2048, **kwar
 
 def test_lora_defaults_resolve_as_documented(tmp_path: Path) -> None:
     plan = _plan(_spec("lora"), tmp_path)
-    assert plan.lora == LoraPlan(r=8, alpha=16, dropout=0.05, target_modules=("all-linear",), merge_adapter=False)
+    assert plan.lora == LoraPlan(
+        r=8, alpha=16, dropout=0.05, target_modules=("all-linear",), merge_adapter=False
+    )
     assert plan.registers_adapter
     expected = {
         "job_id": "tj-1",
@@ -304,9 +306,9 @@ def test_a_quantized_model_is_not_a_base(tmp_path: Path) -> None:
 
 
 def test_a_folder_without_a_readable_config_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(FailedPrecondition, match="config.json"):
+    with pytest.raises(FailedPrecondition, match=r"config\.json"):
         check_base_model(_base(tmp_path), "text")
-    with pytest.raises(FailedPrecondition, match="config.json"):
+    with pytest.raises(FailedPrecondition, match=r"config\.json"):
         check_base_model(_base(tmp_path, None, config__json="{not json"), "text")
 
 
