@@ -63,6 +63,7 @@ def ray_runtime() -> Iterator[Path]:
             configure_logging=False,
             object_store_memory=256 * 1024 * 1024,
             namespace="llmops-tests",
+            _system_config={"worker_niceness": 0},  # as the training runner starts its own runtime
         )
         try:
             yield Path(temp)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -133,6 +134,7 @@ class RayRunner(JobRunner):
         self._default_cpus = default_cpus
         self._body = body
         self._owns_runtime = False
+        self._own_temp: str | None = None
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             options: dict[str, Any] = {
@@ -143,10 +145,15 @@ class RayRunner(JobRunner):
             if address:
                 options["address"] = address
             else:
+                if temp_dir is None:
+                    temp_dir = self._own_temp = tempfile.mkdtemp(prefix="llmops-ray-")
                 options.update(
                     include_dashboard=False,
-                    _temp_dir=temp_dir or tempfile.mkdtemp(prefix="llmops-ray-"),
+                    _temp_dir=temp_dir,
                     object_store_memory=256 * 1024 * 1024,
+                    # Ray starts workers at nice 15 by default; here they are the job, not a
+                    # background chore, and would lose every core to the rest of the host.
+                    _system_config={"worker_niceness": 0},
                 )
             try:
                 ray.init(**options)
@@ -176,3 +183,5 @@ class RayRunner(JobRunner):
     def shutdown(self) -> None:
         if self._owns_runtime and self._ray.is_initialized():
             self._ray.shutdown()
+        if self._own_temp is not None:
+            shutil.rmtree(self._own_temp, ignore_errors=True)
