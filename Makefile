@@ -101,6 +101,10 @@ bench: setup ## Benchmarks: print ratios against baselines measured in the same 
 bench-serving: setup ## Serving: engine vs our gRPC vs OpenAI HTTP at concurrency 1/8/32, vLLM vs transformers
 	$(PY) benchmarks/serving/run.py
 
+.PHONY: bench-training
+bench-training: setup ## Training: LoRA tokens/s through a job vs the same loop in-process, submit-to-first-step
+	$(PY) benchmarks/training/run.py
+
 .PHONY: bench-serving-ray
 bench-serving-ray: setup ## What Ray Serve's gRPC proxy adds per call vs a replica's own gRPC server
 	$(PY) benchmarks/serving/ray_overhead.py

@@ -55,3 +55,19 @@ def run_with_client(
     except LLMOpsError as exc:
         err.print(f"[red]error:[/red] {exc.code.name}: {escape(exc.message)}", highlight=False)
         raise typer.Exit(1) from None
+
+
+def job_state_name(value: int) -> str:
+    """``JOB_STATE_RUNNING`` -> ``running``."""
+    from llmops.proto.common.v1 import job_pb2
+
+    return job_pb2.JobState.Name(value).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
+
+
+def print_json(console: Console, message: Any) -> None:
+    """A proto message as JSON with the proto's field names."""
+    import json
+
+    from google.protobuf import json_format
+
+    console.print_json(json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True)))

@@ -5,17 +5,15 @@ Sources read ``name`` (latest version) or ``name:3``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
-from google.protobuf import json_format
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from llmops.common.cli_support import resolve_address, run_with_client
+from llmops.common.cli_support import job_state_name, print_json, resolve_address, run_with_client
 from llmops.common.clients import QuantizationClient
 from llmops.proto.common.v1 import dataset_pb2, job_pb2, model_pb2
 from llmops.proto.quantization.v1 import quantization_service_pb2 as pb
@@ -50,11 +48,11 @@ def _run(address: str | None, work: Callable[[QuantizationClient], Awaitable[T]]
 
 
 def _state(value: int) -> str:
-    return job_pb2.JobState.Name(value).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
+    return job_state_name(value)
 
 
 def _print_json(message: Any) -> None:
-    out.print_json(json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True)))
+    print_json(out, message)
 
 
 def _job_table(jobs: list[pb.QuantizationJob]) -> Table:

@@ -12,15 +12,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import timestamp_pb2
-
 from llmops.common.errors import InvalidArgument
+from llmops.common.jobs import JOB_STATES, JobState, timestamp
 from llmops.proto.common.v1 import compute_pb2, job_pb2, model_pb2
 from llmops.proto.quantization.v1 import quantization_service_pb2 as pb
 from llmops.proto.quantization.v1 import quantization_service_pb2_grpc as pb_grpc
 from llmops.quantization import evaluate
 from llmops.quantization.methods import QuantizationSpec
-from llmops.quantization.service import EvalSpec, Job, JobEvent, JobSpec, JobState, QuantizationService
+from llmops.quantization.service import EvalSpec, Job, JobEvent, JobSpec, QuantizationService
 from llmops.registry.sources import ModelSource
 
 SERVICE_NAME = "llmops.quantization.v1.QuantizationService"
@@ -37,13 +36,7 @@ DEVICES = {
     compute_pb2.DEVICE_CPU: "cpu",
     compute_pb2.DEVICE_CUDA: "cuda",
 }
-STATES = {
-    JobState.QUEUED: job_pb2.JOB_STATE_QUEUED,
-    JobState.RUNNING: job_pb2.JOB_STATE_RUNNING,
-    JobState.SUCCEEDED: job_pb2.JOB_STATE_SUCCEEDED,
-    JobState.FAILED: job_pb2.JOB_STATE_FAILED,
-    JobState.CANCELLED: job_pb2.JOB_STATE_CANCELLED,
-}
+STATES = JOB_STATES
 FORMATS = {
     "int8": model_pb2.MODEL_FORMAT_INT8,
     "int4": model_pb2.MODEL_FORMAT_INT4,
@@ -51,14 +44,6 @@ FORMATS = {
 }
 #: How long one WatchJob wait lasts before the stream checks whether the client went away.
 _WATCH_POLL_SECONDS = 1.0
-
-
-def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 class QuantizationServicer(pb_grpc.QuantizationServiceServicer):  # type: ignore[misc]
@@ -163,9 +148,9 @@ class QuantizationServicer(pb_grpc.QuantizationServiceServicer):  # type: ignore
             id=job.id,
             spec=self._submitted.get(job.id),
             state=STATES[job.state],
-            created_at=_timestamp(job.created_at),
-            started_at=_timestamp(job.started_at),
-            finished_at=_timestamp(job.finished_at),
+            created_at=timestamp(job.created_at),
+            started_at=timestamp(job.started_at),
+            finished_at=timestamp(job.finished_at),
             progress=job.progress,
             phase=job.phase if job.state is not JobState.QUEUED else "",
             error_message=job.error_message,
@@ -198,7 +183,7 @@ class QuantizationServicer(pb_grpc.QuantizationServiceServicer):  # type: ignore
 
 def _event(event: JobEvent) -> job_pb2.JobEvent:
     message = job_pb2.JobEvent(
-        job_id=event.job_id, sequence=event.sequence, time=_timestamp(event.time), state=STATES[event.state]
+        job_id=event.job_id, sequence=event.sequence, time=timestamp(event.time), state=STATES[event.state]
     )
     if event.kind == "queued":
         message.queued.SetInParent()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import enum
 import functools
 import itertools
 import shutil
@@ -23,22 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from llmops.common.jobs import JobState
 from llmops.quantization import evaluate
 from llmops.quantization.methods import QuantizationSpec, Quantizer, resolve
 from llmops.quantization.methods.base import ensure_not_quantized, weight_bytes
 from llmops.registry.sinks import RegisteredVersion, ResultSink, VersionMetadata
-
-
-class JobState(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
 @dataclasses.dataclass(frozen=True)

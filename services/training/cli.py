@@ -7,18 +7,16 @@ paths in the data repository (``data/prepared/sft.jsonl``, at ``--revision``) or
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
-from google.protobuf import json_format
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from llmops.common.cli_support import run_with_client
+from llmops.common.cli_support import job_state_name, print_json, run_with_client
 from llmops.common.clients import TrainingClient
 from llmops.proto.common.v1 import compute_pb2, dataset_pb2, job_pb2, model_pb2
 from llmops.proto.training.v1 import training_service_pb2 as pb
@@ -58,11 +56,11 @@ def _run(address: str | None, work: Callable[[TrainingClient], Awaitable[T]]) ->
 
 
 def _state(value: int) -> str:
-    return job_pb2.JobState.Name(value).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
+    return job_state_name(value)
 
 
 def _print_json(message: Any) -> None:
-    out.print_json(json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True)))
+    print_json(out, message)
 
 
 def _choice(value: str, table: dict[str, Any], option: str) -> Any:

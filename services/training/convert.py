@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
-
 from llmops.common.errors import InvalidArgument
+from llmops.common.jobs import JOB_STATES, timestamp
 from llmops.proto.common.v1 import compute_pb2, dataset_pb2, job_pb2, model_pb2
 from llmops.proto.training.v1 import training_service_pb2 as pb
 from llmops.training.domain import (
@@ -12,7 +11,6 @@ from llmops.training.domain import (
     Hyperparameters,
     Job,
     JobEvent,
-    JobState,
     LoraSpec,
     Resources,
     TrainingSpec,
@@ -41,13 +39,7 @@ PRECISIONS = {
     compute_pb2.PRECISION_BF16: "bf16",
     compute_pb2.PRECISION_FP16: "fp16",
 }
-STATES = {
-    JobState.QUEUED: job_pb2.JOB_STATE_QUEUED,
-    JobState.RUNNING: job_pb2.JOB_STATE_RUNNING,
-    JobState.SUCCEEDED: job_pb2.JOB_STATE_SUCCEEDED,
-    JobState.FAILED: job_pb2.JOB_STATE_FAILED,
-    JobState.CANCELLED: job_pb2.JOB_STATE_CANCELLED,
-}
+STATES = JOB_STATES
 LEVELS = {
     "debug": job_pb2.LOG_LEVEL_DEBUG,
     "info": job_pb2.LOG_LEVEL_INFO,
@@ -58,14 +50,6 @@ LEVELS = {
 
 def _reverse(table: dict[int, str]) -> dict[str, int]:
     return {name: value for value, name in table.items() if value}
-
-
-def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def spec_from_proto(spec: pb.TrainingJobSpec) -> TrainingSpec:

@@ -9,9 +9,10 @@ worker trains from. Everything here is plain data (JSON-serializable through ``t
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Mapping
 from typing import Any, Literal
+
+from llmops.common.jobs import JobState as JobState  # re-exported: part of the domain's vocabulary
 
 Method = Literal["sft", "lora", "qlora", "dpo"]
 DataFormat = Literal["text", "prompt_completion", "chat", "preference"]
@@ -23,18 +24,6 @@ EventKind = Literal[
 
 METHODS: tuple[Method, ...] = ("sft", "lora", "qlora", "dpo")
 DATA_FORMATS: tuple[DataFormat, ...] = ("text", "prompt_completion", "chat", "preference")
-
-
-class JobState(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
 @dataclasses.dataclass(frozen=True)
