@@ -649,3 +649,42 @@ def test_notes_say_what_was_installed_and_how_to_check_it(
     assert f"helm test {RELEASE}" in notes
     for service in rendered.of_kind("RayService"):
         assert f"{service['metadata']['name']}-serve-svc" in notes
+
+
+@pytest.mark.parametrize("name", list(VALUES_SETS))
+def test_training_pods_and_the_ray_cluster_share_the_job_volume(
+    renders: dict[str, Rendered], name: str
+) -> None:
+    """A job the service writes (dataset snapshot, base cache) is what its Ray worker reads, and the
+    checkpoints a lost worker leaves are where the next one looks: one ReadWriteMany claim, mounted
+    at the training work folder in every training pod and every RayCluster pod, never in serving's."""
+    rendered, values = renders[name], load_values(name)
+    storage = values["training"]["sharedStorage"]
+    if not (values["training"]["enabled"] and storage["enabled"]):
+        assert not any(_mounts_jobs(pod) for pod in rendered.pod_templates())
+        return
+    claim = storage["existingClaim"] or f"{RELEASE}-llmops-training-jobs"
+    if not storage["existingClaim"]:
+        pvc = rendered.get("PersistentVolumeClaim", claim)
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    sharing = [
+        pod
+        for pod in rendered.pod_templates()
+        if _component(pod) == "training" or (pod.owner_kind == "RayCluster")
+    ]
+    assert any(_component(pod) == "training" for pod in sharing)
+    for pod in sharing:
+        assert _mounts_jobs(pod) == claim, pod.where
+    for pod in rendered.pod_templates():
+        if pod.owner_kind == "RayService" or _component(pod) == "serving":
+            assert not _mounts_jobs(pod), pod.where
+
+
+def _mounts_jobs(pod: PodTemplate) -> str:
+    """The claim mounted at /var/lib/llmops/training in the pod's main container, else ''."""
+    volumes = {v["name"]: v for v in pod.spec.get("volumes") or []}
+    for mount in pod.spec["containers"][0].get("volumeMounts") or []:
+        if mount["mountPath"] == "/var/lib/llmops/training":
+            claim: str = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+            return claim
+    return ""

@@ -333,7 +333,13 @@ spec:
           mountPath: /tmp
         - name: dshm
           mountPath: /dev/shm
+        {{- if and (include "llmops.trainingClaim" $root) (eq .envFromComponent "training") }}
+        {{- include "llmops.trainingMount" $root | nindent 8 }}
+        {{- end }}
   volumes:
+    {{- if and (include "llmops.trainingClaim" $root) (eq .envFromComponent "training") }}
+    {{- include "llmops.trainingVolume" $root | nindent 4 }}
+    {{- end }}
     - name: tmp
       emptyDir:
         sizeLimit: 20Gi
@@ -375,4 +381,24 @@ securityContext:
 {{- $_ := set $resources "requests" $requests }}
 {{- $_ := set $resources "limits" $limits }}
 {{- toYaml $resources }}
+{{- end }}
+
+{{/* The training jobs' shared claim, when there is one: its name. */}}
+{{- define "llmops.trainingClaim" -}}
+{{- $storage := .Values.training.sharedStorage -}}
+{{- if and .Values.training.enabled $storage.enabled -}}
+{{- default (include "llmops.componentName" (dict "root" . "component" "training-jobs")) $storage.existingClaim -}}
+{{- end -}}
+{{- end }}
+
+{{/* Where the training jobs' shared claim is mounted, in the training pods and the Ray pods alike. */}}
+{{- define "llmops.trainingMount" -}}
+- name: training-jobs
+  mountPath: /var/lib/llmops/training
+{{- end }}
+
+{{- define "llmops.trainingVolume" -}}
+- name: training-jobs
+  persistentVolumeClaim:
+    claimName: {{ include "llmops.trainingClaim" . }}
 {{- end }}
