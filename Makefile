@@ -52,16 +52,16 @@ proto-check: $(STAMP) ## Fail when services/proto/ drifts from protos/
 
 .PHONY: lint
 lint: $(STAMP) ## ruff and mypy on services/
-	$(VENV)/bin/ruff check services tests scripts benchmarks
-	$(VENV)/bin/ruff format --check services tests scripts benchmarks
+	$(VENV)/bin/ruff check services pipelines tests scripts benchmarks
+	$(VENV)/bin/ruff format --check services pipelines tests scripts benchmarks
 	@# mypy resolves `llmops` through a link, since the package's folder is named services/
 	@mkdir -p build/mypy && ln -sfn ../../services build/mypy/llmops
 	MYPYPATH=build/mypy $(VENV)/bin/mypy -p llmops
 
 .PHONY: fmt
 fmt: $(STAMP) ## Format and auto-fix with ruff
-	$(VENV)/bin/ruff format services tests scripts benchmarks
-	$(VENV)/bin/ruff check --fix services tests scripts benchmarks
+	$(VENV)/bin/ruff format services pipelines tests scripts benchmarks
+	$(VENV)/bin/ruff check --fix services pipelines tests scripts benchmarks
 
 ##@ Tests
 
