@@ -304,6 +304,43 @@ async def _one(request: pb.RegisterVersionRequest) -> AsyncIterator[pb.RegisterV
     yield request
 
 
+@models_app.command("import")
+def import_command(
+    source: Annotated[Path, typer.Argument(help="Hugging Face model folder, or a .gguf file")],
+    name: Annotated[str | None, typer.Option(help="Model name; default from the file or folder name")] = None,
+    alias: Annotated[list[str] | None, typer.Option(help="Alias to point at it (repeatable)")] = None,
+    description: Annotated[str, typer.Option(help="Free text")] = "",
+    base_model: Annotated[str, typer.Option(help="Foundation model, e.g. HuggingFaceTB/SmolLM2-135M")] = "",
+    dtype: Annotated[str | None, typer.Option(help="GGUF only: fp32 (default) or bf16")] = None,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Import a model made elsewhere as a new root version, tagged with its source (GGUF is converted)."""
+
+    async def work(client: RegistryClient) -> pb.ModelVersion:
+        from llmops.registry.importer import detect_source, import_model
+
+        detect_source(source)  # a wrong path fails with its one-line error before any progress bar
+        with _progress() as progress:
+            task = progress.add_task(f"import {source.name}", total=None)
+            return await import_model(
+                client, source, name, aliases=alias or [], description=description,
+                base_model=base_model, dtype=dtype,
+                stage=lambda text: progress.update(task, description=text),
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )  # fmt: skip
+
+    version = _run(address, work)
+    if as_json:
+        _print_json(version)
+        return
+    out.print(
+        f"imported [bold]{version.name}:{version.version}[/bold] ({version.size_bytes:,} bytes)",
+        highlight=False,
+    )
+    out.print(_version_table([version], f"{version.name}:{version.version}"))
+
+
 @models_app.command("alias")
 def alias_command(
     name: Annotated[str, typer.Argument(help="Model name")],

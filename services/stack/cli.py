@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +22,8 @@ from llmops.stack.stack import (
 )
 
 out = Console()
+if not out.is_terminal:  # logs and CI: wide enough that tables keep their columns
+    out = Console(width=180)
 err = Console(stderr=True)
 DataDirOption = Annotated[
     Path | None, typer.Option("--data-dir", help="State folder (default: settings' data_dir)")
@@ -31,6 +35,7 @@ def register(app: typer.Typer) -> None:
     app.command("up")(up)
     app.command("status")(show_status)
     app.command("down")(down)
+    app.command("demo")(demo)
 
 
 def _settings(data_dir: Path | None) -> object:
@@ -107,3 +112,107 @@ def _table(rows: list[dict[str, object]]) -> Table:
             str(row["log"]),
         )
     return table
+
+
+def demo(
+    fast: Annotated[
+        bool, typer.Option("--fast", help="The tiny model instead of SmolLM2-135M-Instruct")
+    ] = False,
+    keep_running: Annotated[
+        bool, typer.Option("--keep-running", help="Leave the stack up at the end")
+    ] = False,
+    data_dir: DataDirOption = None,
+    pipeline_dir: Annotated[Path, typer.Option(help="The DVC pipeline folder (data repository)")] = Path(
+        "pipelines"
+    ),
+    engine: Annotated[
+        str, typer.Option(help="Serving engine for the champion: transformers | vllm")
+    ] = "transformers",
+) -> None:
+    """The whole loop: stack up, base import, DVC pipeline (train, evaluate, quantize, register, promote), serve, summary."""
+    from llmops.stack.demo import DemoOptions, run_demo
+
+    settings = _settings(data_dir)
+    if not (pipeline_dir / "dvc.yaml").is_file():
+        err.print(
+            f"[red]error:[/red] no dvc.yaml in {pipeline_dir} (run from the repository root or pass --pipeline-dir)"
+        )
+        raise typer.Exit(2)
+    options = DemoOptions(
+        data_dir=Path(settings.data_dir),  # type: ignore[attr-defined]
+        pipeline_dir=pipeline_dir.absolute(),
+        fast=fast,
+        keep_running=keep_running,
+        engine=engine,
+    )
+    started = time.monotonic()
+    try:
+        result = run_demo(
+            options, say=lambda line: err.print(f"[bold cyan]>[/bold cyan] {line}", highlight=False)
+        )
+    except (StackError, subprocess.CalledProcessError) as exc:
+        err.print(f"[red]demo failed:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    print_summary(result, time.monotonic() - started, kept=keep_running)
+
+
+def print_summary(result: Any, seconds: float, *, kept: bool) -> None:
+    """Versions and lineage, eval numbers, quantization ratios, latencies, the cache hit, where to look next."""
+    lineage = Table(title="the champion's lineage (newest first)")
+    for column in ("version", "format", "aliases", "parent", "dataset", "commit", "MLflow run", "job"):
+        lineage.add_column(column)
+    for link in result.lineage:
+        lineage.add_row(*(str(link[k]) for k in ("version", "format", "aliases", "parent", "dataset",
+                                                  "dataset_commit", "mlflow_run", "job")))  # fmt: skip
+    out.print(lineage)
+    reports = result.reports
+    numbers = Table(title="what the pipeline measured")
+    numbers.add_column("measure")
+    numbers.add_column("value", justify="right")
+    evaluation, quantized, promote = reports["eval"], reports["quantize"], reports["promote"]
+    numbers.add_row(
+        "fine-tune steps / final train loss",
+        f"{reports['train']['steps']} / {reports['train']['metrics'].get('train_loss', float('nan')):.3f}",
+    )
+    numbers.add_row(
+        f"eval perplexity, candidate {evaluation['candidate']['model']}",
+        f"{evaluation['candidate']['perplexity']:.3f}",
+    )
+    if "champion" in evaluation:
+        numbers.add_row(
+            f"eval perplexity, champion {evaluation['champion']['model']}",
+            f"{evaluation['champion']['perplexity']:.3f}",
+        )
+    numbers.add_row("INT8 size ratio", f"{quantized['size_ratio']:.3f}")
+    numbers.add_row(
+        "INT8 perplexity before -> after",
+        f"{quantized['perplexity_before']:.3f} -> {quantized['perplexity_after']:.3f}",
+    )
+    numbers.add_row(
+        "INT8 tokens/s before -> after",
+        f"{quantized['tokens_per_second_before']:.1f} -> {quantized['tokens_per_second_after']:.1f}",
+    )
+    numbers.add_row("promotion", f"{'yes' if promote['promoted'] else 'no'}: {promote['reason']}")
+    out.print(numbers)
+    requests = Table(title="requests to the champion")
+    for column in ("request", "TTFT ms", "latency ms", "cache hit", "answer"):
+        requests.add_column(column)
+    for row in result.requests:
+        ttft = f"{row['ttft_ms']:.0f}" if "ttft_ms" in row else ""
+        requests.add_row(row["request"], ttft, f"{row['latency_ms']:.0f}", "yes" if row["cached"] else "no",
+                         row["text"].strip().replace("\n", " ")[:60])  # fmt: skip
+    out.print(requests)
+    state = result.state
+    out.print(
+        f"[bold]done in {seconds / 60:.1f} min.[/bold] Where to look next"
+        + ("" if kept else " (start the stack again with `llmops up`)")
+        + ":"
+    )
+    for part in state.parts:
+        if part.name == "mlflow-ui":
+            out.print(f"  MLflow UI          {part.url}")
+        elif part.name == "prometheus":
+            out.print(f"  Prometheus         {part.url}")
+        elif part.metrics:
+            out.print(f"  {part.name:<18} grpcurl -plaintext {part.address} list   |   {part.metrics}")
+    out.print("  pipeline           cd pipelines && dvc dag && dvc metrics show")

@@ -403,3 +403,7 @@ def cancel(job_id: str, reason: str = "", address: AddressOption = None, as_json
     request = pb.CancelJobRequest(job_id=job_id, reason=reason)
     job = _run(address, lambda c: c.unary(c.stub.CancelJob, request)).job
     _show(job, as_json)
+
+
+#: Follow a job to its end with the live progress bar (for scripts such as the pipeline stages).
+follow_job = _watch

