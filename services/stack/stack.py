@@ -31,6 +31,7 @@ from typing import Any
 STATE_FILE = "stack.json"
 #: Start order: each service may call the ones before it.
 SERVICES = ("registry", "cache", "quantization", "training", "serving")
+_GRPC_NAMES = {s: f"llmops.{s}.v1.{s.capitalize()}Service" for s in SERVICES}
 _LISTENING = re.compile(r"llmops (\w+) listening grpc=(\d+) metrics=(\d+|None)")
 
 
@@ -228,7 +229,9 @@ class LocalStack:
                 if match is None:
                     return False
                 ports.append((match.group(2), match.group(3)))
-            return _serving(f"127.0.0.1:{ports[0][0]}")
+            # Readiness (its store migrated, its dependencies reachable) before the next one starts;
+            # serving is ready only with a model, which comes later: liveness for it.
+            return _serving(f"127.0.0.1:{ports[0][0]}", "" if service == "serving" else _GRPC_NAMES[service])
 
         self._wait(listening, process, service, log)
         part.address = f"127.0.0.1:{ports[0][0]}"
@@ -338,13 +341,15 @@ def prometheus_config(parts: Sequence[Part]) -> str:
     return "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\nscrape_configs:\n" + "".join(jobs)
 
 
-def _serving(address: str) -> bool:
+def _serving(address: str, service: str = "") -> bool:
+    """Whether grpc.health.v1 reports SERVING: liveness for ``""``, readiness for a service's name."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
         with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            request = health_pb2.HealthCheckRequest(service=service)
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=1)
     except grpc.RpcError:
         return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,82 @@
+"""The main job end to end (``llmops demo --fast``) on a copy of the repository's pipeline.
+
+Invariants: on a fresh stack the DVC pipeline takes the data from ingest to a promoted, served
+version; the served champion's lineage runs back through the INT8 quantization job and the LoRA
+training job to the imported base, and the training link names the dataset path and the data
+repository commit that holds those bytes (HEAD, whose dvc.lock records them) and its MLflow run;
+DVC pushed the data to its remote; a repeated deterministic request is answered from the cache
+with the same text.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmops.stack.demo import DemoOptions, run_demo
+from tests.conftest import require_tool
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _pipeline_copy(root: Path) -> tuple[Path, str]:
+    """The repository's tracked pipeline files in a new Git repository; returns (pipelines, HEAD)."""
+    for name in _git(REPO, "ls-files", "pipelines").splitlines():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    params_file = root / "pipelines" / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["train"].update(max_steps=12, eval_every_steps=6, checkpoint_every_steps=6, logging_every_steps=2)
+    params["evaluate"].update(max_rows=16, sample_prompts=1, max_new_tokens=8)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    _git(root, "init", "-q", "-b", "main")
+    _git(root, "config", "user.email", "tests@llmops.invalid")
+    _git(root, "config", "user.name", "llmops tests")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "pipeline")
+    return root / "pipelines", _git(root, "rev-parse", "HEAD")
+
+
+def test_demo_runs_the_loop_and_serves_the_champion_with_its_lineage(tmp_path: Path) -> None:
+    require_tool("redis-server")
+    assert Path(sys.executable).with_name("dvc").exists()
+    pipeline, head = _pipeline_copy(tmp_path / "repo")
+    options = DemoOptions(
+        data_dir=tmp_path / "data", pipeline_dir=pipeline, fast=True, prometheus=False, mlflow_ui=False
+    )
+    result = run_demo(options, say=lambda line: print(f"> {line}", flush=True))
+
+    promote = result.reports["promote"]
+    champion = result.lineage[0]
+    assert champion["version"] == promote["champion_after"]
+    served = {row.get("served") for row in result.requests if "served" in row}
+    assert served == {champion["version"]}
+    if promote["promoted"]:
+        # champion = the INT8 version <- the merged LoRA fine-tune <- the imported base
+        assert [link["format"] for link in result.lineage] == ["int8", "fp32", "fp32"]
+        quantized, trained, base = result.lineage
+        assert quantized["parent"] == trained["version"] and trained["parent"] == base["version"]
+        assert quantized["job"].startswith("qj-") and trained["job"].startswith("tj-")
+        assert trained["dataset"] == "data/prepared/sft.jsonl"
+        assert trained["dataset_commit"] == head[:12]  # the data repository commit that holds the bytes
+        assert trained["mlflow_run"] and quantized["mlflow_run"]
+        assert base["parent"] == "" and base["version"] == "assistant:1"
+    else:
+        assert champion["version"] == "assistant:1"
+
+    first, repeat = result.requests[1], result.requests[2]
+    assert not first["cached"] and repeat["cached"] and repeat["text"] == first["text"]
+    assert result.requests[0]["text"]  # the streamed answer arrived
+    remote = tmp_path / "repo" / ".llmops" / "dvc-remote"
+    assert any(remote.rglob("*")), "dvc push left the remote empty"
