@@ -6,7 +6,15 @@ batch prefill tokens/s, measured in alternating rounds with the fp32 model (medi
 machine is shared and noisy. Prints one table and the issue's goals (INT8 dynamic: >= 1.5x fp32
 speed, <= 1% perplexity increase, <= 0.36x size; INT4: <= 0.26x size).
 
-Usage: ``python benchmarks/quantization/run.py [--rounds 3] [--tokens 64] [--json-out FILE]``
+GPTQ and AWQ calibrate on held-out text after the evaluation windows (never on them). Their folders
+are measured dequantized to fp32 (exactly their 4-bit weights), so their speed is not measured here
+(their kernels run in vLLM). They are compared with plain 4-bit round-to-nearest: optimum-quanto's
+``int4_g128`` and round-to-nearest written in the same layout with the same groups
+(``rtn_sym_g128``: GPTQ's symmetric grid, ``rtn_asym_g128``: AWQ's asymmetric one), the fairest
+baseline; KL is the mean per-token KL divergence of the method's next-token distribution from fp32's.
+
+Usage: ``python benchmarks/quantization/run.py [--rounds 3] [--tokens 64] [--calib-samples 128]
+[--json-out FILE]``
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +32,15 @@ import torch
 
 from llmops.common.tiny_model import build_tiny_model
 from llmops.quantization import evaluate
-from llmops.quantization.methods import QuantizationSpec, default_quantizers, resolve
+from llmops.quantization.calibration import calibration_windows
+from llmops.quantization.methods import CalibrationSpec, QuantizationSpec, default_quantizers, resolve
 from llmops.quantization.methods.base import weight_bytes
+from llmops.quantization.methods.wna16 import (
+    BLOCK_LINEARS,
+    load_dequantized,
+    rtn_quantize,
+    save_checkpoint,
+)
 
 SPECS = {
     "int8_dynamic": QuantizationSpec("int8_dynamic"),
@@ -33,7 +49,39 @@ SPECS = {
     "int4_g32": QuantizationSpec("int4_weight_only", group_size=32),
     "gguf_q8_0": QuantizationSpec("gguf"),
     "gguf_q4_0": QuantizationSpec("gguf", gguf_type="Q4_0"),
+    "gptq_g128": QuantizationSpec("gptq"),
+    "awq_g128": QuantizationSpec("awq"),
 }
+#: Plain round-to-nearest in the GPTQ / AWQ layouts (same groups), the calibrated methods' baselines.
+RTN_BASELINES = {"rtn_sym_g128": ("gptq", True), "rtn_asym_g128": ("awq", False)}
+CALIBRATED = {"gptq_g128": "rtn_sym_g128", "awq_g128": "rtn_asym_g128"}
+
+
+def write_rtn(source: Path, out_dir: Path, layout: str, sym: bool, group_size: int = 128) -> int:
+    """Round every decoder-block Linear to nearest and write the folder as GPTQ/AWQ would; its size."""
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    quantized = {
+        f"model.layers.{i}.{name}": rtn_quantize(block.get_submodule(name).weight, group_size, sym=sym)
+        for i, block in enumerate(model.model.layers)
+        for name in BLOCK_LINEARS
+    }
+    out_dir.mkdir(parents=True)
+    save_checkpoint(model, quantized, out_dir, layout, group_size)
+    return weight_bytes(out_dir)
+
+
+@torch.no_grad()
+def kl_from(reference: Any, model: Any, windows: list[torch.Tensor]) -> float:
+    """Mean per-token KL(reference || model) of the next-token distributions on ``windows``."""
+    total, count = 0.0, 0
+    for window in windows:
+        ref = torch.log_softmax(reference(input_ids=window).logits.float()[0], dim=-1)
+        got = torch.log_softmax(model(input_ids=window).logits.float()[0], dim=-1)
+        total += float((ref.exp() * (ref - got)).sum())
+        count += window.shape[1]
+    return total / count
 
 
 @torch.no_grad()
@@ -48,12 +96,41 @@ def speeds(model: Any, tokenizer: Any, windows: list[torch.Tensor], tokens: int)
     return evaluate.tokens_per_second(model, tokenizer, tokens), prefill_tokens_per_second(model, windows)
 
 
+def measure_row(
+    label: str,
+    size_bytes: int,
+    model: Any,
+    fp32: Any,
+    tokenizer: Any,
+    windows: list[torch.Tensor],
+    args: argparse.Namespace,
+    timed: bool = True,
+) -> dict[str, Any]:
+    """Perplexity, KL from fp32 and (when ``timed``) speed ratios of one quantized model."""
+    gen_ratio, prefill_ratio = [], []
+    for _ in range(args.rounds if timed else 0):  # alternate so background load hits both alike
+        base_gen, base_prefill = speeds(fp32, tokenizer, windows, args.tokens)
+        q_gen, q_prefill = speeds(model, tokenizer, windows, args.tokens)
+        gen_ratio.append(q_gen / base_gen)
+        prefill_ratio.append(q_prefill / base_prefill)
+    return {
+        "method": label,
+        "size_bytes": size_bytes,
+        "perplexity_after": evaluate.perplexity(model, windows),
+        "kl_from_fp32": kl_from(fp32, model, windows),
+        "generate_speed_ratio": statistics.median(gen_ratio) if gen_ratio else None,
+        "prefill_speed_ratio": statistics.median(prefill_ratio) if prefill_ratio else None,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64, help="generated tokens per speed measurement")
     parser.add_argument("--samples", type=int, default=8, help="held-out windows for perplexity")
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (GPTQ/AWQ)")
+    parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -67,42 +144,64 @@ def main() -> int:
     ppl_fp32 = evaluate.perplexity(fp32, windows)
     size_fp32 = weight_bytes(source)
     quantizers = default_quantizers()
+    calibration = CalibrationSpec(num_samples=args.calib_samples, seq_len=args.calib_seq_len)
+    calib_windows = calibration_windows(
+        tokenizer, calibration, eval_tokens=args.samples * args.seq_len
+    )  # held-out text after the evaluation windows
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="quant-bench-") as work:
         for label, spec in SPECS.items():
-            quantizer, checked = resolve(quantizers, spec)
-            artifact = quantizer.quantize(source, Path(work) / label, checked)
-            model = quantizer.load_for_eval(artifact.path)
-            ppl = evaluate.perplexity(model, windows)
-            gen_ratio, prefill_ratio = [], []
-            for _ in range(args.rounds):  # alternate so background load hits both alike
-                base_gen, base_prefill = speeds(fp32, tokenizer, windows, args.tokens)
-                q_gen, q_prefill = speeds(model, tokenizer, windows, args.tokens)
-                gen_ratio.append(q_gen / base_gen)
-                prefill_ratio.append(q_prefill / base_prefill)
-            rows.append(
-                {
-                    "method": label,
-                    "size_ratio": artifact.size_bytes / size_fp32,
-                    "perplexity_before": ppl_fp32,
-                    "perplexity_after": ppl,
-                    "perplexity_change": ppl / ppl_fp32 - 1,
-                    "generate_speed_ratio": statistics.median(gen_ratio),
-                    "prefill_speed_ratio": statistics.median(prefill_ratio),
-                }
+            quantizer, checked = resolve(quantizers, replace(spec, calibration=calibration))
+            started = time.perf_counter()
+            artifact = quantizer.quantize(
+                source, Path(work) / label, checked, calib_windows if checked.calibration else None
             )
+            seconds = time.perf_counter() - started
+            model = quantizer.load_for_eval(artifact.path)
+            rows.append(measure_row(label, artifact.size_bytes, model, fp32, tokenizer, windows, args))
+            rows[-1]["quantize_seconds"] = seconds
+            if not quantizer.measures_speed:  # dequantized for measuring: its speed is not the method's
+                rows[-1].update(generate_speed_ratio=None, prefill_speed_ratio=None)
             del model
+        for label, (layout, sym) in RTN_BASELINES.items():
+            size = write_rtn(source, Path(work) / label, layout, sym)
+            model = load_dequantized(Path(work) / label)
+            rows.append(measure_row(label, size, model, fp32, tokenizer, windows, args, timed=False))
+            del model
+    for row in rows:
+        row.update(size_ratio=row["size_bytes"] / size_fp32, perplexity_before=ppl_fp32)
+        row["perplexity_change"] = row["perplexity_after"] / ppl_fp32 - 1
 
     print(
         f"fp32: {size_fp32 / 1e6:.1f} MB, perplexity {ppl_fp32:.1f} on {len(windows)}x{args.seq_len} tokens"
     )
     print(f"{'method':<18}{'size':>8}{'ppl change':>12}{'gen speed':>11}{'prefill':>9}")
     for row in rows:
+        gen, prefill = row["generate_speed_ratio"], row["prefill_speed_ratio"]
         print(
             f"{row['method']:<18}{row['size_ratio']:>7.3f}x{row['perplexity_change']:>+11.2%}"
-            f"{row['generate_speed_ratio']:>10.2f}x{row['prefill_speed_ratio']:>8.2f}x"
+            + (f"{gen:>10.2f}x{prefill:>8.2f}x" if gen is not None else f"{'n/a':>11}{'n/a':>9}")
         )
     by = {row["method"]: row for row in rows}
+    print(
+        f"calibrated ({len(calib_windows)}x{calib_windows[0].shape[1]} calibration tokens) vs plain "
+        "round-to-nearest; speed n/a: measured dequantized"
+    )
+    print(f"{'method':<18}{'ppl':>10}{'vs fp32':>10}{'vs int4_g128':>14}{'vs rtn':>9}{'KL':>10}{'time':>8}")
+    for label, baseline in CALIBRATED.items():
+        row, rtn, quanto = by[label], by[baseline], by["int4_g128"]
+        print(
+            f"{label:<18}{row['perplexity_after']:>10.2f}{row['perplexity_change']:>+10.2%}"
+            f"{row['perplexity_after'] / quanto['perplexity_after'] - 1:>+14.2%}"
+            f"{row['perplexity_after'] / rtn['perplexity_after'] - 1:>+9.2%}"
+            f"{row['kl_from_fp32']:>10.5f}{row['quantize_seconds']:>7.1f}s"
+        )
+    for label in ("int4_g128", *RTN_BASELINES):
+        row = by[label]
+        print(
+            f"{label:<18}{row['perplexity_after']:>10.2f}{row['perplexity_change']:>+10.2%}"
+            f"{'':>14}{'':>9}{row['kl_from_fp32']:>10.5f}"
+        )
     int8 = by["int8_dynamic"]
     print(
         "goals: int8_dynamic speed >= 1.5x: "

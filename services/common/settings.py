@@ -174,6 +174,10 @@ class QuantizationSection(ServiceEndpoint):
     max_pending: int = Field(
         default=8, ge=1, description="Queued plus running jobs before SubmitJob answers RESOURCE_EXHAUSTED."
     )
+    mlflow_experiment: str = Field(
+        default="llmops-quantization", min_length=1, description="MLflow experiment the jobs' runs go in."
+    )
+    tracking: bool = Field(default=True, description="Log every job to an MLflow run (mlflow_tracking_uri).")
 
 
 class ServingSection(ServiceEndpoint):

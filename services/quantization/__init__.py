@@ -1,6 +1,7 @@
 """Quantization: turn a model folder into a smaller one and measure what it cost.
 
 ``methods`` holds one :class:`~llmops.quantization.methods.base.Quantizer` per method (INT8 dynamic,
-INT8 weight-only, INT4 weight-only with groups, GGUF export), ``evaluate`` measures size, perplexity
-and tokens/s before and after, and ``llmops.registry.sinks`` hands a finished result to the registry or a folder.
+INT8 weight-only, INT4 weight-only with groups, GPTQ and AWQ calibrated 4-bit in vLLM's checkpoint
+layouts, GGUF export), ``calibration`` cuts their calibration text into token windows, ``evaluate``
+measures size, perplexity and tokens/s before and after, and ``llmops.registry.sinks`` hands a finished result to the registry or a folder.
 """

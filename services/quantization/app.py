@@ -1,6 +1,6 @@
 """Wires the quantization service (``llmops serve quantization``): settings -> model source and
 result sink (local folders, or the registry service with ``quantization.use_registry``) -> thread job
-runner -> :class:`QuantizationService` -> gRPC servicer.
+runner -> MLflow tracker (``quantization.tracking``) -> :class:`QuantizationService` -> gRPC servicer.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from llmops.proto.quantization.v1 import quantization_service_pb2_grpc as pb_grp
 from llmops.quantization.grpc_app import SERVICE_NAME, QuantizationServicer
 from llmops.quantization.methods import default_quantizers
 from llmops.quantization.service import JobRunner, QuantizationService, ThreadJobRunner
+from llmops.quantization.tracking import MlflowTracker, NullTracker, Tracker
 from llmops.registry.sinks import LocalDirectorySink, RegistrySink, ResultSink
 from llmops.registry.sources import LocalModelSource, ModelSource, RegistryModelSource
 
@@ -55,7 +56,11 @@ def build_app(settings: Settings, registry: CollectorRegistry) -> QuantizationAp
     else:
         source, sink = LocalModelSource(models_dir), LocalDirectorySink(models_dir)
     runner = ThreadJobRunner(section.workers)
+    tracker: Tracker = NullTracker()
+    if section.tracking:
+        tracking_uri, artifact_root = settings.mlflow_locations()
+        tracker = MlflowTracker(tracking_uri, artifact_root, section.mlflow_experiment)
     service = QuantizationService(
-        default_quantizers(), sink, runner, work_dir, max_pending=section.max_pending
+        default_quantizers(), sink, runner, work_dir, max_pending=section.max_pending, tracker=tracker
     )
     return QuantizationApp(service, source, runner)

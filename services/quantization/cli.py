@@ -124,6 +124,16 @@ def submit(
         str, typer.Option(help="Text file or folder to evaluate on; default: held-out stdlib text")
     ] = "",
     throughput_tokens: Annotated[int, typer.Option(help="Tokens per speed measurement; 0 skips it")] = 0,
+    calibration_samples: Annotated[
+        int, typer.Option(help="Calibration sequences for gptq/awq (of seq-len tokens); 0 means 128")
+    ] = 0,
+    calibration_text: Annotated[
+        str,
+        typer.Option(
+            help="Calibration text file, .jsonl or folder for gptq/awq; default: held-out stdlib text "
+            "after the evaluation's"
+        ),
+    ] = "",
     name: Annotated[str, typer.Option(help="Model to register the result under")] = "",
     register_result: Annotated[bool, typer.Option("--register/--no-register")] = True,
     request_id: str = "",
@@ -158,6 +168,14 @@ def submit(
                     ref=dataset_pb2.DatasetRef(path=eval_text), num_samples=eval_samples, seq_len=seq_len
                 )
             )
+    if method in ("gptq", "awq") or calibration_samples or calibration_text:
+        spec.calibration.CopyFrom(
+            pb.DatasetSample(
+                ref=dataset_pb2.DatasetRef(path=calibration_text),
+                num_samples=calibration_samples,
+                seq_len=seq_len,
+            )
+        )
 
     async def work(client: QuantizationClient) -> pb.QuantizationJob:
         response = await client.unary(
@@ -212,3 +230,7 @@ def cancel(job_id: str, reason: str = "", address: AddressOption = None, as_json
     request = pb.CancelJobRequest(job_id=job_id, reason=reason)
     job = _run(address, lambda c: c.unary(c.stub.CancelJob, request)).job
     _print_json(job) if as_json else out.print(_job_table([job]))
+
+
+#: Follow a job to its end with the live progress bar (for scripts such as the pipeline stages).
+follow_job = _watch

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from llmops.common.errors import InvalidArgument
 from llmops.common.jobs import JOB_STATES, JobState, timestamp
@@ -18,7 +19,7 @@ from llmops.proto.common.v1 import compute_pb2, job_pb2, model_pb2
 from llmops.proto.quantization.v1 import quantization_service_pb2 as pb
 from llmops.proto.quantization.v1 import quantization_service_pb2_grpc as pb_grpc
 from llmops.quantization import evaluate
-from llmops.quantization.methods import QuantizationSpec
+from llmops.quantization.methods import CalibrationSpec, QuantizationSpec
 from llmops.quantization.service import EvalSpec, Job, JobEvent, JobSpec, QuantizationService
 from llmops.registry.sources import ModelSource
 
@@ -90,6 +91,7 @@ class QuantizationServicer(pb_grpc.QuantizationServiceServicer):  # type: ignore
                 group_size=spec.group_size,
                 gguf_type=spec.gguf_type,
                 device=DEVICES.get(spec.device, "unknown"),
+                calibration=_calibration(spec),
             ),
             eval=evaluation,
             output_model_name=spec.output_model_name,
@@ -156,6 +158,7 @@ class QuantizationServicer(pb_grpc.QuantizationServiceServicer):  # type: ignore
             error_message=job.error_message,
             request_id=job.request_id,
             cancel_requested=job.cancel_requested,
+            mlflow_run_id=job.mlflow_run_id,
         )
         if job.result is not None:
             result = job.result
@@ -181,6 +184,21 @@ class QuantizationServicer(pb_grpc.QuantizationServiceServicer):  # type: ignore
         return message
 
 
+def _calibration(spec: pb.QuantizationJobSpec) -> CalibrationSpec | None:
+    """The spec's calibration sample (``None`` when unset); an empty path is the default text."""
+    if not spec.HasField("calibration"):
+        return None
+    sample = spec.calibration
+    ref = sample.ref
+    path = unquote(urlparse(ref.path).path) if ref.path.startswith("file://") else ref.path
+    return CalibrationSpec(
+        num_samples=sample.num_samples,
+        seq_len=sample.seq_len,
+        text_path=Path(path) if path else None,
+        dataset=(ref.path, ref.revision, ref.repo) if ref.path else None,
+    )
+
+
 def _event(event: JobEvent) -> job_pb2.JobEvent:
     message = job_pb2.JobEvent(
         job_id=event.job_id, sequence=event.sequence, time=timestamp(event.time), state=STATES[event.state]
@@ -190,6 +208,7 @@ def _event(event: JobEvent) -> job_pb2.JobEvent:
     elif event.kind == "started":
         message.started.worker = "local"
         message.started.attempt = 1
+        message.started.mlflow_run_id = event.mlflow_run_id
     elif event.kind == "eval":
         message.eval.SetInParent()
         message.eval.metrics.update(event.metrics)

@@ -4,6 +4,8 @@ A job runs in a :class:`JobRunner` (a bounded local thread pool here; a Ray runn
 interface): load and validate -> quantize -> evaluate -> register. Every state change and progress
 step is an event with a per-job sequence number; watchers block on a condition until new events
 arrive. Cancellation is cooperative: the worker checks between phases and in progress callbacks.
+Each job gets an MLflow run (:mod:`llmops.quantization.tracking`) when it starts; the run is closed
+FINISHED, FAILED or KILLED before the terminal event, so a watcher that sees it finds the run closed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import abc
 import dataclasses
 import functools
 import itertools
+import logging
 import shutil
 import threading
 import time
@@ -24,9 +27,13 @@ from typing import Any
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from llmops.common.jobs import JobState
 from llmops.quantization import evaluate
+from llmops.quantization.calibration import calibration_windows
 from llmops.quantization.methods import QuantizationSpec, Quantizer, resolve
 from llmops.quantization.methods.base import ensure_not_quantized, weight_bytes
+from llmops.quantization.tracking import NullTracker, RunStatus, Tracker
 from llmops.registry.sinks import RegisteredVersion, ResultSink, VersionMetadata
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +75,8 @@ class JobEvent:
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
     #: On the "finished" event: the registered result, if it was registered.
     registered: RegisteredVersion | None = None
+    #: On the "started" event: the job's MLflow run; empty when it is not tracked.
+    mlflow_run_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +109,8 @@ class Job:
     result: JobResult | None = None
     error_message: str = ""
     cancel_requested: bool = False
+    #: MLflow run the job logs to (created when it starts); empty when it is not tracked.
+    mlflow_run_id: str = ""
     events: list[JobEvent] = dataclasses.field(default_factory=list)
 
 
@@ -154,10 +165,12 @@ class QuantizationService:
         runner: JobRunner,
         work_dir: Path,
         max_pending: int = 8,
+        tracker: Tracker | None = None,
     ) -> None:
         self._quantizers = quantizers
         self._sink = sink
         self._runner = runner
+        self._tracker = tracker or NullTracker()
         self._work_dir = work_dir
         self._max_pending = max_pending
         self._jobs: dict[str, Job] = {}
@@ -253,22 +266,25 @@ class QuantizationService:
             if job.state is not JobState.QUEUED:
                 return
             job.state, job.started_at = JobState.RUNNING, time.time()
-            self._emit(job, "started", phase="load")
         out_dir = self._work_dir / job_id
         try:
+            self._start_run(job)
             result = self._execute(job, out_dir)
         except _Cancelled:
             shutil.rmtree(out_dir, ignore_errors=True)
+            self._end_run(job, "KILLED")
             with self._changed:
                 self._finish(job, JobState.CANCELLED, "cancelled")
             return
         except Exception as error:  # the job fails; the server stays up
             shutil.rmtree(out_dir, ignore_errors=True)
+            self._end_run(job, "FAILED")
             message = error.message if hasattr(error, "message") else f"{type(error).__name__}: {error}"
             with self._changed:
                 job.error_message = message.splitlines()[0][:500] if message else type(error).__name__
                 self._finish(job, JobState.FAILED, "failed", message=job.error_message)
             return
+        self._end_run(job, "FINISHED")
         with self._changed:
             job.result = result
             self._finish(
@@ -285,6 +301,16 @@ class QuantizationService:
         if spec.eval.num_samples:
             texts = evaluate.heldout_texts(path=spec.eval.text_path)
             windows = evaluate.token_windows(tokenizer, texts, spec.eval.num_samples, spec.eval.seq_len)
+        calibration = None
+        if qspec.calibration is not None:  # GPTQ/AWQ: text disjoint from the evaluation's
+            self._step(job, "calibrate", 0.02)
+            calibration = calibration_windows(
+                tokenizer,
+                qspec.calibration,
+                context_length=getattr(tokenizer, "model_max_length", None),
+                eval_text_path=spec.eval.text_path,
+                eval_tokens=spec.eval.num_samples * spec.eval.seq_len,
+            )
         tokens = spec.eval.throughput_tokens or None
         self._step(job, "evaluate", 0.05)
         before = evaluate.Measurement()
@@ -294,12 +320,18 @@ class QuantizationService:
             del source
         self._step(job, "quantize", 0.3)
         artifact = quantizer.quantize(
-            spec.source_dir, out_dir, qspec, progress=lambda f: self._step(job, "quantize", 0.3 + 0.4 * f)
+            spec.source_dir,
+            out_dir,
+            qspec,
+            calibration=calibration,
+            progress=lambda f: self._step(job, "quantize", 0.3 + 0.4 * f),
         )
         self._step(job, "evaluate", 0.7)
         after = evaluate.Measurement()
-        if windows or tokens:
-            after = evaluate.measure(quantizer.load_for_eval(out_dir), tokenizer, windows, tokens)
+        # a method whose eval model is dequantized floats (GPTQ/AWQ) has its speed not measured
+        after_tokens = tokens if quantizer.measures_speed else None
+        if windows or after_tokens:
+            after = evaluate.measure(quantizer.load_for_eval(out_dir), tokenizer, windows, after_tokens)
         size_before = weight_bytes(spec.source_dir)
         result = JobResult(
             size_bytes_before=size_before,
@@ -313,6 +345,7 @@ class QuantizationService:
             tokens_per_second_after=after.tokens_per_second,
         )
         metrics = _metrics(result)
+        self._track_result(job, metrics, out_dir)
         self._step(job, "register", 0.9, kind="eval", metrics=metrics)
         if not spec.register:
             return result
@@ -329,8 +362,39 @@ class QuantizationService:
             aliases=spec.aliases,
             format=artifact.format,
             job_id=job.id,
+            dataset=qspec.calibration.dataset if qspec.calibration else None,
+            mlflow_run_id=job.mlflow_run_id,
         )
         return dataclasses.replace(result, registered=self._sink.register(metadata, out_dir))
+
+    # tracking ----------------------------------------------------------------------------------
+
+    def _start_run(self, job: Job) -> None:
+        """Create the job's MLflow run, then announce the start with its id. A store that cannot be
+        reached fails the job (``Unavailable``)."""
+        run_id = self._tracker.start_run(job)
+        with self._changed:
+            job.mlflow_run_id = run_id
+            self._emit(job, "started", phase="load", mlflow_run_id=run_id)
+
+    def _track_result(self, job: Job, metrics: Mapping[str, float], out_dir: Path) -> None:
+        """Log the measurements and the result's files; trouble here only warns."""
+        if not job.mlflow_run_id:
+            return
+        try:
+            self._tracker.log_metrics(job.mlflow_run_id, 0, metrics)
+            self._tracker.log_artifacts(job.mlflow_run_id, out_dir, "model")
+        except Exception as error:
+            log.warning("MLflow logging of quantization job %s failed: %s", job.id, error)
+
+    def _end_run(self, job: Job, status: RunStatus) -> None:
+        """Close the job's run; called before the terminal event so watchers find it closed."""
+        if not job.mlflow_run_id:
+            return
+        try:
+            self._tracker.end_run(job.mlflow_run_id, status)
+        except Exception as error:
+            log.warning("MLflow could not close the run of quantization job %s: %s", job.id, error)
 
     # helpers -----------------------------------------------------------------------------------
 
@@ -370,6 +434,7 @@ class QuantizationService:
         message: str = "",
         metrics: Mapping[str, float] | None = None,
         registered: RegisteredVersion | None = None,
+        mlflow_run_id: str = "",
     ) -> None:
         """Append an event (caller holds the condition) and wake watchers."""
         job.events.append(
@@ -384,6 +449,7 @@ class QuantizationService:
                 message=message,
                 metrics=dict(metrics or {}),
                 registered=registered,
+                mlflow_run_id=mlflow_run_id,
             )
         )
         self._changed.notify_all()

@@ -4,26 +4,32 @@ The service (not the worker) logs: it sees every event anyway, it is the only wr
 (a SQLite store tolerates one writer best), and a resumed job keeps logging to the same run. The
 run holds the resolved plan as parameters, the dataset (path, revision, commit, digest) as an
 input, each step's and evaluation's metrics at their step, and the result's files as artifacts.
+Logging, closing and run creation are shared with quantization (:mod:`llmops.common.tracking`);
+this module says what a training run records.
 """
 
 from __future__ import annotations
 
 import abc
-import hashlib
 import json
-import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llmops.common.errors import Unavailable
+from llmops.common.tracking import (
+    DatasetRecord,
+    MlflowRunTracker,
+    NullRunTracker,
+    RunStatus,
+    RunTracker,
+    file_digest,
+)
 from llmops.training.domain import Job, WorkerPlan
 
-RunStatus = str  # "FINISHED" | "FAILED" | "KILLED"
+__all__ = ["MlflowTracker", "NullTracker", "RunStatus", "Tracker", "file_digest", "flat_params", "metrics_of"]
 
 
-class Tracker(abc.ABC):
+class Tracker(RunTracker):
     @abc.abstractmethod
     def start_run(self, job: Job, plan: WorkerPlan, dataset_digest: str) -> str:
         """Create the job's run (parameters, dataset input, tags); returns its id.
@@ -32,33 +38,12 @@ class Tracker(abc.ABC):
             Unavailable: the tracking store cannot be reached.
         """
 
-    @abc.abstractmethod
-    def log_metrics(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
-        """Metrics at ``step`` (training step); may raise on a store error."""
 
-    @abc.abstractmethod
-    def log_artifacts(self, run_id: str, directory: Path, artifact_path: str) -> None:
-        """Copy a folder's files into the run's artifacts."""
-
-    @abc.abstractmethod
-    def end_run(self, run_id: str, status: RunStatus) -> None:
-        """Mark the run finished, failed or killed."""
-
-
-class NullTracker(Tracker):
+class NullTracker(NullRunTracker, Tracker):
     """Tracks nothing (unit tests, and servers run with tracking off)."""
 
     def start_run(self, job: Job, plan: WorkerPlan, dataset_digest: str) -> str:
         return ""
-
-    def log_metrics(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
-        pass
-
-    def log_artifacts(self, run_id: str, directory: Path, artifact_path: str) -> None:
-        pass
-
-    def end_run(self, run_id: str, status: RunStatus) -> None:
-        pass
 
 
 def flat_params(plan: WorkerPlan) -> dict[str, str]:
@@ -74,102 +59,52 @@ def flat_params(plan: WorkerPlan) -> dict[str, str]:
     return params
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class MlflowTracker(MlflowRunTracker, Tracker):
+    """Runs in an MLflow tracking store (SQLite file by default, a tracking server on a cluster).
 
-
-class MlflowTracker(Tracker):
-    """Runs in an MLflow tracking store (SQLite file by default, a tracking server on a cluster)."""
+    The store is opened when the tracker is made, so a bad tracking URI stops the server at start.
+    """
 
     def __init__(self, tracking_uri: str, artifact_root: str | None, default_experiment: str) -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        from mlflow import MlflowClient
-
-        self._client = MlflowClient(tracking_uri=tracking_uri)
-        self._artifact_root = artifact_root
-        self._default_experiment = default_experiment
-        self._experiments: dict[str, str] = {}
-
-    def _experiment_id(self, name: str) -> str:
-        if name in self._experiments:
-            return self._experiments[name]
-        found = self._client.get_experiment_by_name(name)
-        if found is None:
-            location = f"{self._artifact_root.rstrip('/')}/{name}" if self._artifact_root else None
-            try:
-                experiment_id = self._client.create_experiment(name, artifact_location=location)
-            except Exception:  # another process created it first
-                again = self._client.get_experiment_by_name(name)
-                if again is None:
-                    raise
-                experiment_id = again.experiment_id
-        else:
-            experiment_id = found.experiment_id
-        self._experiments[name] = experiment_id
-        return experiment_id
+        super().__init__(tracking_uri, artifact_root, default_experiment)
+        self.connect()
 
     def start_run(self, job: Job, plan: WorkerPlan, dataset_digest: str) -> str:
-        from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
-
         spec = job.spec
-        try:
-            experiment = self._experiment_id(spec.mlflow_experiment or self._default_experiment)
-            tags = {
-                "mlflow.runName": job.id,
-                "llmops.job_id": job.id,
-                "llmops.method": spec.method,
-                "llmops.base_model": f"{spec.base_name}:{spec.base_version}",
-                "llmops.dataset.path": spec.dataset.path,
-                "llmops.dataset.revision": spec.dataset.revision,
-                "llmops.dataset.commit": job.dataset_commit,
-                **{f"user.{k}": v for k, v in spec.tags.items()},
-            }
-            run = self._client.create_run(experiment, tags=tags, run_name=job.id)
-            run_id: str = run.info.run_id
-            params = [Param(k, v[:6000]) for k, v in flat_params(plan).items()]
-            self._client.log_batch(run_id, params=params, tags=[RunTag("llmops.created_by", job.created_by)])
-            source = json.dumps(
-                {
-                    "path": spec.dataset.path,
-                    "revision": spec.dataset.revision,
-                    "commit": job.dataset_commit,
-                    "repo": spec.dataset.repo,
-                },
-                sort_keys=True,
-            )
-            dataset = Dataset(
-                name=Path(spec.dataset.path).name,
-                digest=dataset_digest[:36],
-                source_type="dvc",
-                source=source,
-                schema=json.dumps({"format": plan.data_format}),
-            )
-            self._client.log_inputs(
-                run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
-            )
-        except Exception as error:
-            raise Unavailable(
-                f"MLflow tracking store unreachable: {str(error).splitlines()[0][:200]}"
-            ) from None
-        return run_id
-
-    def log_metrics(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        values = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if values:
-            self._client.log_batch(run_id, metrics=values)
-
-    def log_artifacts(self, run_id: str, directory: Path, artifact_path: str) -> None:
-        self._client.log_artifacts(run_id, str(directory), artifact_path)
-
-    def end_run(self, run_id: str, status: RunStatus) -> None:
-        self._client.set_terminated(run_id, status)
+        tags = {
+            "llmops.job_id": job.id,
+            "llmops.method": spec.method,
+            "llmops.base_model": f"{spec.base_name}:{spec.base_version}",
+            "llmops.dataset.path": spec.dataset.path,
+            "llmops.dataset.revision": spec.dataset.revision,
+            "llmops.dataset.commit": job.dataset_commit,
+            **{f"user.{k}": v for k, v in spec.tags.items()},
+            "llmops.created_by": job.created_by,
+        }
+        source = json.dumps(
+            {
+                "path": spec.dataset.path,
+                "revision": spec.dataset.revision,
+                "commit": job.dataset_commit,
+                "repo": spec.dataset.repo,
+            },
+            sort_keys=True,
+        )
+        dataset = DatasetRecord(
+            name=Path(spec.dataset.path).name,
+            digest=dataset_digest,
+            source_type="dvc",
+            source=source,
+            context="training",
+            schema=json.dumps({"format": plan.data_format}),
+        )
+        return self._create_run(
+            spec.mlflow_experiment or self._default_experiment,
+            run_name=job.id,
+            tags=tags,
+            params=flat_params(plan),
+            datasets=[dataset],
+        )
 
 
 def metrics_of(event: Mapping[str, Any]) -> dict[str, float]:

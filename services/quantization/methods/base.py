@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llmops.common.errors import FailedPrecondition, InvalidArgument
+from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     import torch
@@ -38,11 +38,35 @@ _COPIED_FILES = (
 ProgressFn = Callable[[float], None]
 
 
+#: Calibration defaults (the proto's DatasetSample: 0 means 128 sequences of 512 tokens) and bound.
+DEFAULT_CALIBRATION_SAMPLES = 128
+DEFAULT_CALIBRATION_SEQ_LEN = 512
+MAX_CALIBRATION_TOKENS = 1 << 19
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSpec:
+    """Calibration text for GPTQ/AWQ (the proto's ``calibration`` DatasetSample).
+
+    ``text_path`` is a text file, a ``.jsonl`` file of records with ``text`` (or chat ``messages``),
+    or a folder of ``.py``/``.txt``/``.md`` files; ``None`` means the default held-out text that
+    ``evaluate.heldout_texts`` reads. ``dataset`` is the reference as submitted (path, revision, repo),
+    recorded in the result's lineage; ``None`` for the default text. Zero sizes mean the defaults.
+    """
+
+    num_samples: int = 0
+    seq_len: int = 0
+    text_path: Path | None = None
+    dataset: tuple[str, str, str] | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizationSpec:
-    """How to quantize, in domain terms (the proto's method/bits/group_size/gguf_type/device).
+    """How to quantize, in domain terms (the proto's method/bits/group_size/gguf_type/device and
+    calibration).
 
-    Zero values mean "the method's default", as in the proto.
+    Zero values mean "the method's default", as in the proto. ``calibration`` is required by the
+    calibrated methods (GPTQ, AWQ) and dropped by :meth:`Quantizer.validate` for the others.
     """
 
     method: str
@@ -50,6 +74,7 @@ class QuantizationSpec:
     group_size: int = 0
     gguf_type: str = ""
     device: str = "cpu"
+    calibration: CalibrationSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +117,9 @@ class Quantizer(abc.ABC):
     #: Allowed ``group_size`` values, 0 (the default) included; ``()`` means the field is ignored.
     supported_group_sizes: ClassVar[tuple[int, ...]] = ()
     needs_calibration: ClassVar[bool] = False
+    #: Whether :meth:`load_for_eval` runs the quantized kernels, so its tokens/s mean something;
+    #: False where it dequantizes into a plain float model (the result's speed is then not measured).
+    measures_speed: ClassVar[bool] = True
 
     def validate(self, spec: QuantizationSpec) -> QuantizationSpec:
         """Check ``spec`` for this method and return it with defaults filled in.
@@ -123,7 +151,37 @@ class Quantizer(abc.ABC):
             raise InvalidArgument(
                 f"gguf_type is only for the gguf method, not {self.name}", field="gguf_type"
             )
-        return dataclasses.replace(spec, bits=bits, group_size=group_size)
+        calibration = self._validate_calibration(spec.calibration) if self.needs_calibration else None
+        return dataclasses.replace(spec, bits=bits, group_size=group_size, calibration=calibration)
+
+    def _validate_calibration(self, calibration: CalibrationSpec | None) -> CalibrationSpec:
+        """The calibration spec with defaults filled in; ``InvalidArgument`` when it is missing or bad."""
+        if calibration is None:
+            raise InvalidArgument(
+                f"{self.name} needs calibration data: set calibration (a DatasetSample; an empty "
+                "ref.path means the default held-out text)",
+                field="calibration",
+            )
+        if calibration.num_samples < 0 or calibration.seq_len < 0:
+            raise InvalidArgument("num_samples and seq_len must be >= 0", field="calibration")
+        num_samples = calibration.num_samples or DEFAULT_CALIBRATION_SAMPLES
+        seq_len = calibration.seq_len or DEFAULT_CALIBRATION_SEQ_LEN
+        if num_samples * seq_len > MAX_CALIBRATION_TOKENS:
+            raise InvalidArgument(
+                f"at most {MAX_CALIBRATION_TOKENS} calibration tokens (num_samples x seq_len), "
+                f"not {num_samples} x {seq_len}",
+                field="calibration",
+            )
+        if calibration.dataset is not None and (calibration.dataset[1] or calibration.dataset[2]):
+            raise InvalidArgument(
+                "calibration data is read from a path on the server; revision and repo are not "
+                "supported for calibration",
+                field="calibration.ref",
+            )
+        path = calibration.text_path
+        if path is not None and not path.exists():
+            raise NotFound(f"calibration data {path} does not exist")
+        return dataclasses.replace(calibration, num_samples=num_samples, seq_len=seq_len)
 
     @abc.abstractmethod
     def quantize(

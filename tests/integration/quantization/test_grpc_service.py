@@ -27,6 +27,7 @@ from llmops.common.tiny_model import build_tiny_model
 from llmops.proto.common.v1 import dataset_pb2, job_pb2, model_pb2
 from llmops.proto.quantization.v1 import quantization_service_pb2 as pb
 from llmops.quantization.app import build_app
+from tests.registry_support import mlflow_db
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +54,8 @@ async def quantization(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
             "LLMOPS_DATA_DIR": str(data_dir),
             "LLMOPS_HEALTH_POLL_SECONDS": "0.05",
             "LLMOPS_GRACE_SECONDS": "1",
+            # jobs are tracked; a pre-migrated store spares the seconds a new SQLite one takes
+            "LLMOPS_MLFLOW_TRACKING_URI": mlflow_db(data_dir / "mlflow", tmp_path_factory.getbasetemp()),
         }
     )
     server, app = await start_app(build_app, settings, host="127.0.0.1", port=0, metrics_port=0)

@@ -63,6 +63,8 @@ async def test_job_reads_from_and_registers_child_version_in_registry(
             "grace_seconds": 1.0,
             "registry": {**endpoint, "address": registry.address},
             "quantization": {**endpoint, "address": "127.0.0.1:0", "use_registry": True},
+            # jobs are tracked in the registry's MLflow store (one store for the platform)
+            "mlflow_tracking_uri": registry.settings.mlflow_tracking_uri,
         }
     )
     server, app = await start_app(build_app, settings, host="127.0.0.1", port=0, metrics_port=0)
@@ -84,7 +86,8 @@ async def test_job_reads_from_and_registers_child_version_in_registry(
         ]
         assert events[-1].WhichOneof("payload") == "finished", events[-1]
         assert events[-1].state == job_pb2.JOB_STATE_SUCCEEDED
-        result = (await client.unary(client.stub.GetJob, qpb.GetJobRequest(job_id=job.id))).job.result
+        done = (await client.unary(client.stub.GetJob, qpb.GetJobRequest(job_id=job.id))).job
+        result, job_run_id = done.result, done.mlflow_run_id
     finally:
         await client.close()
         await server.stop(0)
@@ -100,6 +103,7 @@ async def test_job_reads_from_and_registers_child_version_in_registry(
     assert child.format == model_pb2.MODEL_FORMAT_INT8
     assert (child.lineage.parent.name, child.lineage.parent.version) == ("tiny", 1)
     assert child.lineage.job_id == job.id
+    assert child.lineage.mlflow_run_id and child.lineage.mlflow_run_id == job_run_id
     assert child.lineage.job_kind == job_pb2.JOB_KIND_QUANTIZATION
     assert child.tags["quantization_method"] == "int8_weight_only"
     measured = {

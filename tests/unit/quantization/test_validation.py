@@ -1,5 +1,5 @@
 """Unsupported method/format/device combinations are INVALID_ARGUMENT naming the offending field
-and what is supported; calibrated methods with no CPU library say so instead of running."""
+and what is supported; calibrated methods (GPTQ, AWQ) without calibration data say so."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from llmops.quantization.methods import QuantizationSpec, default_quantizers, re
     ("spec", "field", "mentions"),
     [
         (QuantizationSpec("fp2"), "method", "int8_dynamic"),
-        (QuantizationSpec("gptq"), "method", "GPU"),
-        (QuantizationSpec("awq"), "method", "GPU"),
+        (QuantizationSpec("gptq"), "calibration", "needs calibration data"),
+        (QuantizationSpec("awq"), "calibration", "needs calibration data"),
         (QuantizationSpec("int8_dynamic", bits=4), "bits", "8"),
         (QuantizationSpec("int4_weight_only", bits=8), "bits", "4"),
         (QuantizationSpec("int4_weight_only", group_size=48), "group_size", "32, 64, 128"),
