@@ -72,9 +72,15 @@ def _edit_params(root: Path, change: Callable[[dict[str, Any]], object]) -> None
 
 
 def _repro(root: Path, env: dict[str, str]) -> set[str]:
-    """Run ``dvc repro`` in ``pipelines/``; the stages it ran."""
+    """Run ``dvc repro build`` (the data half; the service stages need a stack) in ``pipelines/``;
+    the stages it ran."""
     done = subprocess.run(
-        [_dvc(), "repro"], cwd=root / "pipelines", env=env, capture_output=True, text=True, timeout=300
+        [_dvc(), "repro", "build"],
+        cwd=root / "pipelines",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     ran = set(re.findall(r"Running stage '(\w+)'", done.stdout))
