@@ -4,7 +4,7 @@ Invariants: on a fresh stack the DVC pipeline takes the data from ingest to a pr
 version; the served champion's lineage runs back through the INT8 quantization job and the LoRA
 training job to the imported base, and the training link names the dataset path and the data
 repository commit that holds those bytes (HEAD, whose dvc.lock records them) and its MLflow run;
-DVC pushed the data to its remote; a repeated deterministic request is answered from the cache
+DVC pushed the data to its remote and pulls it back; a repeated deterministic request is answered from the cache
 with the same text.
 """
 
@@ -80,3 +80,11 @@ def test_demo_runs_the_loop_and_serves_the_champion_with_its_lineage(tmp_path: P
     assert result.requests[0]["text"]  # the streamed answer arrived
     remote = tmp_path / "repo" / ".llmops" / "dvc-remote"
     assert any(remote.rglob("*")), "dvc push left the remote empty"
+    # What was pushed comes back: drop the prepared data and the local cache, then `dvc pull`.
+    sft = pipeline / "data" / "prepared" / "sft.jsonl"
+    expected = sft.read_bytes()
+    sft.unlink()
+    shutil.rmtree(pipeline / ".dvc" / "cache")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "pull", "-q", "build"], cwd=pipeline, check=True, capture_output=True)
+    assert sft.read_bytes() == expected
