@@ -170,7 +170,24 @@ class QuantizationSection(ServiceEndpoint):
     work_dir: Path | None = Field(
         default=None, description="Scratch folder for job outputs; unset: <data_dir>/quantization/work."
     )
+    runner: Literal["ray", "thread"] = Field(
+        default="ray",
+        description="Where job bodies run: Ray actors (local runtime or ray_address), or threads of the service (development).",
+    )
     workers: int = Field(default=1, ge=1, le=16, description="Jobs that run at once on this server.")
+    default_cpus: float = Field(
+        default=2.0,
+        gt=0,
+        description="CPUs per Ray worker when a job names none (Ray also sets its torch threads).",
+    )
+    cancel_grace_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a cancelled job may take to stop before its worker is killed.",
+    )
+    poll_seconds: float = Field(
+        default=0.5, gt=0, le=60, description="Longest wait for a worker's events in one poll."
+    )
     max_pending: int = Field(
         default=8, ge=1, description="Queued plus running jobs before SubmitJob answers RESOURCE_EXHAUSTED."
     )

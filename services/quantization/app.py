@@ -1,21 +1,25 @@
 """Wires the quantization service (``llmops serve quantization``): settings -> model source and
-result sink (local folders, or the registry service with ``quantization.use_registry``) -> thread job
-runner -> MLflow tracker (``quantization.tracking``) -> :class:`QuantizationService` -> gRPC servicer.
+result sink (local folders, or the registry service with ``quantization.use_registry``) -> job
+runner (Ray actors on a local runtime or ``ray_address``, or threads with ``quantization.runner:
+thread``) -> MLflow tracker (``quantization.tracking``) -> :class:`QuantizationService` -> gRPC
+servicer.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
 from llmops.common.app import ServiceApp
+from llmops.common.runners import JobRunner
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import Settings
 from llmops.proto.quantization.v1 import quantization_service_pb2_grpc as pb_grpc
 from llmops.quantization.grpc_app import SERVICE_NAME, QuantizationServicer
 from llmops.quantization.methods import default_quantizers
-from llmops.quantization.service import JobRunner, QuantizationService, ThreadJobRunner
+from llmops.quantization.service import Limits, QuantizationService, ThreadDispatcher
 from llmops.quantization.tracking import MlflowTracker, NullTracker, Tracker
 from llmops.registry.sinks import LocalDirectorySink, RegistrySink, ResultSink
 from llmops.registry.sources import LocalModelSource, ModelSource, RegistryModelSource
@@ -24,10 +28,9 @@ from llmops.registry.sources import LocalModelSource, ModelSource, RegistryModel
 class QuantizationApp(ServiceApp):
     """The quantization service hosted on one server."""
 
-    def __init__(self, service: QuantizationService, source: ModelSource, runner: JobRunner) -> None:
+    def __init__(self, service: QuantizationService, source: ModelSource) -> None:
         self.service = service
         self._source = source
-        self._runner = runner
 
     def bindings(self) -> Sequence[ServiceBinding]:
         return [
@@ -39,7 +42,24 @@ class QuantizationApp(ServiceApp):
         ]
 
     async def close(self) -> None:
-        self._runner.shutdown()
+        await asyncio.to_thread(self.service.shutdown)
+
+
+def build_runner(settings: Settings) -> JobRunner | None:
+    """Ray actors running ``llmops.quantization.worker:run``; ``None`` for threads of the service
+    (which then quantize with its own methods)."""
+    if settings.quantization.runner == "thread":
+        return None
+    from llmops.common.runners.ray_runner import RayRunner
+    from llmops.quantization.worker import BODY
+
+    return RayRunner(
+        settings.ray_address,
+        body=BODY,
+        default_cpus=settings.quantization.default_cpus,
+        temp_dir=str(settings.ray_temp_dir) if settings.ray_temp_dir else None,
+        namespace="llmops-quantization",
+    )
 
 
 def build_app(settings: Settings, registry: CollectorRegistry) -> QuantizationApp:
@@ -55,12 +75,18 @@ def build_app(settings: Settings, registry: CollectorRegistry) -> QuantizationAp
         sink = RegistrySink(address)
     else:
         source, sink = LocalModelSource(models_dir), LocalDirectorySink(models_dir)
-    runner = ThreadJobRunner(section.workers)
     tracker: Tracker = NullTracker()
     if section.tracking:
         tracking_uri, artifact_root = settings.mlflow_locations()
         tracker = MlflowTracker(tracking_uri, artifact_root, section.mlflow_experiment)
     service = QuantizationService(
-        default_quantizers(), sink, runner, work_dir, max_pending=section.max_pending, tracker=tracker
+        default_quantizers(),
+        sink,
+        ThreadDispatcher(section.workers),
+        work_dir,
+        max_pending=section.max_pending,
+        tracker=tracker,
+        runner=build_runner(settings),
+        limits=Limits(cancel_grace_seconds=section.cancel_grace_seconds, poll_seconds=section.poll_seconds),
     )
-    return QuantizationApp(service, source, runner)
+    return QuantizationApp(service, source)

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlparse
 
 from llmops.common.errors import InvalidArgument
 from llmops.common.jobs import JOB_STATES, JobState, timestamp
+from llmops.common.runners import Resources
 from llmops.proto.common.v1 import compute_pb2, job_pb2, model_pb2
 from llmops.proto.quantization.v1 import quantization_service_pb2 as pb
 from llmops.proto.quantization.v1 import quantization_service_pb2_grpc as pb_grpc
@@ -99,6 +100,12 @@ class QuantizationServicer(pb_grpc.QuantizationServiceServicer):  # type: ignore
             aliases=tuple(spec.aliases),
             tags=dict(spec.tags),
             description=spec.description,
+            resources=Resources(
+                cpus=spec.resources.cpus,
+                gpus=spec.resources.gpus,
+                memory_bytes=spec.resources.memory_bytes,
+                accelerator_type=spec.resources.accelerator_type,
+            ),
         )
         job = await asyncio.to_thread(self._service.submit, job_spec, request.request_id)
         resolved = pb.QuantizationJobSpec()
@@ -206,7 +213,7 @@ def _event(event: JobEvent) -> job_pb2.JobEvent:
     if event.kind == "queued":
         message.queued.SetInParent()
     elif event.kind == "started":
-        message.started.worker = "local"
+        message.started.worker = event.worker or "local"
         message.started.attempt = 1
         message.started.mlflow_run_id = event.mlflow_run_id
     elif event.kind == "eval":

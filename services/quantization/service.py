@@ -1,11 +1,22 @@
 """Quantization jobs on typed domain objects: submit, get, list, cancel and watch, with events.
 
-A job runs in a :class:`JobRunner` (a bounded local thread pool here; a Ray runner fits the same
-interface): load and validate -> quantize -> evaluate -> register. Every state change and progress
-step is an event with a per-job sequence number; watchers block on a condition until new events
-arrive. Cancellation is cooperative: the worker checks between phases and in progress callbacks.
-Each job gets an MLflow run (:mod:`llmops.quantization.tracking`) when it starts; the run is closed
-FINISHED, FAILED or KILLED before the terminal event, so a watcher that sees it finds the run closed.
+A job's body (:mod:`llmops.quantization.worker`: load, evaluate, quantize, evaluate) runs on a
+runner of :mod:`llmops.common.runners`, the code that runs training jobs too: a Ray actor per job
+(on a local runtime, or the cluster at ``ray_address``), or a thread of this process. A
+:class:`Dispatcher` (a bounded thread pool: ``quantization.workers`` jobs at once) runs one
+supervisor per job, which opens the job's MLflow run (:mod:`llmops.quantization.tracking`), starts
+the attempt, turns the worker's events into job events (numbered per job; watchers block on a
+condition until new ones arrive), and concludes: the measurements are logged and the result folder
+registered here, in the service, never in the worker.
+
+A job is RUNNING from when its supervisor takes it (its run is open); its ``started`` event says
+when the worker began and where (``<host> pid <pid>``). Cancelling a queued job ends it at once; a
+running one is asked to stop (the worker checks between phases and at every progress report of the
+quantizer), and its worker is killed if it has not stopped ``cancel_grace_seconds`` later, which
+frees its Ray resources. A worker that dies mid-job (killed, out of memory, node lost) fails the job
+with that reason: the job keeps no checkpoint to resume from, and the usual cause (memory) would
+strike again, so it is not retried. The run is closed FINISHED, FAILED or KILLED before the terminal
+event, so a watcher that sees that event finds the run closed.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
 import shutil
 import threading
 import time
@@ -26,14 +38,19 @@ from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from llmops.common.jobs import JobState
-from llmops.quantization import evaluate
-from llmops.quantization.calibration import calibration_windows
+from llmops.common.runners import Attempt, JobRunner, Outcome, Resources
+from llmops.common.runners.local import ThreadRunner
+from llmops.quantization import evaluate, worker
 from llmops.quantization.methods import QuantizationSpec, Quantizer, resolve
-from llmops.quantization.methods.base import ensure_not_quantized, weight_bytes
+from llmops.quantization.methods.base import ensure_not_quantized
 from llmops.quantization.tracking import NullTracker, RunStatus, Tracker
 from llmops.registry.sinks import RegisteredVersion, ResultSink, VersionMetadata
 
 log = logging.getLogger(__name__)
+#: Progress once the result is measured, while it is registered.
+_REGISTER_PROGRESS = 0.9
+#: Why a job that was running when the service stopped failed.
+_STOPPED = "the quantization service stopped before the job finished"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +77,8 @@ class JobSpec:
     aliases: tuple[str, ...] = ()
     tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     description: str = ""
+    #: What the job's worker asks for; zero: the runner's default (one GPU for a CUDA job).
+    resources: Resources = Resources()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +96,8 @@ class JobEvent:
     registered: RegisteredVersion | None = None
     #: On the "started" event: the job's MLflow run; empty when it is not tracked.
     mlflow_run_id: str = ""
+    #: On the "started" event: where the body runs (``<host> pid <pid>``).
+    worker: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +130,22 @@ class Job:
     result: JobResult | None = None
     error_message: str = ""
     cancel_requested: bool = False
+    cancel_reason: str = ""
     #: MLflow run the job logs to (created when it starts); empty when it is not tracked.
     mlflow_run_id: str = ""
     events: list[JobEvent] = dataclasses.field(default_factory=list)
 
 
-class JobRunner(abc.ABC):
-    """Runs job bodies somewhere (threads here; Ray tasks on a cluster)."""
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    #: How long a cancelled job's worker may take to stop before it is killed.
+    cancel_grace_seconds: float = 10.0
+    #: Longest wait for a worker's events in one poll (the supervisor checks for cancels between).
+    poll_seconds: float = 0.5
+
+
+class Dispatcher(abc.ABC):
+    """Runs the supervisors of queued jobs, so it decides when each starts and how many run at once."""
 
     @abc.abstractmethod
     def submit(self, work: Callable[[], None]) -> None:
@@ -125,8 +155,8 @@ class JobRunner(abc.ABC):
         """Stop accepting work and wait for running work to end."""
 
 
-class ThreadJobRunner(JobRunner):
-    """A local thread pool: quantization releases the GIL in torch kernels."""
+class ThreadDispatcher(Dispatcher):
+    """A bounded local thread pool: ``max_workers`` jobs run at once, the rest wait QUEUED."""
 
     def __init__(self, max_workers: int = 1) -> None:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="quantize")
@@ -135,11 +165,7 @@ class ThreadJobRunner(JobRunner):
         self._pool.submit(work)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
-
-
-class _Cancelled(Exception):
-    pass
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _metrics(result: JobResult) -> dict[str, float]:
@@ -151,32 +177,60 @@ def _metrics(result: JobResult) -> dict[str, float]:
     }
 
 
+def _optional(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _has_events(job: Job, already_seen: int) -> bool:
     return len(job.events) > already_seen
 
 
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0][:500] if lines else ""
+
+
 class QuantizationService:
-    """The job store and the job body; transport-neutral."""
+    """The job book and the supervisors; transport-neutral.
+
+    ``runner`` is where job bodies run; by default a thread of this process that quantizes with
+    ``quantizers`` (a Ray runner's workers use :func:`~llmops.quantization.methods.default_quantizers`).
+    """
 
     def __init__(
         self,
         quantizers: Mapping[str, Quantizer],
         sink: ResultSink,
-        runner: JobRunner,
+        dispatcher: Dispatcher,
         work_dir: Path,
         max_pending: int = 8,
         tracker: Tracker | None = None,
+        *,
+        runner: JobRunner | None = None,
+        limits: Limits = Limits(),
     ) -> None:
         self._quantizers = quantizers
         self._sink = sink
-        self._runner = runner
+        self._dispatcher = dispatcher
+        self._runner = runner or ThreadRunner(functools.partial(worker.run, quantizers=quantizers))
         self._tracker = tracker or NullTracker()
         self._work_dir = work_dir
         self._max_pending = max_pending
+        self._limits = limits
         self._jobs: dict[str, Job] = {}
         self._by_request: dict[str, str] = {}
+        self._attempts: dict[str, Attempt] = {}
         self._changed = threading.Condition()
         self._counter = itertools.count(1)
+        self._closing = False
+
+    def shutdown(self) -> None:
+        """Stop: running jobs' workers are killed (the jobs fail), then the runner is released."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self._dispatcher.shutdown()
+        self._runner.shutdown()
 
     # API ---------------------------------------------------------------------------------------
 
@@ -188,6 +242,11 @@ class QuantizationService:
             if request_id and request_id in self._by_request:
                 return self._copy(self._jobs[self._by_request[request_id]])
         _, checked = resolve(self._quantizers, spec.quantization)
+        resources = spec.resources
+        if any(
+            v < 0 or not math.isfinite(v) for v in (resources.cpus, resources.gpus, resources.memory_bytes)
+        ):
+            raise InvalidArgument("must be >= 0", field="spec.resources")
         if not spec.source_dir.is_dir():
             raise NotFound(f"source {spec.source_name} has no model folder")
         ensure_not_quantized(spec.source_dir)
@@ -205,7 +264,7 @@ class QuantizationService:
                 self._by_request[request_id] = job.id
             self._emit(job, "queued", message=f"position {pending + 1}")
             copy = self._copy(job)
-        self._runner.submit(lambda: self._run(job.id))
+        self._dispatcher.submit(functools.partial(self._supervise, job.id))
         return copy
 
     def get(self, job_id: str) -> Job:
@@ -219,16 +278,23 @@ class QuantizationService:
             return [self._copy(j) for j in sorted(jobs, key=lambda j: j.created_at, reverse=True)]
 
     def cancel(self, job_id: str, reason: str = "") -> Job:
+        """End a queued job now; ask a running one's worker to stop (killed after the grace)."""
+        attempt = None
         with self._changed:
             job = self._job(job_id)
             if job.state in (JobState.SUCCEEDED, JobState.FAILED):
                 raise FailedPrecondition(f"job {job_id} already {job.state.value}")
             if job.state is JobState.QUEUED:
-                job.cancel_requested = True
+                job.cancel_requested, job.cancel_reason = True, reason
                 self._finish(job, JobState.CANCELLED, "cancelled", message=reason)
-            elif job.state is JobState.RUNNING:
-                job.cancel_requested = True
-            return self._copy(job)
+            elif job.state is JobState.RUNNING and not job.cancel_requested:
+                job.cancel_requested, job.cancel_reason = True, reason
+                attempt = self._attempts.get(job.id)
+                self._changed.notify_all()
+            copy = self._copy(job)
+        if attempt is not None:  # at once, rather than at the supervisor's next look
+            attempt.request_cancel()
+        return copy
 
     def events_since(
         self, job_id: str, from_sequence: int = 0, timeout: float | None = None
@@ -258,124 +324,196 @@ class QuantizationService:
             if batch[-1].state.terminal:
                 return
 
-    # worker ------------------------------------------------------------------------------------
+    def attempt(self, job_id: str) -> Attempt | None:
+        """The running attempt of a job, for operators and fault-injection tests."""
+        with self._changed:
+            return self._attempts.get(job_id)
 
-    def _run(self, job_id: str) -> None:
+    # supervision -------------------------------------------------------------------------------
+
+    def _supervise(self, job_id: str) -> None:
         with self._changed:
             job = self._jobs[job_id]
-            if job.state is not JobState.QUEUED:
+            if job.state is not JobState.QUEUED or self._closing:
                 return
             job.state, job.started_at = JobState.RUNNING, time.time()
         out_dir = self._work_dir / job_id
         try:
-            self._start_run(job)
-            result = self._execute(job, out_dir)
-        except _Cancelled:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            self._end_run(job, "KILLED")
+            self._conclude(job, self._run_attempt(job, out_dir), out_dir)
+        # the tracking store, the sink, Ray or a bug: the job fails, the server stays up
+        except Exception as error:
             with self._changed:
-                self._finish(job, JobState.CANCELLED, "cancelled")
-            return
-        except Exception as error:  # the job fails; the server stays up
+                attempt = self._attempts.get(job_id)
+            if attempt is not None:  # a worker left running would hold its resources
+                attempt.kill()
             shutil.rmtree(out_dir, ignore_errors=True)
             self._end_run(job, "FAILED")
             message = error.message if hasattr(error, "message") else f"{type(error).__name__}: {error}"
             with self._changed:
-                job.error_message = message.splitlines()[0][:500] if message else type(error).__name__
-                self._finish(job, JobState.FAILED, "failed", message=job.error_message)
-            return
-        self._end_run(job, "FINISHED")
+                if not job.state.terminal:
+                    job.error_message = _first_line(message) or type(error).__name__
+                    self._finish(job, JobState.FAILED, "failed", message=job.error_message)
+        finally:
+            with self._changed:
+                self._attempts.pop(job_id, None)
+
+    def _run_attempt(self, job: Job, out_dir: Path) -> Outcome:
+        """Open the job's run, start its worker and follow it to its outcome."""
+        self._start_run(job)
         with self._changed:
-            job.result = result
-            self._finish(
-                job, JobState.SUCCEEDED, "finished", metrics=_metrics(result), registered=result.registered
-            )
-
-    def _execute(self, job: Job, out_dir: Path) -> JobResult:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+            if job.cancel_requested:
+                return Outcome("cancelled")
         spec = job.spec
-        quantizer, qspec = resolve(self._quantizers, spec.quantization)
-        tokenizer: Any = AutoTokenizer.from_pretrained(spec.source_dir)
-        windows = None
-        if spec.eval.num_samples:
-            texts = evaluate.heldout_texts(path=spec.eval.text_path)
-            windows = evaluate.token_windows(tokenizer, texts, spec.eval.num_samples, spec.eval.seq_len)
-        calibration = None
-        if qspec.calibration is not None:  # GPTQ/AWQ: text disjoint from the evaluation's
-            self._step(job, "calibrate", 0.02)
-            calibration = calibration_windows(
-                tokenizer,
-                qspec.calibration,
-                context_length=getattr(tokenizer, "model_max_length", None),
-                eval_text_path=spec.eval.text_path,
-                eval_tokens=spec.eval.num_samples * spec.eval.seq_len,
+        quantization = spec.quantization
+        if quantization.calibration is not None and quantization.calibration.text_path is not None:
+            calibration = dataclasses.replace(
+                quantization.calibration, text_path=quantization.calibration.text_path.absolute()
             )
-        tokens = spec.eval.throughput_tokens or None
-        self._step(job, "evaluate", 0.05)
-        before = evaluate.Measurement()
-        if windows or tokens:
-            source: Any = AutoModelForCausalLM.from_pretrained(spec.source_dir)
-            before = evaluate.measure(source.eval(), tokenizer, windows, tokens)
-            del source
-        self._step(job, "quantize", 0.3)
-        artifact = quantizer.quantize(
-            spec.source_dir,
-            out_dir,
-            qspec,
-            calibration=calibration,
-            progress=lambda f: self._step(job, "quantize", 0.3 + 0.4 * f),
+            quantization = dataclasses.replace(quantization, calibration=calibration)
+        plan = worker.Plan(  # paths absolute: a worker process need not share this one's folder
+            job_id=job.id,
+            source_dir=spec.source_dir.absolute(),
+            out_dir=out_dir.absolute(),
+            quantization=quantization,
+            eval_samples=spec.eval.num_samples,
+            eval_seq_len=spec.eval.seq_len,
+            eval_text_path=spec.eval.text_path.absolute() if spec.eval.text_path else None,
+            throughput_tokens=spec.eval.throughput_tokens,
         )
-        self._step(job, "evaluate", 0.7)
-        after = evaluate.Measurement()
-        # a method whose eval model is dequantized floats (GPTQ/AWQ) has its speed not measured
-        after_tokens = tokens if quantizer.measures_speed else None
-        if windows or after_tokens:
-            after = evaluate.measure(quantizer.load_for_eval(out_dir), tokenizer, windows, after_tokens)
-        size_before = weight_bytes(spec.source_dir)
+        resources = spec.resources
+        if spec.quantization.device == "cuda" and not resources.gpus:
+            resources = dataclasses.replace(resources, gpus=1.0)
+        attempt = self._runner.start(job.id, plan.to_dict(), resources)
+        with self._changed:
+            self._attempts[job.id] = attempt
+            cancelled_meanwhile = job.cancel_requested
+        if cancelled_meanwhile:
+            attempt.request_cancel()
+        return self._follow(job, attempt)
+
+    def _follow(self, job: Job, attempt: Attempt) -> Outcome:
+        """Poll the worker's events until it ends; a cancel is asked for, then enforced by a kill."""
+        cancel_sent: float | None = None
+        started = False
+        while True:
+            with self._changed:
+                closing, cancelling = self._closing, job.cancel_requested
+            if closing:
+                attempt.kill()
+                return Outcome("failed", reason=_STOPPED)
+            if cancelling:
+                if not started:  # still waiting for a worker, or just starting: nothing to stop
+                    attempt.kill()
+                    return Outcome("cancelled")
+                if cancel_sent is None:
+                    attempt.request_cancel()
+                    cancel_sent = time.monotonic()
+                elif time.monotonic() - cancel_sent > self._limits.cancel_grace_seconds:
+                    attempt.kill()
+                    return Outcome("cancelled")
+            events, outcome = attempt.poll(self._limits.poll_seconds)
+            started = self._apply(job, events) or started
+            if outcome is not None:
+                return outcome
+
+    def _apply(self, job: Job, raw_events: list[dict[str, Any]]) -> bool:
+        """Worker events -> job fields and job events; whether the worker's start was among them."""
+        started = False
+        with self._changed:
+            for raw in raw_events:
+                kind = raw.get("kind")
+                if kind == "started":
+                    started = True
+                    self._emit(
+                        job,
+                        "started",
+                        phase="load",
+                        mlflow_run_id=job.mlflow_run_id,
+                        worker=str(raw.get("worker", "")),
+                    )
+                elif kind == "step":
+                    job.phase = str(raw.get("phase", job.phase))
+                    job.progress = max(job.progress, float(raw.get("progress", 0.0)))
+                    self._emit(job, "step", phase=job.phase)
+                elif kind == "log":  # the worker's failure line; the failed event carries it too
+                    log.info("quantization job %s: %s", job.id, raw.get("message", ""))
+        return started
+
+    # conclusion --------------------------------------------------------------------------------
+
+    def _conclude(self, job: Job, outcome: Outcome, out_dir: Path) -> None:
+        if outcome.kind == "succeeded" and not job.cancel_requested:
+            assert outcome.result is not None
+            self._succeed(job, outcome.result, out_dir)
+            return
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if job.cancel_requested or outcome.kind == "cancelled":
+            # however its worker ended (done, lost while stopping...), a job stopped on request is
+            # cancelled, and its result is not registered
+            self._end_run(job, "KILLED")
+            with self._changed:
+                self._finish(job, JobState.CANCELLED, "cancelled", message=job.cancel_reason)
+            return
+        reason = outcome.reason or "the worker failed"
+        if outcome.kind == "lost":
+            reason += " (quantization jobs are not retried; submit it again)"
+        self._end_run(job, "FAILED")
+        with self._changed:
+            job.error_message = _first_line(reason)
+            self._finish(job, JobState.FAILED, "failed", message=job.error_message)
+
+    def _succeed(self, job: Job, raw: Mapping[str, Any], out_dir: Path) -> None:
+        """Log the measurements, register the folder (a failure here fails the job), finish."""
+        spec = job.spec
+        before, after = int(raw["size_bytes_before"]), int(raw["size_bytes_after"])
         result = JobResult(
-            size_bytes_before=size_before,
-            size_bytes_after=artifact.size_bytes,
-            size_ratio=artifact.size_bytes / size_before,
-            format=artifact.format,
+            size_bytes_before=before,
+            size_bytes_after=after,
+            size_ratio=after / before,
+            format=str(raw["format"]),
             output_dir=out_dir,
-            perplexity_before=before.perplexity,
-            perplexity_after=after.perplexity,
-            tokens_per_second_before=before.tokens_per_second,
-            tokens_per_second_after=after.tokens_per_second,
+            perplexity_before=_optional(raw.get("perplexity_before")),
+            perplexity_after=_optional(raw.get("perplexity_after")),
+            tokens_per_second_before=_optional(raw.get("tokens_per_second_before")),
+            tokens_per_second_after=_optional(raw.get("tokens_per_second_after")),
         )
         metrics = _metrics(result)
         self._track_result(job, metrics, out_dir)
-        self._step(job, "register", 0.9, kind="eval", metrics=metrics)
-        if not spec.register:
-            return result
-        tags = {**spec.tags, "quantization_method": qspec.method}
-        if qspec.gguf_type:
-            tags["gguf_type"] = qspec.gguf_type
-        metadata = VersionMetadata(
-            model_name=spec.output_model_name or f"{spec.source_name}-{qspec.method.replace('_', '-')}",
-            parent_name=spec.source_name,
-            parent_version=spec.source_version,
-            description=spec.description or f"{spec.source_name} quantized with {qspec.method}",
-            tags=tags,
-            metrics=metrics,
-            aliases=spec.aliases,
-            format=artifact.format,
-            job_id=job.id,
-            dataset=qspec.calibration.dataset if qspec.calibration else None,
-            mlflow_run_id=job.mlflow_run_id,
-        )
-        return dataclasses.replace(result, registered=self._sink.register(metadata, out_dir))
+        with self._changed:
+            job.phase, job.progress = "register", max(job.progress, _REGISTER_PROGRESS)
+            self._emit(job, "eval", phase="register", metrics=metrics)
+        if spec.register:
+            qspec = spec.quantization
+            tags = {**spec.tags, "quantization_method": qspec.method}
+            if qspec.gguf_type:
+                tags["gguf_type"] = qspec.gguf_type
+            metadata = VersionMetadata(
+                model_name=spec.output_model_name or f"{spec.source_name}-{qspec.method.replace('_', '-')}",
+                parent_name=spec.source_name,
+                parent_version=spec.source_version,
+                description=spec.description or f"{spec.source_name} quantized with {qspec.method}",
+                tags=tags,
+                metrics=metrics,
+                aliases=spec.aliases,
+                format=result.format,
+                job_id=job.id,
+                dataset=qspec.calibration.dataset if qspec.calibration else None,
+                mlflow_run_id=job.mlflow_run_id,
+            )
+            result = dataclasses.replace(result, registered=self._sink.register(metadata, out_dir))
+        self._end_run(job, "FINISHED")
+        with self._changed:
+            job.result = result
+            self._finish(job, JobState.SUCCEEDED, "finished", metrics=metrics, registered=result.registered)
 
     # tracking ----------------------------------------------------------------------------------
 
     def _start_run(self, job: Job) -> None:
-        """Create the job's MLflow run, then announce the start with its id. A store that cannot be
+        """Create the job's MLflow run (its id goes on the ``started`` event). A store that cannot be
         reached fails the job (``Unavailable``)."""
         run_id = self._tracker.start_run(job)
         with self._changed:
             job.mlflow_run_id = run_id
-            self._emit(job, "started", phase="load", mlflow_run_id=run_id)
 
     def _track_result(self, job: Job, metrics: Mapping[str, float], out_dir: Path) -> None:
         """Log the measurements and the result's files; trouble here only warns."""
@@ -398,20 +536,6 @@ class QuantizationService:
 
     # helpers -----------------------------------------------------------------------------------
 
-    def _step(
-        self,
-        job: Job,
-        phase: str,
-        progress: float,
-        kind: str = "step",
-        metrics: Mapping[str, float] | None = None,
-    ) -> None:
-        with self._changed:
-            if job.cancel_requested:
-                raise _Cancelled
-            job.phase, job.progress = phase, max(job.progress, progress)
-            self._emit(job, kind, phase=phase, metrics=metrics or {})
-
     def _finish(
         self,
         job: Job,
@@ -421,6 +545,7 @@ class QuantizationService:
         metrics: Mapping[str, float] | None = None,
         registered: RegisteredVersion | None = None,
     ) -> None:
+        """Terminal transition (caller holds the condition)."""
         job.state, job.finished_at = state, time.time()
         if state is JobState.SUCCEEDED:
             job.progress = 1.0
@@ -435,6 +560,7 @@ class QuantizationService:
         metrics: Mapping[str, float] | None = None,
         registered: RegisteredVersion | None = None,
         mlflow_run_id: str = "",
+        worker: str = "",
     ) -> None:
         """Append an event (caller holds the condition) and wake watchers."""
         job.events.append(
@@ -450,6 +576,7 @@ class QuantizationService:
                 metrics=dict(metrics or {}),
                 registered=registered,
                 mlflow_run_id=mlflow_run_id,
+                worker=worker,
             )
         )
         self._changed.notify_all()

@@ -1,8 +1,8 @@
 """The embedded stack on one machine: every service and its dependencies as child processes.
 
 ``up`` starts, in dependency order, Redis (``redis-server``), the registry (MLflow on a SQLite file
-in the data folder), cache, quantization, training (which starts its local Ray runtime) and serving,
-each as ``llmops serve <service>`` in its own session with its log in ``<data_dir>/logs/``; then,
+in the data folder), cache, quantization and training (each starting its local Ray runtime) and
+serving, each as ``llmops serve <service>`` in its own session with its log in ``<data_dir>/logs/``; then,
 when they are installed, Prometheus scraping every service's ``/metrics`` and an MLflow UI over the
 same SQLite file. Each service is started only after the one before answers gRPC health SERVING,
 and learns the real addresses of those it calls through ``LLMOPS_*_ADDRESS``. What runs where is

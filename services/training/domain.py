@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from llmops.common.jobs import JobState as JobState  # re-exported: part of the domain's vocabulary
+from llmops.common.runners.base import Resources as Resources  # re-exported, as JobState
 
 Method = Literal["sft", "lora", "qlora", "dpo"]
 DataFormat = Literal["text", "prompt_completion", "chat", "preference"]
@@ -67,14 +68,6 @@ class LoraSpec:
     dropout: float | None = None
     target_modules: tuple[str, ...] = ()
     merge_adapter: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Resources:
-    cpus: float = 0.0
-    gpus: float = 0.0
-    memory_bytes: int = 0
-    accelerator_type: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

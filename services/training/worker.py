@@ -18,26 +18,22 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from llmops.common.runners.base import Cancelled as Cancelled  # re-exported: what bodies raise
+from llmops.common.runners.base import Emit
 from llmops.training.checkpoints import is_complete
 from llmops.training.data import read_rows
 from llmops.training.domain import WorkerPlan
 
-Emit = Callable[[dict[str, Any]], None]
 #: Checkpoints kept on disk; older ones are deleted as new ones are written.
 KEEP_CHECKPOINTS = 2
-
-
-class Cancelled(Exception):
-    """The job was asked to stop."""
 
 
 def tokenize_sft(plan: WorkerPlan, tokenizer: Any, rows: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
@@ -282,12 +278,18 @@ def _split(dataset: Any, plan: WorkerPlan) -> tuple[Any, Any]:
     return parts["train"], parts["test"]
 
 
-def train(plan: WorkerPlan, emit: Emit, stop: threading.Event) -> dict[str, Any]:
-    """Run the job to its end; returns ``output_dir``, ``format``, ``metrics``, ``parameter_count``."""
+def train(plan: WorkerPlan | Mapping[str, Any], emit: Emit, stop: threading.Event) -> dict[str, Any]:
+    """Run the job to its end; returns ``output_dir``, ``format``, ``metrics``, ``parameter_count``.
+
+    ``plan`` may come as its dict (``WorkerPlan.to_dict``), which is how a runner hands it over.
+    """
     import datasets
     import transformers
     from datasets import Dataset
     from transformers import AutoTokenizer
+
+    if not isinstance(plan, WorkerPlan):
+        plan = WorkerPlan.from_dict(plan)
 
     datasets.disable_progress_bars()  # the job's events are its progress display
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -381,7 +383,3 @@ def _export(plan: WorkerPlan, trainer: Any, tokenizer: Any, metrics: dict[str, f
         "parameter_count": int(trainable),
         "step": int(trainer.state.global_step),
     }
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()} pid {os.getpid()}"

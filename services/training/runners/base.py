@@ -1,55 +1,45 @@
-"""The runner interface: start a job body somewhere, poll its events, cancel or kill it.
+"""Training's side of the runner interface; the runner code itself is :mod:`llmops.common.runners`.
 
-A runner starts one :class:`Attempt` per try of a job. The body runs inside a :class:`WorkerCore`
-(the same in a Ray actor and in a thread): it buffers the body's events with a sequence cursor,
-long-polls them out, carries the stop flag, and turns how the body ended into an outcome dict, so no
-exception has to cross a process boundary. An attempt whose process disappeared ends as ``lost``;
-the service then resumes the job from its last checkpoint.
+What is training's own is the plan: a training :class:`JobRunner` starts a :class:`WorkerPlan`,
+which crosses to the worker as ``WorkerPlan.to_dict()`` and reaches the body as a ``WorkerPlan``
+again; a CUDA plan gets one GPU when its job names none. An attempt whose process disappeared ends
+as ``lost``; the service then resumes the job from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
+import functools
 import threading
-import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
+from llmops.common import runners as common
+from llmops.common.runners.base import Attempt, Emit, Outcome, WorkerCore, load_body, outcome_of
 from llmops.training.domain import Resources, WorkerPlan
 
-Body = Callable[[WorkerPlan, Callable[[dict[str, Any]], None], threading.Event], dict[str, Any]]
+__all__ = [
+    "DEFAULT_BODY",
+    "Attempt",
+    "Body",
+    "JobRunner",
+    "Outcome",
+    "PlanRunner",
+    "WorkerCore",
+    "load_body",
+    "outcome_of",
+    "typed_body",
+]
+
+#: A training job body: called with the plan as a ``WorkerPlan``.
+Body = Callable[[WorkerPlan, Emit, threading.Event], dict[str, Any]]
+#: The body Ray workers import (it takes the plan as a dict or a ``WorkerPlan``).
 DEFAULT_BODY = "llmops.training.worker:train"
 
 
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """How an attempt ended: ``lost`` means its worker process went away mid-job."""
-
-    kind: Literal["succeeded", "failed", "cancelled", "lost"]
-    result: dict[str, Any] | None = None
-    reason: str = ""
-
-
-class Attempt(abc.ABC):
-    """One try of a job on a worker."""
-
-    @abc.abstractmethod
-    def poll(self, timeout: float) -> tuple[list[dict[str, Any]], Outcome | None]:
-        """New events (waiting up to ``timeout`` s for some) and the outcome once the body ended."""
-
-    @abc.abstractmethod
-    def request_cancel(self) -> None:
-        """Ask the body to stop at its next check (it then ends ``cancelled``)."""
-
-    @abc.abstractmethod
-    def kill(self) -> None:
-        """Stop the worker now and free its resources."""
-
-
 class JobRunner(abc.ABC):
-    """Starts attempts of jobs."""
+    """Starts attempts of training jobs."""
 
     @abc.abstractmethod
     def start(self, plan: WorkerPlan, resources: Resources) -> Attempt:
@@ -63,58 +53,29 @@ class JobRunner(abc.ABC):
         """Release the runner's own resources (running attempts are the service's to stop)."""
 
 
-def load_body(path: str) -> Body:
-    """``"package.module:function"`` -> the function."""
-    module, _, name = path.partition(":")
-    body: Body = getattr(importlib.import_module(module), name)
-    return body
+class PlanRunner(JobRunner):
+    """A training runner over a common one: ``WorkerPlan`` -> dict, a GPU for a CUDA plan."""
+
+    def __init__(self, runner: common.JobRunner) -> None:
+        self.runner = runner
+
+    def start(self, plan: WorkerPlan, resources: Resources) -> Attempt:
+        if plan.device == "cuda" and not resources.gpus:
+            resources = dataclasses.replace(resources, gpus=1.0)
+        return self.runner.start(plan.job_id, plan.to_dict(), resources)
+
+    def accelerator(self) -> tuple[bool, bool]:
+        return self.runner.accelerator()
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:400]}" if text else type(error).__name__
+def typed_body(body: Body) -> common.Body:
+    """``body`` as the common runners call it: with the plan as a dict."""
 
+    @functools.wraps(body)
+    def run(plan: dict[str, Any], emit: Emit, stop: threading.Event) -> dict[str, Any]:
+        return body(WorkerPlan.from_dict(plan), emit, stop)
 
-class WorkerCore:
-    """Runs a body, buffers its events, and answers event polls and cancels from other threads."""
-
-    def __init__(self, body: Body) -> None:
-        self._body = body
-        self._events: list[dict[str, Any]] = []
-        self._changed = threading.Condition()
-        self._stop = threading.Event()
-
-    def run(self, plan: dict[str, Any]) -> dict[str, Any]:
-        from llmops.training.worker import Cancelled, worker_name
-
-        self.emit({"kind": "started", "worker": worker_name()})
-        try:
-            result = self._body(WorkerPlan.from_dict(plan), self.emit, self._stop)
-        except Cancelled:
-            return {"outcome": "cancelled"}
-        except Exception as error:  # the job fails, the worker reports why
-            if self._stop.is_set():
-                return {"outcome": "cancelled"}
-            self.emit({"kind": "log", "level": "error", "message": _one_line(error)})
-            return {"outcome": "failed", "reason": _one_line(error)}
-        return {"outcome": "succeeded", "result": result}
-
-    def emit(self, event: dict[str, Any]) -> None:
-        with self._changed:
-            self._events.append({"time": time.time(), **event})
-            self._changed.notify_all()
-
-    def events(self, since: int, wait: float = 0.0) -> list[dict[str, Any]]:
-        """Events from index ``since``, waiting up to ``wait`` s when there are none yet."""
-        with self._changed:
-            self._changed.wait_for(lambda: len(self._events) > since, timeout=wait)
-            return list(self._events[since:])
-
-    def cancel(self) -> None:
-        self._stop.set()
-        with self._changed:
-            self._changed.notify_all()
-
-
-def outcome_of(raw: dict[str, Any]) -> Outcome:
-    return Outcome(kind=raw["outcome"], result=raw.get("result"), reason=raw.get("reason", ""))
+    return run

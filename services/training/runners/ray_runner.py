@@ -1,121 +1,17 @@
-"""Job bodies in Ray actors: one actor per attempt, placed with the job's resources.
-
-The actor is threaded (``max_concurrency``): ``run`` trains in one thread while ``events``
-long-polls and ``cancel`` set the stop flag from others. The service keeps at most one ``events``
-call in flight per attempt, so an actor still waiting for resources does not pile up calls. When the
-actor's process dies (killed, OOM, node lost) ``run`` raises ``RayActorError`` and the attempt ends
-``lost``; killing an attempt kills its actor, which frees its CPUs and GPUs at once.
-
-With no address a local Ray runtime is started (no dashboard, its own temp folder); with an address
-(``ray://`` or ``host:port``, or ``auto`` inside a KubeRay pod) the service joins that cluster.
-"""
+"""Training job bodies in Ray actors: the common :mod:`llmops.common.runners.ray_runner` with
+training's body (``llmops.training.worker:train``), plan conversion and namespace."""
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
-from typing import Any
+from llmops.common.runners import ray_runner
+from llmops.common.runners.ray_runner import RayAttempt, WorkerActor
+from llmops.training.runners.base import DEFAULT_BODY, PlanRunner
 
-from llmops.common.errors import Unavailable
-from llmops.training.domain import Resources, WorkerPlan
-from llmops.training.runners.base import (
-    DEFAULT_BODY,
-    Attempt,
-    JobRunner,
-    Outcome,
-    WorkerCore,
-    load_body,
-    outcome_of,
-)
-
-log = logging.getLogger(__name__)
-#: How long to wait for a finished actor's last events before giving up on them.
-_DRAIN_SECONDS = 10.0
+__all__ = ["RayAttempt", "RayRunner", "WorkerActor"]
 
 
-class TrainingActor:
-    """The Ray actor class (wrapped with ``ray.remote`` at start); holds one :class:`WorkerCore`."""
-
-    def __init__(self, body: str) -> None:
-        self._core = WorkerCore(load_body(body))
-
-    def run(self, plan: dict[str, Any]) -> dict[str, Any]:
-        return self._core.run(plan)
-
-    def events(self, since: int, wait: float) -> list[dict[str, Any]]:
-        return self._core.events(since, wait)
-
-    def cancel(self) -> None:
-        self._core.cancel()
-
-    def pid(self) -> int:
-        return os.getpid()
-
-
-class RayAttempt(Attempt):
-    def __init__(self, ray: Any, actor: Any, plan: WorkerPlan) -> None:
-        self._ray: Any = ray
-        self._actor = actor
-        self._run = actor.run.remote(plan.to_dict())
-        self._pending: Any = None
-        self._cursor = 0
-
-    def poll(self, timeout: float) -> tuple[list[dict[str, Any]], Outcome | None]:
-        ray = self._ray
-        if self._pending is None:
-            self._pending = self._actor.events.remote(self._cursor, timeout)
-        ray.wait([self._pending, self._run], num_returns=1, timeout=timeout + 1.0)
-        events = self._take(0.0)
-        if not ray.wait([self._run], timeout=0)[0]:
-            return events, None
-        events += self._take(_DRAIN_SECONDS)
-        events += self._take(_DRAIN_SECONDS)  # anything emitted after the in-flight call answered
-        try:
-            outcome = outcome_of(ray.get(self._run))
-        except ray.exceptions.RayActorError as error:
-            outcome = Outcome("lost", reason=f"worker lost: {str(error).splitlines()[0][:300]}")
-        except ray.exceptions.RayError as error:
-            outcome = Outcome("failed", reason=str(error).splitlines()[0][:400])
-        self.kill()
-        return events, outcome
-
-    def _take(self, wait: float) -> list[dict[str, Any]]:
-        """The in-flight ``events`` call's answer if it came within ``wait`` s (and start the next)."""
-        ray = self._ray
-        if self._pending is None:
-            self._pending = self._actor.events.remote(self._cursor, 0.0)
-        if not ray.wait([self._pending], timeout=wait)[0]:
-            return []
-        pending, self._pending = self._pending, None
-        try:
-            events: list[dict[str, Any]] = ray.get(pending)
-        except ray.exceptions.RayError:
-            return []
-        self._cursor += len(events)
-        return events
-
-    def request_cancel(self) -> None:
-        try:
-            self._actor.cancel.remote()
-        except Exception:  # the actor is already gone; the next poll reports it
-            log.debug("cancel of a gone actor", exc_info=True)
-
-    def kill(self) -> None:
-        try:
-            self._ray.kill(self._actor, no_restart=True)
-        except Exception:
-            log.debug("kill of a gone actor", exc_info=True)
-
-    def pid(self, timeout: float = 30.0) -> int:
-        """The worker process id (for operators and fault-injection tests)."""
-        value: int = self._ray.get(self._actor.pid.remote(), timeout=timeout)
-        return value
-
-
-class RayRunner(JobRunner):
-    """Starts attempts as Ray actors, on a local runtime or the cluster at ``address``."""
+class RayRunner(PlanRunner):
+    """Starts training attempts as Ray actors, on a local runtime or the cluster at ``address``."""
 
     def __init__(
         self,
@@ -126,62 +22,8 @@ class RayRunner(JobRunner):
         temp_dir: str | None = None,
         namespace: str = "llmops-training",
     ) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise Unavailable("ray is not installed; install llmops[training]") from None
-        self._ray: Any = ray
-        self._default_cpus = default_cpus
-        self._body = body
-        self._owns_runtime = False
-        self._own_temp: str | None = None
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            options: dict[str, Any] = {
-                "namespace": namespace,
-                "log_to_driver": False,
-                "configure_logging": False,
-            }
-            if address:
-                options["address"] = address
-            else:
-                if temp_dir is None:
-                    temp_dir = self._own_temp = tempfile.mkdtemp(prefix="llmops-ray-")
-                options.update(
-                    include_dashboard=False,
-                    _temp_dir=temp_dir,
-                    object_store_memory=256 * 1024 * 1024,
-                    # Ray starts workers at nice 15 by default; here they are the job, not a
-                    # background chore, and would lose every core to the rest of the host.
-                    _system_config={"worker_niceness": 0},
-                )
-            try:
-                ray.init(**options)
-            except Exception as error:
-                raise Unavailable(f"cannot start or reach Ray: {str(error).splitlines()[0]}") from None
-            self._owns_runtime = True
-        self._actor_class = ray.remote(TrainingActor)
-
-    def start(self, plan: WorkerPlan, resources: Resources) -> RayAttempt:
-        options: dict[str, Any] = {
-            "num_cpus": resources.cpus or self._default_cpus,
-            "num_gpus": resources.gpus or (1.0 if plan.device == "cuda" else 0.0),
-            "max_concurrency": 4,
-            "max_restarts": 0,
-        }
-        if resources.memory_bytes:
-            options["memory"] = resources.memory_bytes
-        if resources.accelerator_type:
-            options["accelerator_type"] = resources.accelerator_type
-        actor = self._actor_class.options(**options).remote(self._body)
-        return RayAttempt(self._ray, actor, plan)
-
-    def accelerator(self) -> tuple[bool, bool]:
-        gpus = self._ray.cluster_resources().get("GPU", 0)
-        return gpus > 0, gpus > 0  # Ampere and newer (what clusters run training on) do BF16
-
-    def shutdown(self) -> None:
-        if self._owns_runtime and self._ray.is_initialized():
-            self._ray.shutdown()
-        if self._own_temp is not None:
-            shutil.rmtree(self._own_temp, ignore_errors=True)
+        super().__init__(
+            ray_runner.RayRunner(
+                address, body=body, default_cpus=default_cpus, temp_dir=temp_dir, namespace=namespace
+            )
+        )

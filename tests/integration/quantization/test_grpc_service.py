@@ -54,6 +54,7 @@ async def quantization(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
             "LLMOPS_DATA_DIR": str(data_dir),
             "LLMOPS_HEALTH_POLL_SECONDS": "0.05",
             "LLMOPS_GRACE_SECONDS": "1",
+            "LLMOPS_QUANTIZATION_RUNNER": "thread",  # jobs on Ray: test_ray_jobs.py
             # jobs are tracked; a pre-migrated store spares the seconds a new SQLite one takes
             "LLMOPS_MLFLOW_TRACKING_URI": mlflow_db(data_dir / "mlflow", tmp_path_factory.getbasetemp()),
         }

@@ -49,6 +49,8 @@ async def _start(data_dir: Path, tracking_uri: str) -> Running:
             "health_poll_seconds": 0.05,
             "grace_seconds": 1.0,
             "mlflow_tracking_uri": tracking_uri,
+            # jobs on Ray: test_ray_jobs.py
+            "quantization": {"port": 0, "metrics_port": 0, "address": "127.0.0.1:0", "runner": "thread"},
         }
     )
     server, app = await start_app(build_app, settings, host="127.0.0.1", port=0, metrics_port=0)

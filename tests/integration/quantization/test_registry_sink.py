@@ -62,7 +62,7 @@ async def test_job_reads_from_and_registers_child_version_in_registry(
             "health_poll_seconds": 0.05,
             "grace_seconds": 1.0,
             "registry": {**endpoint, "address": registry.address},
-            "quantization": {**endpoint, "address": "127.0.0.1:0", "use_registry": True},
+            "quantization": {**endpoint, "address": "127.0.0.1:0", "use_registry": True, "runner": "thread"},
             # jobs are tracked in the registry's MLflow store (one store for the platform)
             "mlflow_tracking_uri": registry.settings.mlflow_tracking_uri,
         }

@@ -45,7 +45,7 @@ from llmops.quantization.methods.wna16 import (
     unpack_gptq,
     unpack_int4,
 )
-from llmops.quantization.service import EvalSpec, JobRunner, JobSpec, QuantizationService
+from llmops.quantization.service import Dispatcher, EvalSpec, JobSpec, QuantizationService
 from llmops.registry.sinks import LocalDirectorySink
 
 CALIBRATION = CalibrationSpec(num_samples=8, seq_len=256)
@@ -219,7 +219,7 @@ def test_awq_folding_keeps_the_float_model_equivalent() -> None:
 # validation and jobs -------------------------------------------------------------------------------
 
 
-class _HeldRunner(JobRunner):
+class _HeldRunner(Dispatcher):
     def __init__(self) -> None:
         self.pending: list[Any] = []
 
@@ -227,7 +227,7 @@ class _HeldRunner(JobRunner):
         self.pending.append(work)
 
 
-def _service(tmp_path: Path, runner: JobRunner) -> QuantizationService:
+def _service(tmp_path: Path, runner: Dispatcher) -> QuantizationService:
     return QuantizationService(
         default_quantizers(), LocalDirectorySink(tmp_path / "registry"), runner, tmp_path / "work"
     )

@@ -19,17 +19,17 @@ from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, 
 from llmops.quantization.methods import QuantizationSpec, default_quantizers
 from llmops.quantization.methods.base import ProgressFn, QuantizedArtifact, Quantizer
 from llmops.quantization.service import (
+    Dispatcher,
     EvalSpec,
-    JobRunner,
     JobSpec,
     JobState,
     QuantizationService,
-    ThreadJobRunner,
+    ThreadDispatcher,
 )
 from llmops.registry.sinks import LocalDirectorySink
 
 
-class ManualRunner(JobRunner):
+class ManualRunner(Dispatcher):
     """Holds work until the test runs it, so tests control when a job starts."""
 
     def __init__(self) -> None:
@@ -75,7 +75,7 @@ def _spec(src: Path, method: str = "int8_dynamic", **kwargs: Any) -> JobSpec:
     )
 
 
-def _service(tmp_path: Path, runner: JobRunner, **kwargs: Any) -> QuantizationService:
+def _service(tmp_path: Path, runner: Dispatcher, **kwargs: Any) -> QuantizationService:
     return QuantizationService(
         kwargs.pop("quantizers", default_quantizers()),
         LocalDirectorySink(tmp_path / "registry"),
@@ -86,7 +86,7 @@ def _service(tmp_path: Path, runner: JobRunner, **kwargs: Any) -> QuantizationSe
 
 
 def test_job_runs_to_success_and_registers_a_child_version(tiny_model_dir: Path, tmp_path: Path) -> None:
-    runner = ThreadJobRunner()
+    runner = ThreadDispatcher()
     service = _service(tmp_path, runner)
     evaluation = EvalSpec(num_samples=2, seq_len=64, throughput_tokens=8)
     job = service.submit(_spec(tiny_model_dir, eval=evaluation, aliases=("candidate",)), request_id="r1")

@@ -24,12 +24,12 @@ from llmops.common.errors import Unavailable
 from llmops.common.jobs import JobState
 from llmops.quantization.methods import QuantizationSpec
 from llmops.quantization.methods.base import CalibrationSpec, ProgressFn, QuantizedArtifact, Quantizer
-from llmops.quantization.service import EvalSpec, JobRunner, JobSpec, QuantizationService
+from llmops.quantization.service import Dispatcher, EvalSpec, JobSpec, QuantizationService
 from llmops.quantization.tracking import RunStatus, Tracker, dataset_record, run_datasets, run_params
 from llmops.registry.sinks import LocalDirectorySink
 
 
-class ManualRunner(JobRunner):
+class ManualRunner(Dispatcher):
     """Runs submitted work when the test says so, in the test's thread."""
 
     def __init__(self) -> None:
@@ -150,7 +150,7 @@ def _spec(src: Path, **kwargs: Any) -> JobSpec:
 
 
 def _run(service: QuantizationService) -> None:
-    runner = service._runner
+    runner = service._dispatcher
     assert isinstance(runner, ManualRunner)
     runner.run_all()
 
