@@ -655,9 +655,10 @@ def test_notes_say_what_was_installed_and_how_to_check_it(
 def test_training_pods_and_the_ray_cluster_share_the_job_volume(
     renders: dict[str, Rendered], name: str
 ) -> None:
-    """A job the service writes (dataset snapshot, base cache) is what its Ray worker reads, and the
-    checkpoints a lost worker leaves are where the next one looks: one ReadWriteMany claim, mounted
-    at the training work folder in every training pod and every RayCluster pod, never in serving's."""
+    """A job the service writes (dataset snapshot, base cache, quantization source) is what its Ray
+    worker reads, and the checkpoints a lost worker leaves are where the next one looks: one
+    ReadWriteMany claim, mounted at the training and quantization work folders in those services'
+    pods and every RayCluster pod, never in serving's."""
     rendered, values = renders[name], load_values(name)
     storage = values["training"]["sharedStorage"]
     if not (values["training"]["enabled"] and storage["enabled"]):
@@ -670,7 +671,7 @@ def test_training_pods_and_the_ray_cluster_share_the_job_volume(
     sharing = [
         pod
         for pod in rendered.pod_templates()
-        if _component(pod) == "training" or (pod.owner_kind == "RayCluster")
+        if _component(pod) in ("training", "quantization") or (pod.owner_kind == "RayCluster")
     ]
     assert any(_component(pod) == "training" for pod in sharing)
     for pod in sharing:
@@ -681,10 +682,13 @@ def test_training_pods_and_the_ray_cluster_share_the_job_volume(
 
 
 def _mounts_jobs(pod: PodTemplate) -> str:
-    """The claim mounted at /var/lib/llmops/training in the pod's main container, else ''."""
+    """The claim mounted at both job folders (own subpaths) in the pod's main container, else ''."""
     volumes = {v["name"]: v for v in pod.spec.get("volumes") or []}
+    claims = set()
     for mount in pod.spec["containers"][0].get("volumeMounts") or []:
-        if mount["mountPath"] == "/var/lib/llmops/training":
-            claim: str = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
-            return claim
-    return ""
+        for service in ("training", "quantization"):
+            if mount["mountPath"] == f"/var/lib/llmops/{service}":
+                assert mount.get("subPath") == service, pod.where
+                claims.add(volumes[mount["name"]]["persistentVolumeClaim"]["claimName"])
+    assert len(claims) <= 1, pod.where
+    return claims.pop() if claims else ""

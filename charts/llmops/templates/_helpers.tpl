@@ -391,10 +391,15 @@ securityContext:
 {{- end -}}
 {{- end }}
 
-{{/* Where the training jobs' shared claim is mounted, in the training pods and the Ray pods alike. */}}
+{{/* Where the jobs' shared claim is mounted, in the training and quantization pods and the Ray pods
+alike: each service's job folders (snapshots, checkpoints, sources, results) on its own subpath. */}}
 {{- define "llmops.trainingMount" -}}
 - name: training-jobs
   mountPath: /var/lib/llmops/training
+  subPath: training
+- name: training-jobs
+  mountPath: /var/lib/llmops/quantization
+  subPath: quantization
 {{- end }}
 
 {{- define "llmops.trainingVolume" -}}
