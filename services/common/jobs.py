@@ -7,6 +7,8 @@ job records and events use.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, TypeVar
 
 from google.protobuf import timestamp_pb2
 
@@ -42,3 +44,37 @@ def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(round(seconds * 1e9))
     return stamp
+
+
+class _Event(Protocol):
+    @property
+    def sequence(self) -> int: ...
+
+    @property
+    def state(self) -> JobState: ...
+
+
+EventT = TypeVar("EventT", bound=_Event)
+
+
+def follow_events(
+    events_since: Callable[[str, int, float | None], Sequence[EventT]],
+    job_id: str,
+    from_sequence: int = 0,
+    timeout: float | None = None,
+) -> Iterator[EventT]:
+    """A job's events from ``from_sequence`` until the terminal one, read through ``events_since``
+    (which waits up to its timeout for new ones).
+
+    Raises:
+        TimeoutError: no new event within ``timeout`` seconds.
+    """
+    next_sequence = max(from_sequence, 1)
+    while True:
+        batch = events_since(job_id, next_sequence, timeout)
+        if not batch:
+            raise TimeoutError(f"no event from job {job_id} in {timeout} s")
+        yield from batch
+        next_sequence = batch[-1].sequence + 1
+        if batch[-1].state.terminal:
+            return

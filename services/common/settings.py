@@ -90,13 +90,32 @@ class RegistrySection(ServiceEndpoint):
     mlflow_telemetry: bool = Field(default=False, description="Leave MLflow's usage telemetry on.")
 
 
-class TrainingSection(ServiceEndpoint):
-    """Training service settings; the Ray cluster is the top-level ``ray_address``."""
+class JobServiceSection(ServiceEndpoint):
+    """What the job services (training, quantization) share: where job bodies run and how they stop."""
 
     runner: Literal["ray", "thread"] = Field(
         default="ray",
         description="Where job bodies run: Ray actors (local runtime or ray_address), or threads of the service (development).",
     )
+    default_cpus: float = Field(
+        default=2.0,
+        gt=0,
+        description="CPUs per Ray worker when a job names none (Ray also sets its torch threads).",
+    )
+    cancel_grace_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a cancelled job may take to stop before its worker is killed.",
+    )
+    poll_seconds: float = Field(
+        default=0.5, gt=0, le=60, description="Longest wait for a worker's events in one poll."
+    )
+    tracking: bool = Field(default=True, description="Log every job to an MLflow run (mlflow_tracking_uri).")
+
+
+class TrainingSection(JobServiceSection):
+    """Training service settings; the Ray cluster is the top-level ``ray_address``."""
+
     use_registry: bool = Field(
         default=True,
         description=(
@@ -128,29 +147,15 @@ class TrainingSection(ServiceEndpoint):
         le=100,
         description="Tries per job; a lost worker resumes from its last checkpoint until then.",
     )
-    default_cpus: float = Field(
-        default=2.0,
-        gt=0,
-        description="CPUs per worker when a job names none (Ray also sets its torch threads).",
-    )
-    cancel_grace_seconds: float = Field(
-        default=10.0,
-        ge=0,
-        description="How long a cancelled job may take to stop before its worker is killed.",
-    )
-    poll_seconds: float = Field(
-        default=0.5, gt=0, le=60, description="Longest wait for a worker's events in one poll."
-    )
     max_dataset_bytes: int = Field(
         default=1 << 30, ge=1, description="Largest dataset file a job may train on."
     )
     mlflow_experiment: str = Field(
         default="llmops-training", min_length=1, description="MLflow experiment of jobs that name none."
     )
-    tracking: bool = Field(default=True, description="Log every job to an MLflow run (mlflow_tracking_uri).")
 
 
-class QuantizationSection(ServiceEndpoint):
+class QuantizationSection(JobServiceSection):
     """Quantization service settings."""
 
     models_dir: Path | None = Field(
@@ -170,31 +175,13 @@ class QuantizationSection(ServiceEndpoint):
     work_dir: Path | None = Field(
         default=None, description="Scratch folder for job outputs; unset: <data_dir>/quantization/work."
     )
-    runner: Literal["ray", "thread"] = Field(
-        default="ray",
-        description="Where job bodies run: Ray actors (local runtime or ray_address), or threads of the service (development).",
-    )
     workers: int = Field(default=1, ge=1, le=16, description="Jobs that run at once on this server.")
-    default_cpus: float = Field(
-        default=2.0,
-        gt=0,
-        description="CPUs per Ray worker when a job names none (Ray also sets its torch threads).",
-    )
-    cancel_grace_seconds: float = Field(
-        default=10.0,
-        ge=0,
-        description="How long a cancelled job may take to stop before its worker is killed.",
-    )
-    poll_seconds: float = Field(
-        default=0.5, gt=0, le=60, description="Longest wait for a worker's events in one poll."
-    )
     max_pending: int = Field(
         default=8, ge=1, description="Queued plus running jobs before SubmitJob answers RESOURCE_EXHAUSTED."
     )
     mlflow_experiment: str = Field(
         default="llmops-quantization", min_length=1, description="MLflow experiment the jobs' runs go in."
     )
-    tracking: bool = Field(default=True, description="Log every job to an MLflow run (mlflow_tracking_uri).")
 
 
 class ServingSection(ServiceEndpoint):

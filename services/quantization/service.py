@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from llmops.common.jobs import JobState
+from llmops.common.jobs import JobState, follow_events
 from llmops.common.runners import Attempt, JobRunner, Outcome, Resources
 from llmops.common.runners.local import ThreadRunner
 from llmops.quantization import evaluate, worker
@@ -314,15 +314,7 @@ class QuantizationService:
             NotFound: no such job.
             TimeoutError: no new event within ``timeout`` seconds.
         """
-        next_sequence = max(from_sequence, 1)
-        while True:
-            batch = self.events_since(job_id, next_sequence, timeout)
-            if not batch:
-                raise TimeoutError(f"no event from job {job_id} in {timeout} s")
-            yield from batch
-            next_sequence = batch[-1].sequence + 1
-            if batch[-1].state.terminal:
-                return
+        return follow_events(self.events_since, job_id, from_sequence, timeout)
 
     def attempt(self, job_id: str) -> Attempt | None:
         """The running attempt of a job, for operators and fault-injection tests."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, LLMOpsError, NotFound, ResourceExhausted
+from llmops.common.jobs import follow_events
 from llmops.registry.sinks import ResultSink
 from llmops.registry.sources import ModelSource
 from llmops.training import data, validation
@@ -214,15 +215,7 @@ class TrainingService:
 
     def watch(self, job_id: str, from_sequence: int = 0, timeout: float | None = None) -> Iterator[JobEvent]:
         """Events from ``from_sequence`` until the terminal one; ``TimeoutError`` after a silent ``timeout``."""
-        next_sequence = max(from_sequence, 1)
-        while True:
-            batch = self.events_since(job_id, next_sequence, timeout)
-            if not batch:
-                raise TimeoutError(f"no event from job {job_id} in {timeout} s")
-            yield from batch
-            next_sequence = batch[-1].sequence + 1
-            if batch[-1].state.terminal:
-                return
+        return follow_events(self.events_since, job_id, from_sequence, timeout)
 
     def attempt(self, job_id: str) -> Attempt | None:
         """The running attempt of a job, for operators and fault-injection tests."""
