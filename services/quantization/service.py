@@ -38,7 +38,7 @@ from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from llmops.common.jobs import JobState, follow_events
-from llmops.common.runners import Attempt, JobRunner, Outcome, Resources
+from llmops.common.runners import Attempt, CancelDeadline, JobRunner, Outcome, Resources
 from llmops.common.runners.local import ThreadRunner
 from llmops.quantization import evaluate, worker
 from llmops.quantization.methods import QuantizationSpec, Quantizer, resolve
@@ -385,7 +385,7 @@ class QuantizationService:
 
     def _follow(self, job: Job, attempt: Attempt) -> Outcome:
         """Poll the worker's events until it ends; a cancel is asked for, then enforced by a kill."""
-        cancel_sent: float | None = None
+        deadline = CancelDeadline(self._limits.cancel_grace_seconds)
         started = False
         while True:
             with self._changed:
@@ -393,16 +393,8 @@ class QuantizationService:
             if closing:
                 attempt.kill()
                 return Outcome("failed", reason=_STOPPED)
-            if cancelling:
-                if not started:  # still waiting for a worker, or just starting: nothing to stop
-                    attempt.kill()
-                    return Outcome("cancelled")
-                if cancel_sent is None:
-                    attempt.request_cancel()
-                    cancel_sent = time.monotonic()
-                elif time.monotonic() - cancel_sent > self._limits.cancel_grace_seconds:
-                    attempt.kill()
-                    return Outcome("cancelled")
+            if cancelling and (stopped := deadline.enforce(attempt, started)) is not None:
+                return stopped
             events, outcome = attempt.poll(self._limits.poll_seconds)
             started = self._apply(job, events) or started
             if outcome is not None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, LLMOpsError, NotFound, ResourceExhausted
 from llmops.common.jobs import follow_events
+from llmops.common.runners import CancelDeadline
 from llmops.registry.sinks import ResultSink
 from llmops.registry.sources import ModelSource
 from llmops.training import data, validation
@@ -313,7 +314,7 @@ class TrainingService:
                 )
 
     def _follow(self, job: Job, attempt: Attempt) -> Outcome | None:
-        cancel_sent: float | None = None
+        deadline = CancelDeadline(self._limits.cancel_grace_seconds)
         while True:
             with self._changed:
                 closing, cancelling, started = (
@@ -324,16 +325,8 @@ class TrainingService:
             if closing:
                 attempt.kill()
                 return None
-            if cancelling:
-                if not started:  # still waiting for a worker: nothing to save
-                    attempt.kill()
-                    return Outcome("cancelled")
-                if cancel_sent is None:
-                    attempt.request_cancel()
-                    cancel_sent = time.monotonic()
-                elif time.monotonic() - cancel_sent > self._limits.cancel_grace_seconds:
-                    attempt.kill()
-                    return Outcome("cancelled")
+            if cancelling and (stopped := deadline.enforce(attempt, started)) is not None:
+                return stopped
             events, outcome = attempt.poll(self._limits.poll_seconds)
             self._apply(job, events)
             if outcome is not None:
@@ -379,8 +372,6 @@ class TrainingService:
                     self._emit(
                         job, "log", level=str(raw.get("level", "info")), message=str(raw.get("message", ""))
                     )
-            if raw_events:
-                self._store.save(job)
         for step, values in tracked:
             self._track(job, step, values)
 

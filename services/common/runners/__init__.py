@@ -9,6 +9,7 @@ body (``"package.module:function"``, called as ``body(plan, emit, stop)``) in a 
 from llmops.common.runners.base import (
     Attempt,
     Body,
+    CancelDeadline,
     Cancelled,
     Emit,
     JobRunner,
@@ -21,6 +22,7 @@ from llmops.common.runners.base import (
 __all__ = [
     "Attempt",
     "Body",
+    "CancelDeadline",
     "Cancelled",
     "Emit",
     "JobRunner",

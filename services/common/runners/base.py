@@ -73,6 +73,30 @@ class Attempt(abc.ABC):
         """Stop the worker now and free its resources."""
 
 
+class CancelDeadline:
+    """How a supervisor enforces a cancel: ask the worker once, kill it after ``grace_seconds``.
+
+    An attempt whose worker has not started yet has nothing to save and is killed at once.
+    """
+
+    def __init__(self, grace_seconds: float) -> None:
+        self._grace = grace_seconds
+        self._asked_at: float | None = None
+
+    def enforce(self, attempt: Attempt, started: bool) -> Outcome | None:
+        """Call on every poll while a cancel is requested; ``Outcome("cancelled")`` once it is over."""
+        if not started:
+            attempt.kill()
+            return Outcome("cancelled")
+        if self._asked_at is None:
+            attempt.request_cancel()
+            self._asked_at = time.monotonic()
+        elif time.monotonic() - self._asked_at > self._grace:
+            attempt.kill()
+            return Outcome("cancelled")
+        return None
+
+
 class JobRunner(abc.ABC):
     """Starts attempts of jobs."""
 
