@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from .common import load_params, parser, pipeline_path
-from .services import call, read_json, ref, report, stack
+from .services import read_json, ref, report, run_job, stack
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from llmops.common.clients import QuantizationClient
-    from llmops.proto.common.v1 import job_pb2
     from llmops.proto.quantization.v1 import quantization_service_pb2 as pb
     from llmops.quantization.cli import follow_job
 
@@ -40,16 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     spec.tags["pipeline"] = "demo"
 
-    async def work(client: Any) -> Any:
-        submitted = await client.unary(client.stub.SubmitJob, pb.SubmitJobRequest(spec=spec))
-        return await follow_job(client, submitted.job.id)
-
-    job = call(QuantizationClient, "quantization", work, timeout=None)
-    if job.state != job_pb2.JOB_STATE_SUCCEEDED:
-        print(
-            f"quantize: job {job.id} ended {job_pb2.JobState.Name(job.state)}: {job.error_message}",
-            file=sys.stderr,
-        )
+    job = run_job("quantize", QuantizationClient, "quantization", pb.SubmitJobRequest(spec=spec), follow_job)
+    if job is None:
         return 1
     result = job.result
     report(

@@ -92,3 +92,24 @@ def download(name: str, version: int) -> Path:
     config = settings()
     source = RegistryModelSource(config.registry.address, config.data_dir.absolute() / "pipeline" / "models")
     return Path(source.resolve(name, version).path)
+
+
+def run_job(stage: str, client_type: Any, service: str, request: Any, follow: Any) -> Any | None:
+    """Submit a job (``SubmitJobRequest``) and follow it with its progress bar; the finished job, or
+    None (with the reason on stderr) unless it succeeded."""
+    import sys
+
+    from llmops.proto.common.v1 import job_pb2
+
+    async def work(client: Any) -> Any:
+        submitted = await client.unary(client.stub.SubmitJob, request)
+        return await follow(client, submitted.job.id)
+
+    job = call(client_type, service, work, timeout=None)
+    if job.state != job_pb2.JOB_STATE_SUCCEEDED:
+        print(
+            f"{stage}: job {job.id} ended {job_pb2.JobState.Name(job.state)}: {job.error_message}",
+            file=sys.stderr,
+        )
+        return None
+    return job

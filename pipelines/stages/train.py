@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .common import load_params, parser
-from .services import call, ref, report, stack
+from .services import ref, report, run_job, stack
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from llmops.common.clients import TrainingClient
-    from llmops.proto.common.v1 import dataset_pb2, job_pb2
+    from llmops.proto.common.v1 import dataset_pb2
     from llmops.proto.training.v1 import training_service_pb2 as pb
     from llmops.training.cli import follow_job
 
@@ -50,16 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     spec.tags["pipeline"] = "demo"
 
-    async def work(client: Any) -> Any:
-        submitted = await client.unary(client.stub.SubmitJob, pb.SubmitJobRequest(spec=spec))
-        return await follow_job(client, submitted.job.id)
-
-    job = call(TrainingClient, "training", work, timeout=None)
-    if job.state != job_pb2.JOB_STATE_SUCCEEDED:
-        print(
-            f"train: job {job.id} ended {job_pb2.JobState.Name(job.state)}: {job.error_message}",
-            file=sys.stderr,
-        )
+    job = run_job("train", TrainingClient, "training", pb.SubmitJobRequest(spec=spec), follow_job)
+    if job is None:
         return 1
     report(
         "train",

@@ -6,7 +6,7 @@ Sources read ``name`` (latest version) or ``name:3``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -47,14 +47,6 @@ def _run(address: str | None, work: Callable[[QuantizationClient], Awaitable[T]]
     return run_with_client(QuantizationClient, "quantization", address, work)
 
 
-def _state(value: int) -> str:
-    return job_state_name(value)
-
-
-def _print_json(message: Any) -> None:
-    print_json(out, message)
-
-
 def _job_table(jobs: list[pb.QuantizationJob]) -> Table:
     table = Table()
     for column in (
@@ -75,7 +67,7 @@ def _job_table(jobs: list[pb.QuantizationJob]) -> Table:
             job.id,
             f"{job.spec.source.name}:{job.spec.source.version}",
             METHODS.get(job.spec.method, "?"),
-            _state(job.state),
+            job_state_name(job.state),
             f"{job.progress:.0%}",
             f"{result.size_ratio:.3f}" if job.HasField("result") else "",
             f"{result.perplexity_before:.2f}" if result.HasField("perplexity_before") else "",
@@ -186,7 +178,7 @@ def submit(
 
     job = _run(address, work)
     if as_json:
-        _print_json(job)
+        print_json(out, job)
     else:
         out.print(_job_table([job]))
 
@@ -195,14 +187,14 @@ def submit(
 def status(job_id: str, address: AddressOption = None, as_json: JsonOption = False) -> None:
     """Show one job."""
     job = _run(address, lambda c: c.unary(c.stub.GetJob, pb.GetJobRequest(job_id=job_id))).job
-    _print_json(job) if as_json else out.print(_job_table([job]))
+    print_json(out, job) if as_json else out.print(_job_table([job]))
 
 
 @quantize_app.command("watch")
 def watch_job(job_id: str, address: AddressOption = None, as_json: JsonOption = False) -> None:
     """Follow a job to its end with a progress bar."""
     job = _run(address, lambda c: _watch(c, job_id))
-    _print_json(job) if as_json else out.print(_job_table([job]))
+    print_json(out, job) if as_json else out.print(_job_table([job]))
     if job.state != job_pb2.JOB_STATE_SUCCEEDED:
         raise typer.Exit(1)
 
@@ -221,7 +213,7 @@ def list_jobs(
     except ValueError:
         raise typer.BadParameter("state must be queued, running, succeeded, failed or cancelled") from None
     response = _run(address, lambda c: c.unary(c.stub.ListJobs, pb.ListJobsRequest(states=states)))
-    _print_json(response) if as_json else out.print(_job_table(list(response.jobs)))
+    print_json(out, response) if as_json else out.print(_job_table(list(response.jobs)))
 
 
 @quantize_app.command()
@@ -229,7 +221,7 @@ def cancel(job_id: str, reason: str = "", address: AddressOption = None, as_json
     """Ask a job to stop."""
     request = pb.CancelJobRequest(job_id=job_id, reason=reason)
     job = _run(address, lambda c: c.unary(c.stub.CancelJob, request)).job
-    _print_json(job) if as_json else out.print(_job_table([job]))
+    print_json(out, job) if as_json else out.print(_job_table([job]))
 
 
 #: Follow a job to its end with the live progress bar (for scripts such as the pipeline stages).

@@ -55,14 +55,6 @@ def _run(address: str | None, work: Callable[[TrainingClient], Awaitable[T]]) ->
     return run_with_client(TrainingClient, "training", address, work)
 
 
-def _state(value: int) -> str:
-    return job_state_name(value)
-
-
-def _print_json(message: Any) -> None:
-    print_json(out, message)
-
-
 def _choice(value: str, table: dict[str, Any], option: str) -> Any:
     if value not in table:
         raise typer.BadParameter(f"{option} must be one of {', '.join(table)}, got {value!r}")
@@ -105,7 +97,7 @@ def _job_table(jobs: list[pb.TrainingJob]) -> Table:
     for column in ("id", "base", "method", "state", "progress", "step", "loss", "result", "error"):
         table.add_column(column)
     for job in jobs:
-        state = _state(job.state)
+        state = job_state_name(job.state)
         if job.cancel_requested and job.state in (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING):
             state += " (cancelling)"
         loss = job.latest_metrics.get("loss")
@@ -203,7 +195,7 @@ async def _watch(client: TrainingClient, job_id: str, *, logs: bool = False) -> 
 
 
 def _show(job: pb.TrainingJob, as_json: bool) -> None:
-    _print_json(job) if as_json else out.print(_job_table([job]))
+    print_json(out, job) if as_json else out.print(_job_table([job]))
 
 
 @train_app.command()
@@ -394,7 +386,7 @@ def list_jobs(
                 return jobs
 
     jobs = _run(address, work)
-    _print_json(pb.ListJobsResponse(jobs=jobs)) if as_json else out.print(_job_table(jobs))
+    print_json(out, pb.ListJobsResponse(jobs=jobs)) if as_json else out.print(_job_table(jobs))
 
 
 @train_app.command()
