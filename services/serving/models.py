@@ -5,14 +5,18 @@ and queues at most ``max_waiting`` more; one more gets RESOURCE_EXHAUSTED with a
 of an unbounded wait. A finished, failed or cancelled request always gives its slot back.
 
 :class:`ServedModel` tracks the requests running on a model so an unload can wait for them to drain
-and then abort the rest: an aborted request's task is cancelled with :attr:`InFlight.aborted` set,
-and the generation loop turns that cancellation into completions that end with finish reason ABORT.
+and then abort the rest. An abort interrupts a request only where its task waits on the queue or on
+the engine (:meth:`InFlight.interruptible`); anywhere else (a transport writing the last delta, a
+cache lookup) the request sees :attr:`InFlight.aborted` when it comes back for the next output.
+Cancelling a task at an arbitrary await would let the cancellation escape into the transport, which
+reads it as the client going away and never ends the call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -82,14 +86,37 @@ class Admission:
 class InFlight:
     """One request running on a model."""
 
-    task: asyncio.Task[object] | None
     aborted: bool = False
+    _waiting: asyncio.Task[object] | None = None
 
     def abort(self) -> None:
         """Stop it: its completions end with finish reason ABORT."""
-        if not self.aborted and self.task is not None and not self.task.done():
-            self.aborted = True
-            self.task.cancel()
+        if self.aborted:
+            return
+        self.aborted = True
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.cancel()
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Around one wait on the queue or the engine: an abort cancels it, and it raises :class:`Aborted`."""
+        if self.aborted:
+            raise Aborted
+        task = asyncio.current_task()
+        self._waiting = task
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self.aborted or task is None:
+                raise  # the client went away
+            task.uncancel()
+            raise Aborted from None
+        finally:
+            self._waiting = None
+
+
+class Aborted(Exception):
+    """The request was aborted by an unload while it waited."""
 
 
 @dataclass(eq=False)
@@ -125,8 +152,8 @@ class ServedModel:
         )
         return replace(self.info, adapters=adapters, max_model_len=max_len or self.info.max_model_len)
 
-    def enter(self, task: asyncio.Task[object] | None) -> InFlight:
-        request = InFlight(task)
+    def enter(self) -> InFlight:
+        request = InFlight()
         self.requests.add(request)
         self._idle.clear()
         return request

@@ -21,7 +21,6 @@ down never fails a request: it is answered from the engine.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -71,7 +70,7 @@ from llmops.serving.domain import (
 from llmops.serving.engines.base import Engine
 from llmops.serving.lifecycle import ModelLifecycle
 from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
-from llmops.serving.models import InFlight, ServedModel
+from llmops.serving.models import Aborted, InFlight, ServedModel
 from llmops.serving.resolver import ModelResolver
 from llmops.serving.validation import Limits, check_prompt, check_request_id, check_token_ids, to_decoding
 
@@ -302,7 +301,7 @@ class ServingService(ModelLifecycle):
 
     async def _run(self, p: _Prepared) -> AsyncGenerator[StreamEvent, None]:
         entry, name = p.entry, p.entry.served_name
-        in_flight = entry.enter(asyncio.current_task())
+        in_flight = entry.enter()
         admission = entry.admission
         assert admission is not None
         outcome, admitted = "error", False
@@ -310,7 +309,10 @@ class ServingService(ModelLifecycle):
         try:
             remaining = None if p.deadline is None else max(0.0, p.deadline - time.perf_counter())
             try:
-                await admission.acquire(remaining)
+                with in_flight.interruptible():
+                    await admission.acquire(remaining)
+            except Aborted:
+                raise Unavailable(f"model {name!r} was unloaded while the request waited") from None
             finally:
                 self.metrics.waiting.labels(name).dec()
             admitted = True
@@ -352,7 +354,14 @@ class ServingService(ModelLifecycle):
         last_at = started
         stream = p.engine.generate(p.engine_request)
         try:
-            async for output in stream:
+            while True:
+                try:
+                    with in_flight.interruptible():
+                        output = await anext(stream, None)
+                except Aborted:
+                    break
+                if output is None:
+                    break
                 now = time.perf_counter()
                 if p.deadline is not None and now > p.deadline:
                     raise DeadlineExceeded("the deadline passed during generation")
@@ -376,13 +385,6 @@ class ServingService(ModelLifecycle):
                     if delta.finish_reason is not None:
                         unfinished.discard(delta.index)
                     yield delta
-                    in_flight.task = asyncio.current_task()  # whoever drives the stream now
-        except asyncio.CancelledError:
-            if not in_flight.aborted:
-                raise  # the client went away: nothing more to send
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
         finally:
             await stream.aclose()
         for index in sorted(unfinished):  # aborted by an unload

@@ -189,6 +189,48 @@ async def _collect(events: AsyncIterator[StreamEvent]) -> list[StreamEvent]:
     return [e async for e in events]
 
 
+async def test_unload_while_the_consumer_is_busy_elsewhere_still_ends_the_stream() -> None:
+    """The abort must not cancel the consumer where it awaits its own work (a transport's write):
+    the stream ends with ABORT at the consumer's next read, and the consumer is never cancelled."""
+    h = Harness(step_delay=0.005)
+    await h.load()
+    _, events = await h.service.generate_stream(request(max_tokens=2000))
+    busy = asyncio.Event()
+
+    async def slow_consumer() -> list[StreamEvent]:
+        collected = []
+        async for event in events:
+            collected.append(event)
+            busy.set()
+            await asyncio.sleep(0.2)  # a slow write to the client
+        return collected
+
+    consumer = asyncio.ensure_future(slow_consumer())
+    await busy.wait()
+    result = await h.service.unload_model(FAKE, drain_timeout=0.01)
+    assert result.aborted_requests == 1
+    collected = await asyncio.wait_for(consumer, 5)
+    finishes = [e.finish_reason for e in collected if isinstance(e, CompletionDelta) and e.finish_reason]
+    assert finishes == [FinishReason.ABORT]
+    assert isinstance(collected[-1], StreamEnd)
+    assert h.engines[0].running == 0
+
+
+async def test_unload_refuses_requests_still_waiting_in_the_queue() -> None:
+    h = Harness(step_delay=0.01, max_concurrency=1)
+    await h.load()
+    running = asyncio.ensure_future(h.service.generate(request(max_tokens=2000)))
+    await wait_for(lambda: h.engines[0].running == 1)
+    queued = asyncio.ensure_future(h.service.generate(request(max_tokens=2)))
+    await wait_for(lambda: h.service.waiting("fake") == 1)
+    result = await h.service.unload_model(FAKE, drain_timeout=0.01)
+    assert result.aborted_requests == 2
+    assert (await running).completions[0].finish_reason is FinishReason.ABORT
+    with pytest.raises(Unavailable, match="unloaded while the request waited"):
+        await queued
+    assert h.metric("llmops_serving_requests_waiting", model="fake") == 0
+
+
 async def test_unload_lets_short_requests_finish() -> None:
     h = Harness(step_delay=0.01)
     await h.load()
