@@ -2,15 +2,25 @@
 
 Every holder takes a ``registry=`` so tests can use a fresh ``CollectorRegistry``. Labels are
 bounded: service, method, code — never request or user ids.
+
+The endpoint always answers in the Prometheus text format 0.0.4, whatever the scraper's Accept
+header asks for: prometheus_client's OpenMetrics encoder (which Prometheus asks for first) rewrites
+``vllm:kv_cache_usage_perc`` to ``vllm_kv_cache_usage_perc`` in the samples, so the series the
+rules and dashboards read under vLLM's names would never reach Prometheus.
 """
 
 from __future__ import annotations
 
+import socket
+import socketserver
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from llmops import __version__
 from llmops.common import metric_names as names
@@ -63,7 +73,39 @@ class MetricsHttpServer:
         self.thread.join(timeout=5)
 
 
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each."""
+
+
+def metrics_app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+    """A WSGI app answering ``/metrics`` (and ``/``) with ``registry`` in the text format 0.0.4."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: the metrics are at /metrics\n"]
+        body = generate_latest(registry)
+        start_response(
+            "200 OK", [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4), ("Content-Length", str(len(body)))]
+        )
+        return [body]
+
+    return app
+
+
 def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> MetricsHttpServer:
     """Start the Prometheus text endpoint on ``host:port`` (port 0 picks a free one)."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    kind = _ThreadingServer6 if ":" in host else _ThreadingServer
+    server = make_server(host, port, metrics_app(registry), kind, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
     return MetricsHttpServer(server, thread)

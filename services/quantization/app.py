@@ -19,10 +19,12 @@ from llmops.common.settings import Settings
 from llmops.proto.quantization.v1 import quantization_service_pb2_grpc as pb_grpc
 from llmops.quantization.grpc_app import SERVICE_NAME, QuantizationServicer
 from llmops.quantization.methods import default_quantizers
+from llmops.quantization.metrics import register_metrics
 from llmops.quantization.service import Limits, QuantizationService, ThreadDispatcher
 from llmops.quantization.tracking import MlflowTracker, NullTracker, Tracker
 from llmops.registry.sinks import LocalDirectorySink, RegistrySink, ResultSink
 from llmops.registry.sources import LocalModelSource, ModelSource, RegistryModelSource
+from llmops.training.data import DataRepository
 
 
 class QuantizationApp(ServiceApp):
@@ -63,7 +65,7 @@ def build_runner(settings: Settings) -> JobRunner | None:
 
 
 def build_app(settings: Settings, registry: CollectorRegistry) -> QuantizationApp:
-    """The service as ``settings.quantization`` describes it (metrics are not wired yet)."""
+    """The service as ``settings.quantization`` describes it, its job metrics in ``registry``."""
     section = settings.quantization
     models_dir = section.models_dir or settings.data_dir / "quantization" / "models"
     work_dir = section.work_dir or settings.data_dir / "quantization" / "work"
@@ -88,5 +90,8 @@ def build_app(settings: Settings, registry: CollectorRegistry) -> QuantizationAp
         tracker=tracker,
         runner=build_runner(settings),
         limits=Limits(cancel_grace_seconds=section.cancel_grace_seconds, poll_seconds=section.poll_seconds),
+        # the platform's one DVC data repository (training's setting): calibration data at a revision
+        repository=DataRepository(settings.training.data_repo.expanduser().absolute()),
     )
+    register_metrics(registry, service.list_jobs, sorted(default_quantizers()))
     return QuantizationApp(service, source)

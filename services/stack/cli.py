@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
     app.command("status")(show_status)
     app.command("down")(down)
     app.command("demo")(demo)
+    app.command("dashboards")(check_dashboards)
 
 
 def _settings(data_dir: Path | None) -> object:
@@ -216,3 +217,42 @@ def print_summary(result: Any, seconds: float, *, kept: bool) -> None:
         elif part.metrics:
             out.print(f"  {part.name:<18} grpcurl -plaintext {part.address} list   |   {part.metrics}")
     out.print("  pipeline           cd pipelines && dvc dag && dvc metrics show")
+
+
+def check_dashboards(
+    prometheus: Annotated[str, typer.Option(help="Prometheus base URL (default: the running stack's)")] = "",
+    namespace: Annotated[str, typer.Option(help="The dashboards' $namespace")] = "local",
+    window: Annotated[str, typer.Option(help="What $__rate_interval and $__range become")] = "1m",
+    hours: Annotated[float, typer.Option(help="The time range the panels show, in hours")] = 6.0,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Evaluate every dashboard panel and recording rule on Prometheus; exit 1 if one shows no data."""
+    from llmops.stack.dashboards import evaluate, queries
+
+    if not prometheus:
+        settings = _settings(data_dir)
+        state = running_state(Path(settings.data_dir).expanduser().absolute())  # type: ignore[attr-defined]
+        part = state.part("prometheus") if state is not None else None
+        if part is None:
+            err.print("[red]error:[/red] no running stack with Prometheus: pass --prometheus URL")
+            raise typer.Exit(2)
+        prometheus = part.url
+    outcomes = evaluate(prometheus, queries(), {"namespace": namespace}, seconds=hours * 3600, window=window)
+    table = Table(title=f"dashboards and recording rules on {prometheus}")
+    for column in ("where", "series", "status"):
+        table.add_column(column)
+    colours = {"data": "green", "cluster": "yellow", "empty": "red", "error": "red"}
+    for outcome in outcomes:
+        status_text = outcome.error or outcome.status
+        table.add_row(
+            outcome.query.where, str(outcome.series), f"[{colours[outcome.status]}]{status_text}[/]"
+        )
+    out.print(table)
+    missing = [o for o in outcomes if o.status in ("empty", "error")]
+    cluster = sum(o.status == "cluster" for o in outcomes)
+    out.print(
+        f"{len(outcomes) - len(missing) - cluster} of {len(outcomes)} show data; "
+        f"{cluster} need a Kubernetes cluster (kube-state-metrics); {len(missing)} show nothing"
+    )
+    if missing:
+        raise typer.Exit(1)

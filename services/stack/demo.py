@@ -42,6 +42,7 @@ class DemoOptions:
     keep_running: bool = False
     engine: str = "transformers"
     prometheus: bool = True
+    scrape_interval: str = "5s"
     mlflow_ui: bool = True
 
 
@@ -209,7 +210,11 @@ def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
     }
     stack = LocalStack(
         StackOptions(
-            data_dir=options.data_dir, env=env, prometheus=options.prometheus, mlflow_ui=options.mlflow_ui
+            data_dir=options.data_dir,
+            env=env,
+            prometheus=options.prometheus,
+            scrape_interval=options.scrape_interval,
+            mlflow_ui=options.mlflow_ui,
         ),
         progress=say,
     )

@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmops.stack.dashboards import RULES, local_rules
+
 STATE_FILE = "stack.json"
 #: Start order: each service may call the ones before it.
 SERVICES = ("registry", "cache", "quantization", "training", "serving")
@@ -80,6 +82,8 @@ class StackOptions:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     services: Sequence[str] = SERVICES
     prometheus: bool = True
+    #: Prometheus' scrape and rule evaluation interval.
+    scrape_interval: str = "5s"
     mlflow_ui: bool = True
     start_timeout: float = 180.0
     grace_seconds: float = 15.0
@@ -246,7 +250,13 @@ class LocalStack:
         folder = self.data_dir / "prometheus"
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "prometheus.yml"
-        config.write_text(prometheus_config([p for p in self._parts if p.metrics]))
+        rule_files = []
+        if RULES.is_file():  # the chart's recording rules and alerts, evaluated at the scrape cadence
+            rules = folder / "rules.yaml"
+            rules.write_text(local_rules(RULES, self.options.scrape_interval))
+            rule_files.append(rules)
+        scraped = [p for p in self._parts if p.metrics]
+        config.write_text(prometheus_config(scraped, self.options.scrape_interval, rule_files))
         args = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
                 f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"]  # fmt: skip
         process, log = self._spawn("prometheus", args, {})
@@ -327,18 +337,31 @@ def status(state: StackState) -> list[dict[str, Any]]:
     return rows
 
 
-def prometheus_config(parts: Sequence[Part]) -> str:
-    """Scrape every service's /metrics every 5 s, labelled like the chart's ServiceMonitors do."""
-    jobs = []
-    for part in parts:
-        target = part.metrics.removeprefix("http://").removesuffix("/metrics")
-        jobs.append(
-            f"  - job_name: llmops-{part.name}\n"
-            f"    static_configs:\n"
-            f"      - targets: ['{target}']\n"
-            f"        labels: {{service: '{part.name}', namespace: 'local', pod: '{part.name}-0'}}\n"
-        )
-    return "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\nscrape_configs:\n" + "".join(jobs)
+def prometheus_config(parts: Sequence[Part], interval: str = "5s", rule_files: Sequence[Path] = ()) -> str:
+    """Scrape every service's /metrics every ``interval``, labelled like the chart's ServiceMonitor.
+
+    The job is the component (``job="serving"``), ``honor_labels`` keeps the services' own
+    ``service`` label (the gRPC service name), and ``namespace``/``pod`` stand in for what Kubernetes
+    service discovery adds; so the chart's rules and dashboards read the embedded stack unchanged.
+    """
+    config: dict[str, Any] = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(path) for path in rule_files],
+        "scrape_configs": [
+            {
+                "job_name": part.name,
+                "honor_labels": True,
+                "static_configs": [
+                    {
+                        "targets": [part.metrics.removeprefix("http://").removesuffix("/metrics")],
+                        "labels": {"namespace": "local", "pod": f"{part.name}-0"},
+                    }
+                ],
+            }
+            for part in parts
+        ],
+    }
+    return json.dumps(config, indent=2) + "\n"  # JSON is YAML
 
 
 def _serving(address: str, service: str = "") -> bool:

@@ -18,13 +18,13 @@ import itertools
 import json
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from llmops.stack.dashboards import dashboards, panels
 from tests.charts.conftest import (
     CHART,
     INFRA,
@@ -79,13 +79,7 @@ def _recorded() -> set[str]:
 
 
 def _dashboards() -> dict[str, dict[str, Any]]:
-    return {path.name: json.loads(path.read_text()) for path in sorted(DASHBOARDS.glob("*.json"))}
-
-
-def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for panel in dashboard["panels"]:
-        yield panel
-        yield from panel.get("panels") or []
+    return dashboards(DASHBOARDS)
 
 
 def _expressions(keda: Rendered) -> list[tuple[str, str]]:
@@ -95,7 +89,7 @@ def _expressions(keda: Rendered) -> list[tuple[str, str]]:
         for rule in group["rules"]:
             found.append((f"rules.yaml {rule.get('record') or rule.get('alert')}", rule["expr"]))
     for file, dashboard in _dashboards().items():
-        for panel in _panels(dashboard):
+        for panel in panels(dashboard):
             for target in panel.get("targets") or []:
                 found.append((f"{file} panel {panel['title']!r} {target['refId']}", target["expr"]))
         for variable in dashboard["templating"]["list"]:
@@ -214,9 +208,9 @@ def test_dashboards_take_their_data_source_from_a_variable() -> None:
         variables = {v["name"]: v for v in dashboard["templating"]["list"]}
         assert variables["datasource"]["type"] == "datasource"
         assert variables["datasource"]["query"] == "prometheus"
-        ids = [panel["id"] for panel in _panels(dashboard)]
+        ids = [panel["id"] for panel in panels(dashboard)]
         assert len(ids) == len(set(ids)), f"{file}: panel ids repeat"
-        for panel in _panels(dashboard):
+        for panel in panels(dashboard):
             if panel["type"] == "row":
                 continue
             assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, (
