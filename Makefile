@@ -54,17 +54,18 @@ proto-check: $(STAMP) ## Fail when services/proto/ drifts from protos/
 	$(PY) scripts/gen_protos.py --check
 
 .PHONY: lint
-lint: $(STAMP) ## ruff and mypy on services/
-	$(VENV)/bin/ruff check services pipelines tests scripts benchmarks
-	$(VENV)/bin/ruff format --check services pipelines tests scripts benchmarks
+lint: $(STAMP) ## ruff and mypy on services/ (and loadtests/)
+	$(VENV)/bin/ruff check services pipelines tests scripts benchmarks loadtests
+	$(VENV)/bin/ruff format --check services pipelines tests scripts benchmarks loadtests
 	@# mypy resolves `llmops` through a link, since the package's folder is named services/
 	@mkdir -p build/mypy && ln -sfn ../../services build/mypy/llmops
 	MYPYPATH=build/mypy $(VENV)/bin/mypy -p llmops
+	MYPYPATH=build/mypy $(VENV)/bin/mypy loadtests
 
 .PHONY: fmt
 fmt: $(STAMP) ## Format and auto-fix with ruff
-	$(VENV)/bin/ruff format services pipelines tests scripts benchmarks
-	$(VENV)/bin/ruff check --fix services pipelines tests scripts benchmarks
+	$(VENV)/bin/ruff format services pipelines tests scripts benchmarks loadtests
+	$(VENV)/bin/ruff check --fix services pipelines tests scripts benchmarks loadtests
 
 ##@ Tests
 
@@ -111,6 +112,35 @@ bench-training: setup ## Training: LoRA tokens/s through a job vs the same loop 
 .PHONY: bench-serving-ray
 bench-serving-ray: setup ## What Ray Serve's gRPC proxy adds per call vs a replica's own gRPC server
 	$(PY) benchmarks/serving/ray_overhead.py
+
+##@ Load tests
+
+SERVING ?=
+REGISTRY ?=
+TRAINING ?=
+PROMETHEUS ?=
+MODEL ?=
+SCENARIO ?= mixed
+SHAPE ?= constant
+USERS ?= 4
+SPAWN_RATE ?= 2
+RUN_TIME ?= 60s
+LOCUST_ARGS ?=
+
+.PHONY: loadtest
+loadtest: setup ## Locust, headless, on the local stack or SERVING=host:port [REGISTRY TRAINING PROMETHEUS MODEL SCENARIO SHAPE USERS RUN_TIME LOCUST_ARGS]; report in build/loadtest/<time>/
+	$(PY) -m loadtests.run $(if $(SERVING),--serving $(SERVING)) $(if $(REGISTRY),--registry $(REGISTRY)) \
+	  $(if $(TRAINING),--training $(TRAINING)) $(if $(PROMETHEUS),--prometheus $(PROMETHEUS)) \
+	  $(if $(MODEL),--model $(MODEL)) --scenario $(SCENARIO) --shape $(SHAPE) \
+	  -u $(USERS) -r $(SPAWN_RATE) -t $(RUN_TIME) $(if $(LOCUST_ARGS),-- $(LOCUST_ARGS))
+
+CAPACITY ?= generate
+STEPS ?= 1,2,4,8,16,32
+
+.PHONY: loadtest-capacity
+loadtest-capacity: setup ## Highest load with zero errors: Locust steps at rising users (CAPACITY=generate|cache|stream STEPS=1,2,4,...); table, JSON and plot in build/loadtest/capacity-<scenario>/
+	$(PY) -m loadtests.capacity --scenario $(CAPACITY) --users $(STEPS) $(if $(SERVING),--serving $(SERVING)) \
+	  $(if $(MODEL),--model $(MODEL)) --out build/loadtest/capacity-$(CAPACITY)
 
 ##@ Housekeeping
 

@@ -16,46 +16,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from llmops.stack.demo import DemoOptions, run_demo
-from tests.conftest import require_tool
+from tests.e2e.conftest import DemoRun
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def _pipeline_copy(root: Path) -> tuple[Path, str]:
-    """The repository's tracked pipeline files in a new Git repository; returns (pipelines, HEAD)."""
-    for name in _git(REPO, "ls-files", "pipelines").splitlines():
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target)
-    params_file = root / "pipelines" / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["train"].update(max_steps=12, eval_every_steps=6, checkpoint_every_steps=6, logging_every_steps=2)
-    params["evaluate"].update(max_rows=16, sample_prompts=1, max_new_tokens=8)
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    _git(root, "init", "-q", "-b", "main")
-    _git(root, "config", "user.email", "tests@llmops.invalid")
-    _git(root, "config", "user.name", "llmops tests")
-    _git(root, "add", "-A")
-    _git(root, "commit", "-q", "-m", "pipeline")
-    return root / "pipelines", _git(root, "rev-parse", "HEAD")
-
-
-def test_demo_runs_the_loop_and_serves_the_champion_with_its_lineage(tmp_path: Path) -> None:
-    require_tool("redis-server")
+def test_demo_runs_the_loop_and_serves_the_champion_with_its_lineage(demo_run: DemoRun) -> None:
     assert Path(sys.executable).with_name("dvc").exists()
-    pipeline, head = _pipeline_copy(tmp_path / "repo")
-    options = DemoOptions(
-        data_dir=tmp_path / "data", pipeline_dir=pipeline, fast=True, prometheus=False, mlflow_ui=False
-    )
-    result = run_demo(options, say=lambda line: print(f"> {line}", flush=True))
+    result, pipeline, head = demo_run.result, demo_run.pipeline, demo_run.head
 
     promote = result.reports["promote"]
     champion = result.lineage[0]
@@ -78,7 +47,7 @@ def test_demo_runs_the_loop_and_serves_the_champion_with_its_lineage(tmp_path: P
     first, repeat = result.requests[1], result.requests[2]
     assert not first["cached"] and repeat["cached"] and repeat["text"] == first["text"]
     assert result.requests[0]["text"]  # the streamed answer arrived
-    remote = tmp_path / "repo" / ".llmops" / "dvc-remote"
+    remote = demo_run.root / ".llmops" / "dvc-remote"
     assert any(remote.rglob("*")), "dvc push left the remote empty"
     # What was pushed comes back: drop the prepared data and the local cache, then `dvc pull`.
     sft = pipeline / "data" / "prepared" / "sft.jsonl"
