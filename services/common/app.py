@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 
+from llmops.common.clients import ClientSecurity, configure_clients
 from llmops.common.server import LLMOpsServer, ServiceBinding, create_server
 from llmops.common.settings import SERVICE_NAMES, ServiceName, Settings
 
@@ -88,7 +89,11 @@ async def run_app(
     metrics_port: int | None,
     on_started: Callable[[LLMOpsServer], None] | None = None,
 ) -> None:
-    """Host an app until SIGTERM/SIGINT, then drain and close it."""
+    """Host an app until SIGTERM/SIGINT, then drain and close it.
+
+    The process's clients (calls to other services) send ``settings.api_key`` and use its TLS files.
+    """
+    configure_clients(ClientSecurity.from_settings(settings))
     server, app = await start_app(factory, settings, host=host, port=port, metrics_port=metrics_port)
     server.install_signal_handlers()
     if on_started is not None:

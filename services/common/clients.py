@@ -12,8 +12,11 @@ and adds what every caller needs: a default deadline, the API key in metadata, r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
@@ -39,6 +42,63 @@ ResponseT = TypeVar("ResponseT")
 
 API_KEY_METADATA = "x-api-key"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSecurity:
+    """What every client of this process sends: its API key, and TLS credentials (mTLS with a cert)."""
+
+    api_key: str | None = None
+    credentials: grpc.ChannelCredentials | None = None
+
+    @classmethod
+    def build(
+        cls,
+        api_key: str | None,
+        ca_file: Path | str | None = None,
+        cert_file: Path | str | None = None,
+        key_file: Path | str | None = None,
+    ) -> ClientSecurity:
+        """TLS is on when ``ca_file`` is set; ``cert_file``/``key_file`` add a client certificate."""
+        credentials = None
+        if ca_file:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(ca_file).read_bytes(),
+                private_key=Path(key_file).read_bytes() if key_file and cert_file else None,
+                certificate_chain=Path(cert_file).read_bytes() if key_file and cert_file else None,
+            )
+        return cls(api_key or None, credentials)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ClientSecurity:
+        key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+        return cls.build(key, settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ClientSecurity:
+        """``LLMOPS_API_KEY`` and ``LLMOPS_TLS_{CA,CERT,KEY}_FILE``: the settings' names."""
+        return cls.build(
+            env.get("LLMOPS_API_KEY"),
+            env.get("LLMOPS_TLS_CA_FILE"),
+            env.get("LLMOPS_TLS_CERT_FILE"),
+            env.get("LLMOPS_TLS_KEY_FILE"),
+        )
+
+
+_security: ClientSecurity | None = None
+
+
+def configure_clients(security: ClientSecurity | None) -> None:
+    """Set what clients opened without their own key or credentials use (``None``: from the environment)."""
+    global _security
+    _security = security
+
+
+def client_security() -> ClientSecurity:
+    global _security
+    if _security is None:
+        _security = ClientSecurity.from_env()
+    return _security
 
 
 def _service_config(service_name: str) -> str:
@@ -68,7 +128,7 @@ def open_channel(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.aio.Channel:
-    """An ``aio`` channel with our message limits, keepalive and retry policy."""
+    """An ``aio`` channel with our message limits, keepalive and retry policy (TLS per :func:`client_security`)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -78,6 +138,7 @@ def open_channel(
     ]
     if service_name:
         options.append(("grpc.service_config", _service_config(service_name)))
+    credentials = credentials if credentials is not None else client_security().credentials
     if credentials is not None:
         return grpc.aio.secure_channel(address, credentials, options=options)
     return grpc.aio.insecure_channel(address, options=options)
@@ -108,6 +169,7 @@ class ServiceClient(Generic[StubT]):
         self.channel = channel
         self.stub: StubT = type(self).stub_factory(channel)
         self.timeout = timeout
+        api_key = api_key if api_key is not None else client_security().api_key
         self._metadata: tuple[tuple[str, str], ...] = ((API_KEY_METADATA, api_key),) if api_key else ()
         self._owns_channel = owns_channel
 

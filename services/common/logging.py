@@ -34,11 +34,15 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     """Set up the root logger for a process (replaces handlers installed earlier)."""
+    from llmops.common.auth import RedactingFormatter  # API keys never reach a log line
+
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    inner = (
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
+    handler.setFormatter(RedactingFormatter(inner))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

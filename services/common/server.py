@@ -5,9 +5,12 @@
 * ``grpc.health.v1``: the overall status ``""`` is SERVING while the server runs (liveness); each
   service's own name follows its readiness check (e.g. serving is ready only with a model loaded).
 * server reflection, so ``grpcurl list`` and ``describe`` work;
-* one interceptor that maps domain errors to status codes through :mod:`llmops.common.errors`
-  (``INTERNAL`` with a generic message as the last resort) and records
+* one interceptor that authenticates and authorizes each call (API keys, :mod:`llmops.common.auth`;
+  health and reflection stay open), takes it from its tenant's request budget
+  (:mod:`llmops.common.ratelimit`), maps domain errors to status codes through
+  :mod:`llmops.common.errors` (``INTERNAL`` with a generic message as the last resort) and records
   ``llmops_grpc_server_*`` metrics;
+* TLS, and mutual TLS with a client CA, from certificate files in the settings;
 * message-size and concurrency limits (over the limit: ``RESOURCE_EXHAUSTED``);
 * graceful shutdown: health turns NOT_SERVING, new calls are refused, in-flight calls get
   ``grace_seconds`` to finish;
@@ -31,8 +34,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from llmops.common.errors import status_for
+from llmops.common.auth import Authenticator, Identity, acting_as
+from llmops.common.errors import InvalidArgument, status_for
 from llmops.common.metrics import GrpcServerMetrics, MetricsHttpServer, serve_metrics
+from llmops.common.ratelimit import RateLimiter, limiter_from_settings
 from llmops.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,11 +78,65 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
-class _RuntimeInterceptor(Interceptor):
-    """Error mapping and metrics around every handler."""
+class _Undecodable:
+    """A request whose bytes did not parse; the handler's wrapper answers INVALID_ARGUMENT for it.
 
-    def __init__(self, metrics: GrpcServerMetrics) -> None:
+    grpc-python parses requests before any interceptor runs and answers UNKNOWN (logging a
+    traceback) when parsing fails; a caller's broken bytes are a caller error, so the deserializer
+    hands this marker to the wrapper instead of raising.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, or any parse failure of a custom type
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _checked(request: Any) -> Any:
+    """``request`` as the handler should see it; an undecodable one raises INVALID_ARGUMENT."""
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"malformed request: {request.error}")
+    if hasattr(request, "__aiter__"):  # a client stream: check each message as it arrives
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
+class _RuntimeInterceptor(Interceptor):
+    """Authentication, rate limits, error mapping and metrics around every handler."""
+
+    def __init__(
+        self,
+        metrics: GrpcServerMetrics,
+        authenticator: Authenticator | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self._metrics = metrics
+        self._auth = authenticator if authenticator is not None else Authenticator(None)
+        self._limiter = limiter
+
+    async def _admit(self, context: Context, service: str, method: str) -> Identity | None:
+        identity = self._auth.check(context.invocation_metadata() or (), service, method)
+        if self._limiter is not None:
+            await self._limiter.admit_request(identity)
+        return identity
 
     async def intercept_service(
         self,
@@ -89,7 +148,7 @@ class _RuntimeInterceptor(Interceptor):
             return handler
         service, method = _split_method(handler_call_details.method)
         kwargs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _lenient(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
@@ -114,8 +173,9 @@ class _RuntimeInterceptor(Interceptor):
             started = self._begin(service, method)
             failure: BaseException | None = None
             try:
-                result = behavior(request, context)
-                return await result if asyncio.iscoroutine(result) else result
+                with acting_as(await self._admit(context, service, method)):
+                    result = behavior(_checked(request), context)
+                    return await result if asyncio.iscoroutine(result) else result
             except BaseException as exc:
                 failure = exc
                 await _abort_with(exc, context, service, method)
@@ -129,15 +189,16 @@ class _RuntimeInterceptor(Interceptor):
             started = self._begin(service, method)
             failure: BaseException | None = None
             try:
-                result = behavior(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for item in result:
-                        yield item
-                elif asyncio.iscoroutine(result):
-                    await result  # the handler wrote its messages with context.write()
-                else:
-                    for item in result:
-                        yield item
+                with acting_as(await self._admit(context, service, method)):
+                    result = behavior(_checked(request), context)
+                    if hasattr(result, "__aiter__"):
+                        async for item in result:
+                            yield item
+                    elif asyncio.iscoroutine(result):
+                        await result  # the handler wrote its messages with context.write()
+                    else:
+                        for item in result:
+                            yield item
             except BaseException as exc:
                 failure = exc
                 await _abort_with(exc, context, service, method)
@@ -189,6 +250,25 @@ async def _abort_with(exc: BaseException, context: Context, service: str, method
         )
     await context.abort(mapped.code, mapped.message, trailing_metadata=mapped.trailing_metadata)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from ``tls_cert_file``/``tls_key_file``; with ``tls_client_ca_file``, clients must present a
+    certificate that CA signed (mutual TLS). ``None``: plaintext."""
+    if settings.tls_cert_file is None and settings.tls_key_file is None:
+        if settings.tls_client_ca_file is not None:
+            raise ValueError(
+                "tls_client_ca_file needs tls_cert_file and tls_key_file (mutual TLS is TLS first)"
+            )
+        return None
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 class LLMOpsServer:
@@ -326,8 +406,10 @@ async def create_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    authenticator = Authenticator(settings.api_keys_file)
+    limiter = limiter_from_settings(settings) if authenticator.enabled else None
     grpc_server = grpc.aio.server(
-        interceptors=[_RuntimeInterceptor(metrics)],
+        interceptors=[_RuntimeInterceptor(metrics, authenticator, limiter)],
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -338,7 +420,11 @@ async def create_server(
     service_names = [b.name for b in bindings]
     service_names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(service_names, grpc_server)
-    port = grpc_server.add_insecure_port(address)
+    credentials = server_credentials(settings)
+    if credentials is not None:
+        port = grpc_server.add_secure_port(address, credentials)
+    else:
+        port = grpc_server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind gRPC server to {address}")
     server = LLMOpsServer(grpc_server, port, bindings, health_servicer, settings, registry, metrics_port)

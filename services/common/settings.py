@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 ENV_PREFIX = "LLMOPS_"
 #: ``LLMOPS_`` variables that are read elsewhere, not settings fields.
@@ -341,7 +341,29 @@ class Settings(_Model):
     ray_temp_dir: Path | None = Field(
         default=None, description="Temp folder of a local Ray runtime; unset: a new folder under /tmp."
     )
-    api_keys_file: Path | None = Field(default=None, description="YAML file of hashed API keys.")
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="YAML file of hashed API keys, tenants and their limits (see llmops.common.auth); unset: no auth.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="The API key this process (a service, the CLI) sends to the services it calls.",
+    )
+    rate_limit_fail_open: bool = Field(
+        default=True,
+        description="When Redis is unreachable, let calls through (true) or refuse them with UNAVAILABLE (false).",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate chain: gRPC servers serve TLS with it; clients present it for mTLS.",
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle: servers require client certificates it signed (mutual TLS)."
+    )
+    tls_ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle clients verify servers with; set it to make clients use TLS."
+    )
     registry: RegistrySection = _section(RegistrySection, 50051, 9101)
     training: TrainingSection = _section(TrainingSection, 50052, 9102)
     quantization: QuantizationSection = _section(QuantizationSection, 50053, 9103)

@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from fastapi import Request
 from prometheus_client import CollectorRegistry
 
 from llmops.cache.service import ResponseCache
 from llmops.common.app import ServiceApp
+from llmops.common.auth import Authenticator, Identity
 from llmops.common.errors import InvalidArgument
+from llmops.common.ratelimit import RateLimiter, limiter_from_settings
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import Settings
 from llmops.proto.serving.v1 import serving_service_pb2_grpc
@@ -84,6 +87,23 @@ def startup_load_request(settings: Settings) -> LoadRequest | None:
     )
 
 
+def http_auth(settings: Settings, limiter: RateLimiter | None) -> AuthHook | None:
+    """The OpenAI API's check of ``Authorization: Bearer <key>``, as gRPC's: ``/v1/models`` is
+    ListModels, the rest is Generate; each request takes one from the tenant's request budget."""
+    if settings.api_keys_file is None:
+        return None
+    authenticator = Authenticator(settings.api_keys_file)
+
+    async def check(request: Request) -> Identity | None:
+        method = "ListModels" if request.url.path.rstrip("/") == "/v1/models" else "Generate"
+        identity = authenticator.check(request.headers.items(), SERVICE_NAME, method)
+        if limiter is not None:
+            await limiter.admit_request(identity)
+        return identity
+
+    return check
+
+
 class _QuietServer(uvicorn.Server):
     """uvicorn without its own signal handlers: the gRPC runtime owns SIGTERM and drains both."""
 
@@ -120,6 +140,7 @@ class ServingApp(ServiceApp):
             from llmops.cache.app import build_response_cache  # the Redis client, only when used
 
             self.cache = build_response_cache(settings, registry)
+        limiter = limiter_from_settings(settings) if settings.api_keys_file is not None else None
         self.service = ServingService(
             engine_factory,
             resolver or default_resolver(settings),
@@ -127,10 +148,13 @@ class ServingApp(ServiceApp):
             shim,
             config,
             cache=self.cache,
+            limiter=limiter,
         )
         registry.register(EngineMetricsBridge(shim, self.service.refresh_engine_gauges))
         self.servicer = ServingServicer(self.service)
-        self.http = create_http_app(self.service, auth=auth)
+        self.http = create_http_app(
+            self.service, auth=auth if auth is not None else http_auth(settings, limiter)
+        )
         self._http_host = http_host or settings.host
         self._http_server: _QuietServer | None = None
         self._http_task: asyncio.Task[None] | None = None

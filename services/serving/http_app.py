@@ -5,7 +5,9 @@ Streaming uses server-sent events (``data: {...}`` chunks, then ``data: [DONE]``
 when ``stream_options.include_usage`` is set. Errors have OpenAI's shape
 (``{"error": {"message", "type", "param", "code"}}``) and HTTP statuses from the domain error
 (400, 404, 429 with ``Retry-After``, 503, 504). A client that disconnects aborts its generation.
-``auth`` is the hook the security issue fills (API keys); ``None`` leaves the API open.
+``auth`` authenticates each ``/v1/`` request (``Authorization: Bearer <key>``, :mod:`llmops.common.auth`)
+and the handlers run as the identity it returns (its tenant keys the cache and pays the rate
+limits); ``None`` leaves the API open.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from llmops.common.auth import Identity, acting_as
 from llmops.common.errors import InvalidArgument, LLMOpsError, NotFound, ResourceExhausted, status_for
 from llmops.serving.domain import (
     Completion,
@@ -39,7 +42,7 @@ from llmops.serving.domain import (
 from llmops.serving.openai_schema import ChatBody, CompletionBody
 from llmops.serving.service import ServingService
 
-AuthHook = Callable[[Request], Awaitable[None]]
+AuthHook = Callable[[Request], Awaitable[Identity | None]]
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404,
     "ALREADY_EXISTS": 409, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
@@ -142,12 +145,14 @@ def create_http_app(service: ServingService, *, auth: AuthHook | None = None) ->
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if auth is not None and request.url.path.startswith("/v1/"):
-            try:
-                await auth(request)
-            except LLMOpsError as exc:
-                return _error_response(exc)
-        return await call_next(request)
+        if auth is None or not request.url.path.startswith("/v1/"):
+            return await call_next(request)
+        try:
+            identity = await auth(request)
+        except LLMOpsError as exc:
+            return _error_response(exc)
+        with acting_as(identity):
+            return await call_next(request)
 
     def select(model: str) -> tuple[ModelSelector, str, str]:
         """(selector, adapter, name to report) for a served name or an adapter name (served on its

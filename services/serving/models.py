@@ -87,6 +87,7 @@ class InFlight:
     """One request running on a model."""
 
     aborted: bool = False
+    tokens: int = 0  # prompt + generated so far: what the tenant is charged
     _waiting: asyncio.Task[object] | None = None
 
     def abort(self) -> None:

@@ -21,6 +21,7 @@ down never fails a request: it is answered from the engine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 from llmops.cache.domain import CacheKey, LookupOutcome
 from llmops.cache.keys import make_key
 from llmops.cache.service import ResponseCache
+from llmops.common.auth import Identity, current_identity, current_tenant
 from llmops.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -41,6 +43,7 @@ from llmops.common.errors import (
     NotFound,
     Unavailable,
 )
+from llmops.common.ratelimit import RateLimiter
 from llmops.proto.common.v1 import generation_pb2
 from llmops.serving import convert
 from llmops.serving.domain import (
@@ -112,9 +115,12 @@ class ServingService(ModelLifecycle):
         shim: EngineShimMetrics,
         config: ServingConfig | None = None,
         cache: ResponseCache | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         super().__init__(engine_factory, resolver, metrics, shim, config or ServingConfig())
         self.cache = cache
+        self.limiter = limiter
+        self._charges: set[asyncio.Task[None]] = set()
 
     # --- generation -------------------------------------------------------------------------------
 
@@ -215,7 +221,8 @@ class ServingService(ModelLifecycle):
             if adapter is None:
                 return None
         try:
-            key = make_key(model, request.prompt, request.sampling, tenant="", adapter=adapter)
+            # The caller's tenant is part of the key: tenants never see each other's answers.
+            key = make_key(model, request.prompt, request.sampling, tenant=current_tenant(), adapter=adapter)
         except LLMOpsError as exc:
             log.warning("no cache key for request %s: %s", prepared.request_id, exc)
             return None
@@ -301,6 +308,9 @@ class ServingService(ModelLifecycle):
 
     async def _run(self, p: _Prepared) -> AsyncGenerator[StreamEvent, None]:
         entry, name = p.entry, p.entry.served_name
+        identity = current_identity()
+        if self.limiter is not None:
+            await self.limiter.admit_generation(identity)  # the tenant's token budget is not spent
         in_flight = entry.enter()
         admission = entry.admission
         assert admission is not None
@@ -336,6 +346,15 @@ class ServingService(ModelLifecycle):
             entry.leave(in_flight)
             if admitted:  # refused requests (full queue, deadline while queued) never started
                 self.metrics.requests.labels(name, outcome).inc()
+                self._charge(identity, in_flight.tokens)
+
+    def _charge(self, identity: Identity | None, tokens: int) -> None:
+        """Charge a generation's tokens to its tenant, off the request's path (it may be cancelled)."""
+        if self.limiter is None or identity is None or not tokens:
+            return
+        task = asyncio.ensure_future(self.limiter.charge_tokens(identity, tokens))
+        self._charges.add(task)
+        task.add_done_callback(self._charges.discard)
 
     async def _stream(
         self, p: _Prepared, started: float, in_flight: InFlight
@@ -352,6 +371,7 @@ class ServingService(ModelLifecycle):
         prompt_logprobs: list[TokenLogprob] = []
         first_at: float | None = None
         last_at = started
+        in_flight.tokens = prompt_len
         stream = p.engine.generate(p.engine_request)
         try:
             while True:
@@ -381,6 +401,7 @@ class ServingService(ModelLifecycle):
                             shim.itl.labels(*shim_labels).observe(now - last_at)
                     last_at = now
                     generated += new_tokens
+                    in_flight.tokens += new_tokens
                 for delta in output.deltas:
                     if delta.finish_reason is not None:
                         unfinished.discard(delta.index)
