@@ -47,6 +47,38 @@ def version() -> None:
 
 
 @app.command()
+def probe(
+    service: Annotated[str, typer.Option(help="Health service name; empty: the process (liveness)")] = "",
+    address: Annotated[str, typer.Option(help="host:port of the gRPC server")] = "localhost:50051",
+    timeout: Annotated[float, typer.Option(help="Seconds before the probe fails")] = 3.0,
+) -> None:
+    """Exit 0 when grpc.health.v1 reports SERVING (Kubernetes' exec probe when the server speaks TLS).
+
+    TLS and the client certificate come from LLMOPS_TLS_CA_FILE / _CERT_FILE / _KEY_FILE, as for
+    every client; the server's certificate must name the host in ``address`` (e.g. ``localhost``).
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from llmops.common.clients import open_channel
+
+    async def check() -> int:
+        async with open_channel(address) as channel:
+            request = health_pb2.HealthCheckRequest(service=service)
+            answer = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
+            return int(answer.status)
+
+    try:
+        status = asyncio.run(check())
+    except grpc.aio.AioRpcError as exc:
+        console.print(f"not serving: {exc.code().name}: {exc.details()}", highlight=False)
+        raise typer.Exit(1) from None
+    if status != health_pb2.HealthCheckResponse.SERVING:
+        console.print(f"not serving: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")  # type: ignore[arg-type]
+        raise typer.Exit(1)
+
+
+@app.command()
 def serve(
     service: Annotated[str, typer.Argument(help="registry | training | quantization | serving | cache")],
     port: Annotated[

@@ -32,6 +32,7 @@ from tests.charts.conftest import (
     Doc,
     PodTemplate,
     Rendered,
+    helm_template,
     labels_match,
     load_values,
     render,
@@ -205,27 +206,75 @@ def test_ray_gpu_workers_request_gpus_and_autoscale(renders: dict[str, Rendered]
 # --- probes ---------------------------------------------------------------------------------------
 
 
+def _health_probe(probe: dict[str, Any], tls: bool) -> tuple[int, str]:
+    """(port, health service) a probe asks: a native gRPC probe, or ``llmops probe`` with TLS on
+    (Kubernetes' gRPC probes cannot speak TLS)."""
+    kinds = set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"}
+    if not tls:
+        assert kinds == {"grpc"}
+        return probe["grpc"]["port"], probe["grpc"].get("service", "")
+    assert kinds == {"exec"}
+    command = probe["exec"]["command"]
+    assert command[:2] == ["llmops", "probe"]
+    options = dict(zip(command[2::2], command[3::2], strict=True))
+    host, _, port = options["--address"].rpartition(":")
+    assert host == "localhost"  # the certificate must name it (values.yaml says so)
+    return int(port), options["--service"]
+
+
 @pytest.mark.parametrize("name", SETS)
-def test_llmops_probes_are_native_grpc_health_checks(renders: dict[str, Rendered], name: str) -> None:
+def test_llmops_probes_are_grpc_health_checks(renders: dict[str, Rendered], name: str) -> None:
     containers = _llmops_containers(renders[name])
+    tls = bool(load_values(name)["tls"]["existingSecret"])
     assert containers
     for pod, container in containers:
         service = container["args"][1]
         assert service in LLMOPS_SERVICES
         grpc_port = pod.container_ports()["grpc"]
         ready = f"llmops.{service}.v1.{service.title()}Service"
+        targets = {}
         for probe_name in ("startupProbe", "livenessProbe", "readinessProbe"):
-            probe = container[probe_name]
-            assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, (
-                f"{pod.where} {probe_name}"
-            )
-            assert probe["grpc"]["port"] == grpc_port, (
-                f"{pod.where} {probe_name} probes a port it does not open"
-            )
-        assert container["livenessProbe"]["grpc"].get("service", "") == ""
-        assert container["readinessProbe"]["grpc"]["service"] == ready
+            port, health = _health_probe(container[probe_name], tls)
+            assert port == grpc_port, f"{pod.where} {probe_name} probes a port it does not open"
+            targets[probe_name] = health
+        assert targets["livenessProbe"] == ""
+        assert targets["readinessProbe"] == ready
         assert container["args"][:6] == ["serve", service, "--port", str(grpc_port), "--metrics-port",
                                          str(pod.container_ports()["metrics"])]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_api_keys_and_tls_reach_every_llmops_container(renders: dict[str, Rendered], name: str) -> None:
+    values = load_values(name)
+    auth, tls = values["auth"], values["tls"]
+    config = next(
+        doc["data"]
+        for doc in renders[name].of_kind("ConfigMap")
+        if doc["metadata"]["name"].endswith("-config") and "LLMOPS_DATA_DIR" in doc["data"]
+    )
+    assert ("LLMOPS_API_KEYS_FILE" in config) == bool(auth["existingSecret"])
+    assert ("LLMOPS_TLS_CERT_FILE" in config) == bool(tls["existingSecret"])
+    assert ("LLMOPS_TLS_CLIENT_CA_FILE" in config) == bool(tls["existingSecret"] and tls["mutual"])
+    for pod, container in _llmops_containers(renders[name]):
+        mounts = {m["mountPath"] for m in container.get("volumeMounts") or []}
+        assert ("/etc/llmops/auth" in mounts) == bool(auth["existingSecret"]), pod.where
+        assert ("/etc/llmops/tls" in mounts) == bool(tls["existingSecret"]), pod.where
+        env = {e["name"]: e for e in container.get("env") or []}
+        if auth["serviceKey"]["existingSecret"]:
+            ref = env["LLMOPS_API_KEY"]["valueFrom"]["secretKeyRef"]
+            assert ref == {
+                "name": auth["serviceKey"]["existingSecret"],
+                "key": auth["serviceKey"]["secretKey"],
+            }
+        else:
+            assert "LLMOPS_API_KEY" not in env
+
+
+def test_api_keys_without_the_services_own_key_are_refused(helm: str) -> None:
+    result = helm_template(helm, sets=["auth.existingSecret=keys"])
+    assert result.returncode != 0 and "auth.serviceKey.existingSecret" in result.stderr
+    result = helm_template(helm, sets=["tls.mutual=true"])
+    assert result.returncode != 0 and "tls.mutual needs tls.existingSecret" in result.stderr
 
 
 @pytest.mark.parametrize("name", SETS)

@@ -21,6 +21,7 @@ import datetime
 import ipaddress
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -236,6 +237,9 @@ async def test_tls_and_mutual_tls_from_certificate_files(pki: dict[str, Path]) -
         assert await _echo(channel)(b"0", timeout=10) == b"0"
     async with grpc.aio.insecure_channel(target) as plain:
         assert await _code(lambda: _echo(plain)(b"0", timeout=3)) == grpc.StatusCode.UNAVAILABLE
+    # the chart's exec probe: `llmops probe` over TLS (Kubernetes' own gRPC probes cannot)
+    assert await _probe(target, SERVICE, {"LLMOPS_TLS_CA_FILE": str(pki["ca"])}) == 0
+    assert await _probe(target, SERVICE, {}) == 1  # plaintext against TLS: not serving
     await server.stop(0)
 
     mutual = _settings(
@@ -250,6 +254,17 @@ async def test_tls_and_mutual_tls_from_certificate_files(pki: dict[str, Path]) -
     async with grpc.aio.secure_channel(target, with_cert) as channel:
         assert await _echo(channel)(b"0", timeout=10) == b"0"
     await server.stop(0)
+
+
+async def _probe(target: str, service: str, env: dict[str, str]) -> int:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LLMOPS_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmops.cli", "probe", "--address", target, "--service", service, "--timeout", "5",
+        env={**clean, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode
 
 
 def test_tls_settings_that_cannot_work_are_refused(pki: dict[str, Path]) -> None:

@@ -177,6 +177,13 @@ capabilities:
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
+{{- with .Values.auth.serviceKey.existingSecret }}
+- name: LLMOPS_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.auth.serviceKey.secretKey }}
+{{- end }}
 {{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret }}
 - name: LLMOPS_REDIS_URL
   valueFrom:
@@ -208,6 +215,12 @@ capabilities:
     secretName: {{ . }}
     defaultMode: 0440
 {{- end }}
+{{- with .root.Values.tls.existingSecret }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
 {{- end }}
 
 {{- define "llmops.commonVolumeMounts" -}}
@@ -220,27 +233,41 @@ capabilities:
   mountPath: /etc/llmops/auth
   readOnly: true
 {{- end }}
+{{- if .Values.tls.existingSecret }}
+- name: tls
+  mountPath: /etc/llmops/tls
+  readOnly: true
+{{- end }}
 {{- end }}
 
-{{/* Native gRPC probes: liveness on "" (the process), readiness on the service name (dependencies ready). */}}
+{{/*
+How a probe asks grpc.health.v1 about (dict "root" $ "service" NAME): Kubernetes' native gRPC probe,
+or, when the servers speak TLS (which native probes cannot), `llmops probe` in the container.
+*/}}
+{{- define "llmops.probeAction" -}}
+{{- if .root.Values.tls.existingSecret }}
+exec:
+  command: ["llmops", "probe", "--address", "localhost:{{ .root.Values.ports.grpc }}", "--service", {{ .service | quote }}]
+{{- else }}
+grpc:
+  port: {{ .root.Values.ports.grpc }}
+  service: {{ .service | quote }}
+{{- end }}
+{{- end }}
+
+{{/* gRPC health probes: liveness on "" (the process), readiness on the service name (dependencies ready). */}}
 {{- define "llmops.grpcProbes" -}}
 startupProbe:
-  grpc:
-    port: {{ .root.Values.ports.grpc }}
-    service: ""
+  {{- include "llmops.probeAction" (dict "root" .root "service" "") | nindent 2 }}
   periodSeconds: 2
   failureThreshold: 60
 livenessProbe:
-  grpc:
-    port: {{ .root.Values.ports.grpc }}
-    service: ""
+  {{- include "llmops.probeAction" (dict "root" .root "service" "") | nindent 2 }}
   periodSeconds: 10
   timeoutSeconds: 5
   failureThreshold: 6
 readinessProbe:
-  grpc:
-    port: {{ .root.Values.ports.grpc }}
-    service: {{ include "llmops.healthServiceName" .component }}
+  {{- include "llmops.probeAction" (dict "root" .root "service" (include "llmops.healthServiceName" .component)) | nindent 2 }}
   periodSeconds: 5
   timeoutSeconds: 3
   failureThreshold: 3
