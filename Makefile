@@ -83,6 +83,10 @@ test-unit: $(STAMP) ## Unit tests only (no sockets, no Ray)
 test-integration: setup ## Integration tests (real servers on 127.0.0.1)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
+.PHONY: faults
+faults: setup ## Fault tests only (kill Redis under load, restart the registry mid-transfer, SIGTERM serving mid-stream, kill a training worker), with their counts
+	$(PY) -m pytest tests/faults tests/integration/training/test_faults.py -m faults $(PYTEST_ARGS)
+
 .PHONY: chart-check
 chart-check: tools ## helm lint, render + kubernetes-validate, promtool, hadolint (pytest tests/charts covers the same and more)
 	@PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/check_chart.sh

@@ -1,7 +1,8 @@
 """Training jobs survive what goes wrong around them, and stop when told to.
 
 Invariants: a worker process killed mid-job is replaced and the job resumes from its last complete
-checkpoint (not from step 0) and still succeeds; a restarted service picks up the job it left
+checkpoint (not from step 0), every step after it reported without gaps, and still succeeds (counted
+in the ``faults:`` summary, :mod:`tests.faults.ledger`); a restarted service picks up the job it left
 running and resumes it the same way, with the event log continuing without gaps; CancelJob stops a
 running job within seconds, frees its Ray resources and marks its MLflow run killed; jobs beyond
 ``max_concurrent_jobs`` wait QUEUED and can be cancelled there at once.
@@ -19,6 +20,7 @@ import pytest
 from llmops.proto.common.v1 import job_pb2
 from llmops.proto.training.v1 import training_service_pb2 as pb
 from llmops.training.runners.ray_runner import RayAttempt
+from tests.faults.ledger import record
 from tests.integration.training.conftest import (
     Stack,
     events,
@@ -63,6 +65,7 @@ def _resumed_at(found: list[job_pb2.JobEvent]) -> int:
     return _train_steps(found[second:])[0]
 
 
+@pytest.mark.faults
 async def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(stack: Stack) -> None:
     job = await submit(stack.client, spec(max_steps=30, checkpoint_every_steps=5))
     checkpoint = await _until(
@@ -71,9 +74,17 @@ async def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(stack
     attempt = stack.training.app.service.attempt(job.id)
     assert isinstance(attempt, RayAttempt)
     pid = await asyncio.to_thread(attempt.pid)
+    killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
+    counts = record("training-worker-kill")
+    counts.injected = counts.requests = 1
 
     found = await events(stack.client, job.id)
+    counts.seconds = time.monotonic() - killed
+    if found[-1].state == job_pb2.JOB_STATE_SUCCEEDED:
+        counts.ok = 1
+    else:
+        counts.lose(f"job ended {job_pb2.JobState.Name(found[-1].state)}")
     assert found[-1].state == job_pb2.JOB_STATE_SUCCEEDED, found[-1]
     starts = [e.started for e in found if e.HasField("started")]
     assert [s.attempt for s in starts] == [1, 2]
@@ -83,6 +94,11 @@ async def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(stack
     assert _resumed_at(found) == starts[1].resumed_from_step + 1  # not from step 0
     logs = [e.log.message for e in found if e.HasField("log")]
     assert any("worker lost" in line for line in logs)
+    # Nothing lost: the event log has no gaps, and the steps after the resume run on to the end.
+    assert [e.sequence for e in found] == list(range(1, len(found) + 1))
+    second = [i for i, e in enumerate(found) if e.HasField("started")][1]
+    assert _train_steps(found[second:]) == list(range(starts[1].resumed_from_step + 1, 31))
+    counts.note = f"resumed_from_step={starts[1].resumed_from_step} of 30"
 
 
 async def test_cancel_stops_a_running_job_within_seconds_and_frees_its_worker(stack: Stack) -> None:

@@ -1,0 +1,244 @@
+"""Redis killed (or hung) under load: serving keeps answering, and the cache comes back with Redis.
+
+Invariants: while 16 clients call Generate and GenerateStream (caching on, in process, straight to a real
+``redis-server``), Redis is killed with SIGKILL — or frozen with SIGSTOP, so its sockets stay open
+and nothing answers; every call still gets the right answer within its deadline (generated without
+the cache; the cache counts errors as misses), none ends INTERNAL or any other status, and no reply
+meant for a timed-out command is ever taken for another's; once Redis is back (started again on the
+same port, or SIGCONT), requests are hits again.
+
+Serving here is the real thing (ServingApp on a gRPC server on port 0, the real response cache and
+Redis client); the engine is the fake one, since the cache and not the engine is under test and 2
+cores would make hundreds of real generations slow. Beside it:
+``tests/integration/serving/test_cache_wiring.py::test_redis_down_fails_open`` (Redis stopped
+cleanly between sequential requests) and ``tests/integration/cache/test_fail_open.py`` (stopped,
+stalled and restarted under the cache service, one request at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from prometheus_client import CollectorRegistry
+
+from llmops.cache.redis_server import RedisServer
+from llmops.common.clients import ServingClient
+from llmops.common.server import LLMOpsServer, create_server
+from llmops.common.settings import Settings
+from llmops.proto.common.v1 import generation_pb2, sampling_pb2
+from llmops.proto.serving.v1 import serving_service_pb2 as pb
+from llmops.serving.app import ServingApp
+from llmops.serving.domain import (
+    EngineKind,
+    EngineOptions,
+    LoadRequest,
+    ModelRef,
+    ModelSource,
+    ResolvedModel,
+    ResolvedSource,
+)
+from llmops.serving.engines.base import Engine
+from llmops.serving.engines.fake import FakeEngine
+from llmops.serving.resolver import ModelResolver
+from tests.faults.ledger import record
+
+pytestmark = pytest.mark.faults
+
+CLIENTS = 16
+PROMPTS = [f"def f{i}(x):" for i in range(12)]
+MAX_TOKENS = 12
+DEADLINE = 5.0  # each call's gRPC deadline
+BOUND = 10.0  # past this a call counts as lost, deadline or not
+REDIS_TIMEOUT = 0.5  # the cache's per-command timeout: a hung Redis may cost a call about one of these
+
+
+class RegistryVersion(ModelResolver):
+    """Resolves the fake model as registry version ``fake:1`` (only registry versions are cached)."""
+
+    async def resolve(self, source: ModelSource, *, adapter: bool = False) -> ResolvedSource:
+        return ResolvedSource(path=Path("fake"), model=ResolvedModel("fake", 1))
+
+    async def resolve_ref(self, ref: ModelRef) -> ResolvedModel:
+        return ResolvedModel("fake", 1)
+
+
+def fake_engine(kind: EngineKind, path: Path, served_name: str, options: EngineOptions) -> Engine:
+    # A few ms per token keeps dozens of calls in flight (and Redis calls among them) when Redis dies.
+    return FakeEngine(path, served_name, options, step_delay=0.002, max_concurrency=CLIENTS, context=1024)
+
+
+@dataclass
+class CachedServing:
+    app: ServingApp
+    server: LLMOpsServer
+    client: ServingClient
+    redis: RedisServer
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def serving(make_redis_server: Callable[..., RedisServer]) -> AsyncIterator[CachedServing]:
+    redis = make_redis_server()
+    settings = Settings.load(
+        env={
+            "LLMOPS_REDIS_URL": redis.url,
+            "LLMOPS_SERVING_HTTP_ENABLED": "false",
+            "LLMOPS_GRACE_SECONDS": "1",
+            "LLMOPS_HEALTH_POLL_SECONDS": "0.05",
+            # A loaded 2-core machine must not time a live Redis out.
+            "LLMOPS_CACHE_REDIS_TIMEOUT_MS": str(int(REDIS_TIMEOUT * 1000)),
+            "LLMOPS_CACHE_FAILURE_COOLDOWN_MS": "200",
+        }
+    )
+    registry = CollectorRegistry()
+    app = ServingApp(settings, registry, engine_factory=fake_engine, resolver=RegistryVersion())
+    server, port = await create_server(
+        "127.0.0.1:0", app.bindings(), settings, registry=registry, metrics_port=None
+    )
+    await app.start()
+    await app.service.load_model(
+        LoadRequest(
+            source=ModelSource(model_ref=ModelRef.parse("fake:1")), served_name="fake", engine=EngineKind.FAKE
+        )
+    )
+    client = ServingClient.connect(f"127.0.0.1:{port}", timeout=DEADLINE)
+    await client.wait_ready(timeout=20, interval=0.02)
+    yield CachedServing(app, server, client, redis)
+    await client.close()
+    await server.stop(0)
+    await app.close()
+
+
+def request(prompt: str, cache: pb.CacheControl | None = None, *, stream: bool = False) -> Any:
+    kind = pb.GenerateStreamRequest if stream else pb.GenerateRequest
+    return kind(
+        model=pb.ModelSelector(served_name="fake"),
+        prompt=generation_pb2.Prompt(text=prompt),
+        sampling=sampling_pb2.SamplingParams(greedy=True, max_tokens=MAX_TOKENS, ignore_eos=True),
+        cache=cache,
+    )
+
+
+async def streamed(client: ServingClient, prompt: str) -> pb.GenerateResponse:
+    """A GenerateStream call, its deltas put together as the unary answer would be (empty when the
+    stream ended OK without its end message)."""
+    text, tokens, cached, ended = "", [], True, False
+    call = client.stub.GenerateStream(request(prompt, stream=True), timeout=DEADLINE)
+    async for message in call:
+        cached = cached and message.cached
+        if message.HasField("end"):
+            ended = True
+        else:
+            text += message.delta.text_delta
+            tokens += list(message.delta.token_ids)
+    completion = generation_pb2.Completion(text=text, token_ids=tokens) if ended else None
+    output = generation_pb2.GeneratedOutput(completions=[completion or generation_pb2.Completion()])
+    return pb.GenerateResponse(output=output, cached=cached)
+
+
+@dataclass
+class Phase:
+    """What the clients saw in one phase of the run: answers, and how many were cache hits."""
+
+    answered: int = 0
+    hits: int = 0
+    calls: list[float] = field(default_factory=list)  # seconds per call
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+async def test_serving_keeps_answering_when_redis_fails(serving: CachedServing, fault: str) -> None:
+    client, redis = serving.client, serving.redis
+    expected = {}
+    for prompt in PROMPTS:  # the right answers, straight from the engine
+        bypass = pb.CacheControl(bypass=True, no_store=True)
+        answer = await client.unary(client.stub.Generate, request(prompt, bypass))
+        expected[prompt] = answer.output.completions[0].text
+    counts = record(f"redis-{fault}")
+    # A call belongs to the phase it started and ended in; "across" holds calls that saw a change.
+    phases = {"before": Phase(), "down": Phase(), "restarted": Phase(), "across": Phase()}
+    phase = "before"
+    stop = asyncio.Event()
+
+    def check(prompt: str) -> Callable[[pb.GenerateResponse], str | None]:
+        def problem(response: pb.GenerateResponse) -> str | None:
+            completion = response.output.completions[0]
+            if completion.text != expected[prompt] or len(completion.token_ids) != MAX_TOKENS:
+                return f"{prompt!r}: {completion.text!r} (cached={response.cached})"
+            return None
+
+        return problem
+
+    async def worker(index: int) -> None:
+        sent = index
+        while not stop.is_set():
+            prompt = PROMPTS[sent % len(PROMPTS)]
+            sent += 1
+            started, now = time.monotonic(), phase
+            if index % 2:  # half the clients stream: the cache has a path of its own for streams
+                send: Callable[[], Awaitable[pb.GenerateResponse]] = partial(streamed, client, prompt)
+            else:
+                send = partial(client.unary, client.stub.Generate, request(prompt), timeout=DEADLINE)
+            response = await counts.call(send, bound=BOUND, check=check(prompt))
+            if response is not None:
+                seen = phases[now if now == phase else "across"]
+                seen.answered += 1
+                seen.hits += bool(response.cached)
+                seen.calls.append(time.monotonic() - started)
+
+    async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"not reached in time: {counts.line()}"
+            await asyncio.sleep(0.01)
+
+    def errors() -> float:
+        value = serving.app.cache.metrics.requests.labels("error")._value.get()  # type: ignore[union-attr]
+        return float(value)
+
+    started = time.monotonic()
+    workers = [asyncio.create_task(worker(i)) for i in range(CLIENTS)]
+    try:
+        await until(lambda: phases["before"].hits >= 40)
+        process = redis.process
+        assert process is not None
+        if fault == "kill":
+            process.kill()  # SIGKILL: no goodbye to the open connections
+            await asyncio.to_thread(process.wait)
+            redis.process = None
+        else:
+            process.send_signal(signal.SIGSTOP)  # connections stay open; nothing answers
+        phase = "down"
+        counts.injected += 1
+        await until(lambda: phases["down"].answered >= 120 and errors() > 0)
+        if fault == "kill":
+            redis.start()  # same port, empty (no persistence)
+        else:
+            process.send_signal(signal.SIGCONT)
+        phase = "restarted"
+        await until(lambda: phases["restarted"].hits >= 40)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+        if fault == "hang" and redis.process is not None:
+            redis.process.send_signal(signal.SIGCONT)
+    counts.seconds = time.monotonic() - started
+
+    counts.assert_nothing_lost()
+    assert counts.ok == counts.requests
+    assert phases["down"].hits == 0  # no call that began and ended with Redis gone was a hit
+    slowest = max(max(p.calls, default=0.0) for p in phases.values())
+    assert slowest < 4 * REDIS_TIMEOUT, f"a call took {slowest:.2f}s: it waited on Redis more than once"
+    counts.note = f"down_phase_answers={phases['down'].answered} slowest_call={slowest:.2f}s"
+    # A repeated request is a hit again: the same answer, from the cache.
+    prompt = PROMPTS[0]
+    await client.unary(client.stub.Generate, request(prompt))
+    again = await client.unary(client.stub.Generate, request(prompt))
+    assert again.cached and again.output.completions[0].text == expected[prompt]

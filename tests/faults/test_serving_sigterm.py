@@ -1,0 +1,186 @@
+"""SIGTERM to ``llmops serve serving`` while many streams run: every client gets an ending, in time.
+
+Invariants: with streams in flight (some short enough to finish within the grace period, some far
+too long to), SIGTERM first turns health NOT_SERVING (seen on a Health.Watch opened before), then
+each stream either ends normally (every token, then its end message, status OK) or ends with
+UNAVAILABLE — never another status, never a truncated stream reported as OK; a call arriving
+during the drain is refused with UNAVAILABLE; no client waits past the grace period plus a margin;
+and the process exits 0.
+
+The serving process is the real one (the CLI, the transformers engine, the tiny model): draining
+is what is under test and it lives in the process's signal handling and gRPC server. One stream
+drained to its end by SIGTERM is ``tests/integration/serving/test_sigterm.py``; this adds many
+streams, ones that cannot finish, the deadline on every client and the health ordering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmops.common.clients import ServingClient
+from llmops.proto.common.v1 import generation_pb2, sampling_pb2
+from llmops.proto.serving.v1 import serving_service_pb2 as pb
+from tests.faults.ledger import FaultCounts, record
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+GRACE = 5.0
+MARGIN = 6.0  # the process's own shutdown after the grace period, on a loaded machine
+SHORT, LONG = 16, 1000  # tokens: short streams finish within the grace period, long ones cannot
+STREAMS = [SHORT, SHORT, SHORT, LONG, LONG, LONG]  # one at a time on this engine, in this order
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def serving_process(
+    tiny_model_path: Path, tmp_path: Path
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    env = {
+        **os.environ,
+        "LLMOPS_HOST": "127.0.0.1",
+        "LLMOPS_GRACE_SECONDS": str(GRACE),
+        "LLMOPS_DATA_DIR": str(tmp_path),
+        "LLMOPS_SERVING_MODEL": str(tiny_model_path),
+        "LLMOPS_SERVING_SERVED_NAME": "tiny",
+        "LLMOPS_SERVING_ENGINE": "transformers",
+        "LLMOPS_SERVING_HTTP_ENABLED": "false",
+        "LLMOPS_SERVING_ENGINE_OPTIONS": '{"max_model_len": 1024}',
+    }
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "llmops.cli", "serve", "serving", "--port", "0", "--metrics-port", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()
+        match = re.search(r"grpc=(\d+)", line)
+        assert match, f"no ports announced: {line!r}"
+        yield process, f"127.0.0.1:{match.group(1)}"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def stream_request(max_tokens: int) -> pb.GenerateStreamRequest:
+    return pb.GenerateStreamRequest(
+        model=pb.ModelSelector(served_name="tiny"),
+        prompt=generation_pb2.Prompt(text="import os\n"),
+        sampling=sampling_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True, greedy=True),
+    )
+
+
+class Stream:
+    """One client's stream: what it received and how it ended."""
+
+    def __init__(self, client: ServingClient, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.call = client.stub.GenerateStream(stream_request(max_tokens), timeout=120)
+        self.tokens = 0
+        self.end: pb.GenerateStreamResponse | None = None
+        self.first = asyncio.Event()
+        self.ended_at = 0.0
+
+    async def read(self) -> None:
+        try:
+            async for message in self.call:
+                if message.WhichOneof("event") == "delta":
+                    self.tokens += len(message.delta.token_ids)
+                    self.first.set()
+                else:
+                    self.end = message
+        finally:
+            self.ended_at = time.monotonic()
+            self.first.set()
+
+    def problem(self) -> str | None:
+        """What is wrong with a stream that ended OK (``None``: it is whole)."""
+        if self.end is None or self.end.end.usage.completion_tokens != self.max_tokens:
+            return f"ended OK without its end message after {self.tokens}/{self.max_tokens} tokens"
+        if self.tokens != self.max_tokens:
+            return f"{self.tokens} tokens, expected {self.max_tokens}"
+        return None
+
+
+async def watch_health(
+    channel: grpc.aio.Channel, seen: list[tuple[float, int]], first: asyncio.Event
+) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service=ServingClient.service_name)
+    try:
+        async for response in stub.Watch(request):
+            seen.append((time.monotonic(), response.status))
+            first.set()
+    except grpc.aio.AioRpcError:
+        pass  # the server went away: the watch ends
+
+
+async def test_sigterm_mid_stream_ends_every_stream_in_time(
+    serving_process: tuple[asyncio.subprocess.Process, str],
+) -> None:
+    process, address = serving_process
+    counts: FaultCounts = record("serving-sigterm")
+    async with ServingClient.connect(address, timeout=30) as client:
+        await client.wait_ready(timeout=60, interval=0.05)
+        health: list[tuple[float, int]] = []
+        watching = asyncio.Event()
+        watcher = asyncio.create_task(watch_health(client.channel, health, watching))
+        await asyncio.wait_for(watching.wait(), 10)  # the watch has answered (SERVING) before all else
+        streams = [Stream(client, n) for n in STREAMS]
+        readers = [asyncio.create_task(s.read()) for s in streams]
+        await asyncio.wait_for(streams[0].first.wait(), 60)  # generation has begun; the rest wait their turn
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        counts.injected += 1
+
+        async def ending(stream: Stream, reader: asyncio.Task[None]) -> Stream:
+            await reader
+            return stream
+
+        # A call that arrives while the server drains is refused at once, not queued or left hanging.
+        while not any(status == health_pb2.HealthCheckResponse.NOT_SERVING for _, status in health):
+            assert time.monotonic() - signalled < GRACE, "health never turned NOT_SERVING"
+            await asyncio.sleep(0.01)
+        late = pb.GenerateRequest(model=pb.ModelSelector(served_name="tiny"), prompt=stream_request(1).prompt)
+        refused = partial(client.unary, client.stub.Generate, late, timeout=GRACE)
+        await counts.call(refused, bound=GRACE, allowed=(grpc.StatusCode.UNAVAILABLE,))
+        assert counts.codes == {"UNAVAILABLE": 1}, counts.line()
+
+        for stream, reader in zip(streams, readers, strict=True):
+            await counts.call(
+                partial(ending, stream, reader),
+                bound=max(0.1, signalled + GRACE + MARGIN - time.monotonic()),  # from the signal on
+                allowed=(grpc.StatusCode.UNAVAILABLE,),
+                check=Stream.problem,
+            )
+        counts.seconds = time.monotonic() - signalled
+        exit_code = await asyncio.wait_for(process.wait(), MARGIN)
+        watcher.cancel()
+
+    counts.note = "tokens=" + ",".join(f"{s.tokens}/{s.max_tokens}" for s in streams)
+    counts.assert_nothing_lost()
+    assert exit_code == 0
+    finished = [s for s in streams if s.end is not None]
+    assert any(s.max_tokens == SHORT for s in finished), "no short stream finished within the grace period"
+    assert counts.allowed >= 2, "no stream was cut off: the long ones should outlast the grace period"
+    latest = max(s.ended_at for s in streams) - signalled
+    assert latest < GRACE + MARGIN, f"the last stream ended {latest:.1f}s after SIGTERM"
+    not_serving = [t for t, status in health if status == health_pb2.HealthCheckResponse.NOT_SERVING]
+    assert health[0][1] == health_pb2.HealthCheckResponse.SERVING and not_serving, health
+    cut = [s.ended_at for s in streams if s.end is None]
+    assert not_serving[0] <= min(cut), "health turned NOT_SERVING only after streams were cut"
