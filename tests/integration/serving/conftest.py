@@ -191,6 +191,30 @@ async def start_stack(factory: Any, settings: Any = None) -> Stack:
     return Stack(app, server, port, ServingClient.connect(f"127.0.0.1:{port}", timeout=120))
 
 
+async def start_registry_stack(
+    settings: Any, factory: Any, resolver: Any, *, served_name: str, ref: str, api_key: str | None = None
+) -> Stack:
+    """A serving app whose one model is loaded as a registry version (``ref``), so the cache applies."""
+    from prometheus_client import CollectorRegistry
+
+    from llmops.common.clients import ServingClient
+    from llmops.common.server import create_server
+    from llmops.serving.app import ServingApp
+    from llmops.serving.domain import LoadRequest, ModelRef, ModelSource
+
+    registry = CollectorRegistry()
+    app = ServingApp(settings, registry, engine_factory=factory, resolver=resolver, http_host="127.0.0.1")
+    server, port = await create_server(
+        "127.0.0.1:0", app.bindings(), settings, registry=registry, metrics_port=0
+    )
+    await app.start()
+    source = ModelSource(model_ref=ModelRef.parse(ref))
+    await app.service.load_model(
+        LoadRequest(source=source, served_name=served_name, engine=EngineKind.TRANSFORMERS)
+    )
+    return Stack(app, server, port, ServingClient.connect(f"127.0.0.1:{port}", timeout=120, api_key=api_key))
+
+
 async def stop_stack(stack: Stack) -> None:
     await stack.client.close()
     await stack.server.stop(0)

@@ -25,7 +25,6 @@ from llmops.serving.domain import (
     EngineOptions,
     EngineOutput,
     EngineRequest,
-    LoadRequest,
     ModelRef,
     ModelSource,
     ResolvedModel,
@@ -33,7 +32,13 @@ from llmops.serving.domain import (
 )
 from llmops.serving.engines.base import Engine
 from llmops.serving.resolver import ModelResolver
-from tests.integration.serving.conftest import BorrowedEngine, Stack, serving_settings, stop_stack
+from tests.integration.serving.conftest import (
+    BorrowedEngine,
+    Stack,
+    serving_settings,
+    start_registry_stack,
+    stop_stack,
+)
 from tests.redis_fixture import make_redis_server
 
 __all__ = ["make_redis_server"]
@@ -68,36 +73,19 @@ class VersionResolver(ModelResolver):
 async def cached_stack(
     transformers_engine: Engine, tiny_model_path: Path, make_redis_server: Callable[..., RedisServer]
 ) -> AsyncIterator[tuple[Stack, RedisServer]]:
-    from prometheus_client import CollectorRegistry
-
-    from llmops.common.clients import ServingClient
-    from llmops.common.server import create_server
-    from llmops.serving.app import ServingApp
-
     redis = make_redis_server()
     settings = serving_settings(
         LLMOPS_REDIS_URL=redis.url,
         LLMOPS_SERVING_HTTP_ENABLED="false",
         LLMOPS_CACHE_REDIS_TIMEOUT_MS="2000",  # a loaded test machine must not time Redis out
     )
-    registry = CollectorRegistry()
 
     def factory(kind: EngineKind, path: Path, served_name: str, options: EngineOptions) -> Engine:
         return CountingEngine(transformers_engine)
 
-    app = ServingApp(settings, registry, engine_factory=factory, resolver=VersionResolver(tiny_model_path))
-    server, port = await create_server(
-        "127.0.0.1:0", app.bindings(), settings, registry=registry, metrics_port=0
+    stack = await start_registry_stack(
+        settings, factory, VersionResolver(tiny_model_path), served_name=MODEL, ref="tiny:1"
     )
-    await app.start()
-    await app.service.load_model(
-        LoadRequest(
-            source=ModelSource(model_ref=ModelRef.parse("tiny:1")),
-            served_name=MODEL,
-            engine=EngineKind.TRANSFORMERS,
-        )
-    )
-    stack = Stack(app, server, port, ServingClient.connect(f"127.0.0.1:{port}", timeout=120))
     CountingEngine.calls = 0
     yield stack, redis
     await stop_stack(stack)

@@ -25,18 +25,16 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import yaml
-from prometheus_client import CollectorRegistry
 
 from llmops.cache.redis_server import RedisServer
 from llmops.common.auth import Role, key_entry, new_key
 from llmops.common.clients import ServingClient
 from llmops.common.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
-from llmops.common.server import create_server
 from llmops.proto.common.v1 import generation_pb2, sampling_pb2
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
-from llmops.serving.domain import EngineKind, EngineOptions, LoadRequest, ModelRef, ModelSource
+from llmops.serving.domain import EngineKind, EngineOptions
 from llmops.serving.engines.base import Engine
-from tests.integration.serving.conftest import Stack, serving_settings, stop_stack
+from tests.integration.serving.conftest import Stack, serving_settings, start_registry_stack, stop_stack
 from tests.integration.serving.test_cache_wiring import MODEL, CountingEngine, VersionResolver
 from tests.redis_fixture import make_redis_server
 
@@ -71,32 +69,14 @@ async def secured(
         LLMOPS_API_KEYS_FILE=str(keys),
         LLMOPS_CACHE_REDIS_TIMEOUT_MS="2000",
     )
-    from llmops.serving.app import ServingApp
-
-    registry = CollectorRegistry()
 
     def factory(kind: EngineKind, path: Path, served_name: str, options: EngineOptions) -> Engine:
         return CountingEngine(transformers_engine)
 
-    app = ServingApp(
-        settings,
-        registry,
-        engine_factory=factory,
-        resolver=VersionResolver(tiny_model_path),
-        http_host="127.0.0.1",
+    resolver = VersionResolver(tiny_model_path)
+    stack = await start_registry_stack(
+        settings, factory, resolver, served_name=MODEL, ref="tiny:1", api_key=ADMIN
     )
-    server, port = await create_server(
-        "127.0.0.1:0", app.bindings(), settings, registry=registry, metrics_port=0
-    )
-    await app.start()
-    await app.service.load_model(
-        LoadRequest(
-            source=ModelSource(model_ref=ModelRef.parse("tiny:1")),
-            served_name=MODEL,
-            engine=EngineKind.TRANSFORMERS,
-        )
-    )
-    stack = Stack(app, server, port, ServingClient.connect(f"127.0.0.1:{port}", timeout=120, api_key=ADMIN))
     yield stack
     await stop_stack(stack)
 
