@@ -2,8 +2,8 @@
 
 Names from :mod:`llmops.common.metric_names`. Jobs by state and finished jobs by method and result
 come from the shared :class:`~llmops.common.job_metrics.JobBookCollector`; training adds the loss
-and summed tokens/s of the running jobs of each method (per-job curves live in MLflow; a job-id
-label would be unbounded).
+of each method's running jobs (else its newest job's final loss) and their summed tokens/s
+(per-job curves live in MLflow; a job-id label would be unbounded).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from llmops.training.domain import METHODS, Job, JobState
 def _running(jobs: list[Job]) -> Iterator[Metric]:
     loss = GaugeMetricFamily(
         names.TRAINING_LAST_LOSS,
-        "Loss at the latest logged step of a running job of a method.",
+        "Loss at the latest logged step of a method's running jobs (the highest), else of its newest job.",
         labels=["method"],
     )
     rate = GaugeMetricFamily(
@@ -33,6 +33,9 @@ def _running(jobs: list[Job]) -> Iterator[Metric]:
     for method in METHODS:
         mine = [j for j in running if j.spec.method == method]
         losses = [j.latest_metrics["loss"] for j in mine if "loss" in j.latest_metrics]
+        if not losses:  # between jobs the panel keeps the last job's final loss, not a gap
+            ended = [j for j in jobs if j.spec.method == method and "loss" in j.latest_metrics]
+            losses = [max(ended, key=lambda j: j.created_at).latest_metrics["loss"]] if ended else []
         if losses:
             loss.add_metric([method], max(losses))
         rate.add_metric([method], sum(j.latest_metrics.get("tokens_per_second", 0.0) for j in mine))
