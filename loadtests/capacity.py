@@ -1,7 +1,10 @@
 """The highest load a deployment sustains with zero errors: a sweep of Locust runs at rising user counts.
 
     .venv/bin/python -m loadtests.capacity --scenario cache --users 1,2,4,8,16,32 --seconds 20 \\
-        --serving 127.0.0.1:50054 --out build/loadtest/capacity-cache
+        --serving 127.0.0.1:50054 --out build/loadtest/capacity-cache --cache-repeat 1
+
+Options it does not know go to every Locust run (``--cache-repeat 1``: only pooled prompts, so
+after each prompt's first answer every call is a hit).
 
 Each step is one headless Locust run (``loadtests/locustfile.py``) of ``--seconds`` at a fixed user
 count (all users start at once); the sweep stops at the first step with a failed call or a p95 over
@@ -143,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--serving", default="", help="Serving gRPC HOST:PORT (default: the local stack's)")
     parser.add_argument("--model", default="", help="Served model name (default: the first READY one)")
     parser.add_argument("--max-tokens", type=int, default=32)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # the rest goes to every Locust run (e.g. --cache-repeat 1)
     users = sorted({int(u) for u in args.users.split(",") if u.strip()})
     args.out.mkdir(parents=True, exist_ok=True)
     serving = args.serving or _stack_serving()
@@ -152,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "error: no local stack runs (`llmops up`, `make demo`); give --serving HOST:PORT", file=sys.stderr
         )
         return 2
-    target = ["--max-tokens", str(args.max_tokens), "--serving", serving]
+    target = ["--max-tokens", str(args.max_tokens), "--serving", serving, *extra]
     target += ["--model", args.model] if args.model else []
     console = Console()
     steps: list[Step] = []
