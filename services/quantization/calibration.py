@@ -6,24 +6,34 @@ rendered with the tokenizer's chat template) of a ``.jsonl`` file; ``evaluate.to
 it into ``(1, seq_len)`` windows. When the calibration text is the job's evaluation text, the
 windows start after the tokens the evaluation uses, so perplexity is never measured on the data
 the weights were fitted to.
+
+Calibration data at a revision of the DVC data repository (or of another Git/DVC repo) is read by
+the data repository code training uses (:class:`llmops.training.data.DataRepository`, through
+``dvc.api``), once, when the job is submitted (:func:`snapshot_calibration`): the bytes go into a
+snapshot file in the job's work folder, so the worker reads exactly what was read, and the commit is
+recorded in the result's lineage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llmops.common.errors import InvalidArgument
+from llmops.common.errors import FailedPrecondition, InvalidArgument
 from llmops.quantization import evaluate
 from llmops.quantization.methods.base import (
     DEFAULT_CALIBRATION_SAMPLES,
     DEFAULT_CALIBRATION_SEQ_LEN,
     CalibrationSpec,
 )
+
+if TYPE_CHECKING:
+    from llmops.training.data import DataRepository
 
 #: Characters read per wanted token: generous, so a file set is never cut short (reading is cheap).
 _CHARS_PER_TOKEN = 12
@@ -110,3 +120,37 @@ def _record_text(tokenizer: Any, record: Any) -> str:
     if isinstance(record.get("messages"), list) and getattr(tokenizer, "chat_template", None):
         return str(tokenizer.apply_chat_template(record["messages"], tokenize=False))
     return ""
+
+
+def snapshot_calibration(
+    repository: DataRepository | None, spec: CalibrationSpec, folder: Path
+) -> CalibrationSpec:
+    """Read a versioned calibration reference into ``folder``; other specs come back unchanged.
+
+    Returns:
+        ``spec`` with ``text_path`` naming the snapshot (same file name, so a ``.jsonl`` stays one)
+        and ``dataset_commit`` the commit it was read at (empty when the revision names no commit
+        of the data repository, e.g. a branch of another repo).
+
+    Raises:
+        InvalidArgument: a bad path or revision (named as the calibration's field).
+        NotFound: no such file or revision.
+        FailedPrecondition: this server has no data repository, or DVC cannot read the file.
+    """
+    if not spec.versioned:
+        return spec
+    from llmops.training.domain import DatasetRef
+
+    assert spec.dataset is not None
+    if repository is None:
+        raise FailedPrecondition("this server has no data repository to read calibration data from")
+    path, revision, repo = spec.dataset
+    try:
+        content, commit = repository.read(DatasetRef(path=path, revision=revision, repo=repo))
+    except InvalidArgument as error:  # the repository names training's field; this is calibration's
+        field = (error.field or "").replace("spec.dataset", "calibration", 1) or "calibration"
+        raise InvalidArgument(error.message, field=field) from None
+    folder.mkdir(parents=True, exist_ok=True)
+    snapshot = folder / (Path(path).name or "calibration.txt")
+    snapshot.write_bytes(content)
+    return dataclasses.replace(spec, text_path=snapshot, dataset_commit=commit)

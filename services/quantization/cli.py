@@ -126,6 +126,13 @@ def submit(
             "after the evaluation's"
         ),
     ] = "",
+    calibration_revision: Annotated[
+        str,
+        typer.Option(
+            help="Git/DVC revision of the data repository to read --calibration-text at (then a path "
+            "relative to the repository); default: a file on the server"
+        ),
+    ] = "",
     name: Annotated[str, typer.Option(help="Model to register the result under")] = "",
     register_result: Annotated[bool, typer.Option("--register/--no-register")] = True,
     request_id: str = "",
@@ -160,10 +167,10 @@ def submit(
                     ref=dataset_pb2.DatasetRef(path=eval_text), num_samples=eval_samples, seq_len=seq_len
                 )
             )
-    if method in ("gptq", "awq") or calibration_samples or calibration_text:
+    if method in ("gptq", "awq") or calibration_samples or calibration_text or calibration_revision:
         spec.calibration.CopyFrom(
             pb.DatasetSample(
-                ref=dataset_pb2.DatasetRef(path=calibration_text),
+                ref=dataset_pb2.DatasetRef(path=calibration_text, revision=calibration_revision),
                 num_samples=calibration_samples,
                 seq_len=seq_len,
             )

@@ -202,7 +202,8 @@ def _calibration(spec: pb.QuantizationJobSpec) -> CalibrationSpec | None:
         num_samples=sample.num_samples,
         seq_len=sample.seq_len,
         text_path=Path(path) if path else None,
-        dataset=(ref.path, ref.revision, ref.repo) if ref.path else None,
+        # a revision or repo without a path is kept, so validation refuses it rather than ignoring it
+        dataset=(ref.path, ref.revision, ref.repo) if ref.path or ref.revision or ref.repo else None,
     )
 
 

@@ -41,10 +41,12 @@ from llmops.common.jobs import JobState, follow_events
 from llmops.common.runners import Attempt, CancelDeadline, JobRunner, Outcome, Resources
 from llmops.common.runners.local import ThreadRunner
 from llmops.quantization import evaluate, worker
+from llmops.quantization.calibration import snapshot_calibration
 from llmops.quantization.methods import QuantizationSpec, Quantizer, resolve
 from llmops.quantization.methods.base import ensure_not_quantized
 from llmops.quantization.tracking import NullTracker, RunStatus, Tracker
 from llmops.registry.sinks import RegisteredVersion, ResultSink, VersionMetadata
+from llmops.training.data import DataRepository
 
 log = logging.getLogger(__name__)
 #: Progress once the result is measured, while it is registered.
@@ -195,6 +197,8 @@ class QuantizationService:
 
     ``runner`` is where job bodies run; by default a thread of this process that quantizes with
     ``quantizers`` (a Ray runner's workers use :func:`~llmops.quantization.methods.default_quantizers`).
+    ``repository`` is the DVC data repository that calibration references with a revision are read
+    from (``None``: such jobs are refused with FAILED_PRECONDITION).
     """
 
     def __init__(
@@ -208,6 +212,7 @@ class QuantizationService:
         *,
         runner: JobRunner | None = None,
         limits: Limits = Limits(),
+        repository: DataRepository | None = None,
     ) -> None:
         self._quantizers = quantizers
         self._sink = sink
@@ -217,6 +222,7 @@ class QuantizationService:
         self._work_dir = work_dir
         self._max_pending = max_pending
         self._limits = limits
+        self._repository = repository
         self._jobs: dict[str, Job] = {}
         self._by_request: dict[str, str] = {}
         self._attempts: dict[str, Attempt] = {}
@@ -250,14 +256,20 @@ class QuantizationService:
         if not spec.source_dir.is_dir():
             raise NotFound(f"source {spec.source_name} has no model folder")
         ensure_not_quantized(spec.source_dir)
+        job_id = f"qj-{next(self._counter)}-{uuid.uuid4().hex[:8]}"
+        if checked.calibration is not None and checked.calibration.versioned:
+            # read once, now: every later step (and the lineage) sees exactly these bytes
+            calibration = snapshot_calibration(
+                self._repository, checked.calibration, self._calibration_dir(job_id)
+            )
+            checked = dataclasses.replace(checked, calibration=calibration)
         spec = dataclasses.replace(spec, quantization=checked)
         with self._changed:
             pending = sum(1 for j in self._jobs.values() if not j.state.terminal)
             if pending >= self._max_pending:
+                shutil.rmtree(self._calibration_dir(job_id), ignore_errors=True)
                 raise ResourceExhausted(f"{pending} jobs are pending; retry later", retry_after_seconds=30)
-            job = Job(
-                id=f"qj-{next(self._counter)}-{uuid.uuid4().hex[:8]}", spec=spec, created_at=time.time()
-            )
+            job = Job(id=job_id, spec=spec, created_at=time.time())
             job.request_id = request_id
             self._jobs[job.id] = job
             if request_id:
@@ -323,7 +335,17 @@ class QuantizationService:
 
     # supervision -------------------------------------------------------------------------------
 
+    def _calibration_dir(self, job_id: str) -> Path:
+        """Where a job's calibration snapshot lives (removed when its supervisor ends)."""
+        return self._work_dir / "calibration" / job_id
+
     def _supervise(self, job_id: str) -> None:
+        try:
+            self._supervise_job(job_id)
+        finally:
+            shutil.rmtree(self._calibration_dir(job_id), ignore_errors=True)
+
+    def _supervise_job(self, job_id: str) -> None:
         with self._changed:
             job = self._jobs[job_id]
             if job.state is not JobState.QUEUED or self._closing:
@@ -482,6 +504,7 @@ class QuantizationService:
                 format=result.format,
                 job_id=job.id,
                 dataset=qspec.calibration.dataset if qspec.calibration else None,
+                dataset_commit=qspec.calibration.dataset_commit if qspec.calibration else "",
                 mlflow_run_id=job.mlflow_run_id,
             )
             result = dataclasses.replace(result, registered=self._sink.register(metadata, out_dir))

@@ -59,6 +59,8 @@ def _flat(prefix: str, values: dict[str, Any]) -> dict[str, str]:
     """Scalar settings as parameters; local paths and unset values are left out."""
     params: dict[str, str] = {}
     for key, value in values.items():
+        if key == "dataset_commit":  # part of the data's record (its dataset input), not a setting
+            continue
         if isinstance(value, dict):
             params.update(_flat(f"{prefix}{key}.", value))
         elif isinstance(value, str | int | float):
@@ -130,7 +132,12 @@ def run_datasets(spec: JobSpec) -> list[DatasetRecord]:
         ref_path, revision, repo = calibration.dataset or ("", "", "")
         records.append(
             dataset_record(
-                calibration.text_path, "calibration", ref_path=ref_path, revision=revision, repo=repo
+                calibration.text_path,
+                "calibration",
+                ref_path=ref_path,
+                revision=revision,
+                commit=calibration.dataset_commit,
+                repo=repo,
             )
         )
     if spec.eval.num_samples:

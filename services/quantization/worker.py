@@ -75,6 +75,7 @@ class Plan:
                     "seq_len": calibration.seq_len,
                     "text_path": _text(calibration.text_path),
                     "dataset": list(calibration.dataset) if calibration.dataset else None,
+                    "dataset_commit": calibration.dataset_commit,
                 },
             },
             "eval_samples": self.eval_samples,
@@ -95,6 +96,7 @@ class Plan:
                 seq_len=calibration["seq_len"],
                 text_path=_path(calibration.get("text_path")),
                 dataset=(dataset[0], dataset[1], dataset[2]) if dataset else None,
+                dataset_commit=str(calibration.get("dataset_commit", "")),
             )
         fields.update(
             source_dir=Path(fields["source_dir"]),

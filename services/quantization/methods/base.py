@@ -51,13 +51,22 @@ class CalibrationSpec:
     ``text_path`` is a text file, a ``.jsonl`` file of records with ``text`` (or chat ``messages``),
     or a folder of ``.py``/``.txt``/``.md`` files; ``None`` means the default held-out text that
     ``evaluate.heldout_texts`` reads. ``dataset`` is the reference as submitted (path, revision, repo),
-    recorded in the result's lineage; ``None`` for the default text. Zero sizes mean the defaults.
+    recorded in the result's lineage; ``None`` for the default text. A reference with a revision (or
+    a repo) names a file of the DVC data repository: the service reads it there at submission into a
+    snapshot file, which ``text_path`` then names, and ``dataset_commit`` is the commit it was read
+    at. Zero sizes mean the defaults.
     """
 
     num_samples: int = 0
     seq_len: int = 0
     text_path: Path | None = None
     dataset: tuple[str, str, str] | None = None
+    dataset_commit: str = ""
+
+    @property
+    def versioned(self) -> bool:
+        """Whether the data is a file of the data repository at a revision (or of another repo)."""
+        return self.dataset is not None and bool(self.dataset[1] or self.dataset[2])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,14 +181,18 @@ class Quantizer(abc.ABC):
                 f"not {num_samples} x {seq_len}",
                 field="calibration",
             )
-        if calibration.dataset is not None and (calibration.dataset[1] or calibration.dataset[2]):
-            raise InvalidArgument(
-                "calibration data is read from a path on the server; revision and repo are not "
-                "supported for calibration",
-                field="calibration.ref",
-            )
+        if calibration.versioned:
+            assert calibration.dataset is not None
+            ref_path = Path(calibration.dataset[0])
+            if not calibration.dataset[0] or ref_path.is_absolute() or ".." in ref_path.parts:
+                raise InvalidArgument(
+                    "with a revision or repo, ref.path is a file's path relative to the data "
+                    "repository (without '..')",
+                    field="calibration.ref.path",
+                )
         path = calibration.text_path
-        if path is not None and not path.exists():
+        # a versioned reference is read from the data repository (the service snapshots it)
+        if path is not None and not calibration.versioned and not path.exists():
             raise NotFound(f"calibration data {path} does not exist")
         return dataclasses.replace(calibration, num_samples=num_samples, seq_len=seq_len)
 
@@ -230,6 +243,14 @@ class Quantizer(abc.ABC):
             size_bytes=weight_bytes(out_dir),
             settings=settings,
         )
+
+
+def add_quantization_config(out_dir: Path, settings: Mapping[str, Any]) -> None:
+    """Write ``settings`` as the ``quantization_config`` of ``out_dir/config.json``."""
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"] = dict(settings)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def prepare_out_dir(out_dir: Path) -> None:

@@ -3,9 +3,17 @@
 Every ``nn.Linear`` (lm_head included) gets ``qint4`` weights with one scale and shift per group of
 ``group_size`` input weights (-1: one group per output channel); embeddings and norms stay fp32.
 The folder holds ``config.json``, ``model.safetensors`` with quanto's packed tensors and
-``quanto_qmap.json``; :meth:`QuantoInt4Quantizer.load_for_eval` rebuilds the quantized structure on
-the CPU and loads the packed state dict (quanto's own ``requantize`` builds on the meta device, which
-leaves the rotary ``inv_freq`` buffer uninitialised). torchao's INT4 path fails on this CPU.
+``quanto_qmap.json`` (quanto's quantization map: which module has which weight type).
+``config.json``'s ``quantization_config`` names our method (``"quant_method": "llmops_quanto_int4"``,
+with the group size and the map's file): transformers' own quanto integration does not serialize
+(its quantizer says ``is_serializable() == False``), so no transformers loader claims the folder, and serving's transformers engine loads
+it through :func:`load_model` (see :mod:`llmops.quantization.formats`).
+
+:func:`load_model` builds the fp32 model on the CPU, has ``optimum.quanto.requantize`` quantize the
+modules the map names, sets the group size (quanto's map does not record it, and the packed shapes
+depend on it) and loads the packed state dict strictly. (quanto's ``requantize`` given a model on the
+meta device would leave the rotary ``inv_freq`` buffer uninitialised: hence the CPU build.)
+torchao's INT4 path fails on this CPU.
 """
 
 from __future__ import annotations
@@ -18,16 +26,76 @@ from typing import Any
 import torch
 
 from llmops.quantization.methods.base import (
-    MARKER_FILE,
     ProgressFn,
     QuantizationSpec,
     QuantizedArtifact,
     Quantizer,
+    add_quantization_config,
     prepare_out_dir,
 )
 
 QMAP_FILE = "quanto_qmap.json"
 WEIGHTS_FILE = "model.safetensors"
+QUANT_METHOD = "llmops_quanto_int4"
+FORMAT_VERSION = 1
+
+
+def quantization_config(group_size: int) -> dict[str, Any]:
+    """``config.json``'s ``quantization_config`` of a result (``group_size`` -1: per output channel)."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "weights": "qint4",
+        "group_size": group_size,
+        "quantization_map": QMAP_FILE,
+        "modules": "every torch.nn.Linear, lm_head included",
+    }
+
+
+def quantize_model(src_dir: Path, group_size: int) -> Any:
+    """The model in ``src_dir`` with quanto ``qint4`` weights in groups (-1: per output channel), frozen."""
+    from optimum.quanto import freeze, qint4, quantize  # type: ignore[import-untyped]
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32)
+    model.eval()
+    quantize(model, weights=qint4)
+    _set_group_size(model, None if group_size == -1 else group_size)
+    freeze(model)  # packs the weights with the group size set above
+    return model
+
+
+def load_model(folder: Path) -> Any:
+    """An ``llmops_quanto_int4`` folder as a CPU causal LM with quanto's INT4 Linears.
+
+    Raises:
+        ValueError: the folder is not in this format, or its tensors do not fit its config.
+    """
+    from optimum.quanto import requantize  # type: ignore[import-untyped]
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    if settings.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{folder.name} is not an {QUANT_METHOD} folder")
+    if settings.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{folder.name}: unknown {QUANT_METHOD} format_version {settings.get('format_version')}"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):  # transformers' quanto loader cannot read saved weights
+        del config.quantization_config
+    auto: Any = AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32).eval()
+    qmap_name = str(settings.get("quantization_map") or QMAP_FILE)
+    if Path(qmap_name).name != qmap_name:  # a file of the folder, never a path out of it
+        raise ValueError(f"{folder.name}: quantization_map must be a file name, not {qmap_name!r}")
+    qmap = json.loads((folder / qmap_name).read_text())
+    requantize(model, {}, qmap, device=torch.device("cpu"))  # quantize the mapped modules, load nothing
+    group_size = int(settings["group_size"])
+    _set_group_size(model, None if group_size == -1 else group_size)
+    model.load_state_dict(load_file(folder / WEIGHTS_FILE))  # strict: every packed tensor is used
+    return model
 
 
 class QuantoInt4Quantizer(Quantizer):
@@ -46,51 +114,25 @@ class QuantoInt4Quantizer(Quantizer):
         calibration: Sequence[torch.Tensor] | None = None,
         progress: ProgressFn | None = None,
     ) -> QuantizedArtifact:
-        from optimum.quanto import (  # type: ignore[import-untyped]
-            freeze,
-            qint4,
-            quantization_map,
-            quantize,
-        )
+        from optimum.quanto import quantization_map  # type: ignore[import-untyped]
         from safetensors.torch import save_file
-        from transformers import AutoModelForCausalLM
 
         prepare_out_dir(out_dir)
-        model: Any = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32)
-        model.eval()
-        quantize(model, weights=qint4)
-        _set_group_size(model, None if spec.group_size == -1 else spec.group_size)
         if progress:
-            progress(0.4)
-        freeze(model)
+            progress(0.1)
+        model = quantize_model(src_dir, spec.group_size)
         if progress:
             progress(0.8)
         model.config.save_pretrained(out_dir)
-        save_file(model.state_dict(), out_dir / WEIGHTS_FILE)
+        add_quantization_config(out_dir, quantization_config(spec.group_size))
+        save_file(model.state_dict(), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
         (out_dir / QMAP_FILE).write_text(json.dumps(quantization_map(model), indent=1))
         if progress:
             progress(1.0)
         return self._finish(src_dir, out_dir, spec, qmap_file=QMAP_FILE)
 
     def load_for_eval(self, out_dir: Path) -> Any:
-        from optimum.quanto import qint4, quantize  # type: ignore[import-untyped]
-        from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        # quanto's own ``requantize`` builds on the meta device, which leaves non-persistent buffers
-        # (rotary inv_freq) uninitialised; a CPU build of the same structure avoids that.
-        config = AutoConfig.from_pretrained(out_dir)
-        auto: Any = AutoModelForCausalLM
-        model = auto.from_config(config, dtype=torch.float32).eval()
-        quantize(model, weights=qint4)
-        _set_group_size(model, _group_size_of(out_dir))
-        model.load_state_dict(load_file(out_dir / WEIGHTS_FILE))
-        return model
-
-
-def _group_size_of(out_dir: Path) -> int | None:
-    settings = json.loads((out_dir / MARKER_FILE).read_text())
-    return None if settings["group_size"] == -1 else int(settings["group_size"])
+        return load_model(out_dir)
 
 
 def _set_group_size(model: torch.nn.Module, group_size: int | None) -> None:

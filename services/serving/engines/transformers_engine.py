@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from llmops.common.errors import InvalidArgument, NotFound, Unavailable
+from llmops.quantization.formats import NO_INFERENCE_MODE, own_quant_method
+from llmops.quantization.formats import load_model as load_quantized
 from llmops.serving.domain import EngineKind, EngineOptions, EngineOutput, EngineRequest
 from llmops.serving.engines.base import AdapterInfo, EngineStats, decode_extra_args
 from llmops.serving.engines.beam import beam_search
@@ -52,6 +54,8 @@ class TransformersEngine(HFTokenizerEngine):
         self._running = 0
         self._cache_tokens = 0
         self._adapters: dict[str, AdapterInfo] = {}
+        #: How gradients are off while decoding; ``no_grad`` for models whose tensors need version counters.
+        self._grad_off: Callable[[], contextlib.AbstractContextManager[Any]] = torch.inference_mode
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -83,7 +87,18 @@ class TransformersEngine(HFTokenizerEngine):
         dtype = _DTYPES.get(self.options.dtype) if self.options.dtype else None
         if dtype is None:
             dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        model: Any = AutoModelForCausalLM.from_pretrained(str(self.model_path), dtype=dtype)
+        model: Any
+        own_format = own_quant_method(config)
+        if own_format is None:
+            model = AutoModelForCausalLM.from_pretrained(str(self.model_path), dtype=dtype)
+        else:  # INT8 dynamic / quanto INT4 folders: a layout of ours that from_pretrained cannot read
+            if device != "cpu" or dtype is not torch.float32:
+                raise InvalidArgument(
+                    f"{own_format} models run on the CPU in float32 (dtype unset or float32)", field="options"
+                )
+            model = load_quantized(self.model_path, own_format)
+            if own_format in NO_INFERENCE_MODE:
+                self._grad_off = torch.no_grad
         self._model = model.to(self._device).eval()
         self._tokenizer = HFTokenizer(self.model_path)
         configured = int(config.get("max_position_embeddings") or 2048)
@@ -150,7 +165,7 @@ class TransformersEngine(HFTokenizerEngine):
     ) -> None:
         try:
             self._running += 1
-            with torch.inference_mode(), self._adapter_scope(request.adapter):
+            with self._grad_off(), self._adapter_scope(request.adapter):
                 self._decode(request, emit, cancelled)
         except BaseException as exc:
             emit(exc)
@@ -206,7 +221,7 @@ class TransformersEngine(HFTokenizerEngine):
 
         def top(sequences: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
             # Every beam has the same length, so one unpadded batch serves them all.
-            with torch.inference_mode(), self._adapter_scope(request.adapter):
+            with self._grad_off(), self._adapter_scope(request.adapter):
                 ids = torch.tensor(sequences, device=self._device)  # (beams, len)
                 logits = self._model(input_ids=ids).logits[:, -1, : self._vocab_size]  # (beams, vocab)
                 values, indices = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
@@ -246,12 +261,20 @@ class TransformersEngine(HFTokenizerEngine):
         def attach() -> None:
             from peft import PeftModel
 
+            # PEFT wraps the base's layers in place before it copies the weights in: an adapter of
+            # another shape would fail half-way and leave the served model altered.
+            _check_adapter_fits(self._model, Path(path))
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(str(path), adapter_name=name)
             else:
                 self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=name).eval()
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, attach)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, attach)
+        except ValueError as exc:  # PEFT's refusals (e.g. target modules the base does not have)
+            raise InvalidArgument(
+                f"{path} does not apply to {self.served_name}: {exc}", field="local_path"
+            ) from None
         self._adapters[name] = AdapterInfo(name, str(path), rank)
         return self._adapters[name]
 
@@ -266,3 +289,38 @@ class TransformersEngine(HFTokenizerEngine):
                 self._model = self._model.unload()  # back to the plain base model
 
         await asyncio.get_running_loop().run_in_executor(self._executor, detach)
+
+
+def _check_adapter_fits(model: Any, folder: Path) -> None:
+    """Raise INVALID_ARGUMENT when a LoRA adapter's matrices do not match the base's layers.
+
+    Reads only the safetensors header (``lora_A``: (rank, in), ``lora_B``: (out, rank)); adapters
+    saved in another format are left to PEFT.
+    """
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except Exception as exc:  # a corrupt or foreign file: safetensors raises its own error types
+        raise InvalidArgument(
+            f"{weights.name} is not a readable safetensors file: {exc}", field="local_path"
+        ) from None
+    for key, shape in shapes.items():
+        for part, dim in ((".lora_A.", 1), (".lora_B.", 0)):
+            if part not in key or len(shape) != 2:
+                continue
+            name = key.split(part)[0].removeprefix("base_model.model.")
+            layer = modules.get(name) or modules.get(f"base_model.model.{name}")
+            layer = getattr(layer, "base_layer", layer)  # a layer PEFT already wraps
+            expected = getattr(layer, "in_features" if dim == 1 else "out_features", None)
+            if isinstance(expected, int) and shape[dim] != expected:  # other layer kinds: PEFT's call
+                raise InvalidArgument(
+                    f"adapter weight {key} has shape {list(shape)}, which does not fit the base "
+                    f"model's layer of size {expected}",
+                    field="local_path",
+                )

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from llmops.quantization.formats import own_quant_method
 from llmops.serving.domain import (
     CompletionDelta,
     Decoding,
@@ -72,7 +73,13 @@ def config_dtype(model_path: Path) -> str:
 
 
 def engine_args(model_path: Path, served_name: str, options: EngineOptions) -> Any:
-    """vLLM's ``AsyncEngineArgs`` for a load request (INVALID_ARGUMENT for unknown extra args)."""
+    """vLLM's ``AsyncEngineArgs`` for a load request (INVALID_ARGUMENT for unknown extra args, or a
+    quantized layout of our own that vLLM has no loader for)."""
+    own_format = own_quant_method(read_config(model_path))
+    if own_format is not None:  # refused now, not after a start of 20-70 s
+        raise InvalidArgument(
+            f"vLLM cannot read {own_format} models; load this one on the transformers engine", field="engine"
+        )
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kwargs: dict[str, Any] = {

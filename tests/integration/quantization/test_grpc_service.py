@@ -73,6 +73,11 @@ def _spec(name: str = "tiny", **fields: object) -> pb.QuantizationJobSpec:
     return pb.QuantizationJobSpec(source=model_pb2.ModelRef(name=name), **fields)  # type: ignore[arg-type]
 
 
+def _gptq_at(path: str, revision: str) -> pb.QuantizationJobSpec:
+    ref = dataset_pb2.DatasetRef(path=path, revision=revision)
+    return _spec(method=pb.QUANTIZATION_METHOD_GPTQ, calibration=pb.DatasetSample(ref=ref, num_samples=2))
+
+
 async def test_job_streams_events_to_the_end_and_registers_its_result(quantization: Running) -> None:
     client = quantization.client
     evaluation = pb.QuantizationEval(
@@ -130,6 +135,10 @@ async def test_job_streams_events_to_the_end_and_registers_its_result(quantizati
         (_spec(bits=4), grpc.StatusCode.INVALID_ARGUMENT),
         (_spec(name="missing"), grpc.StatusCode.NOT_FOUND),
         (_spec(name="already"), grpc.StatusCode.FAILED_PRECONDITION),
+        # calibration data at a revision of the data repository: read there at submission
+        (_gptq_at("data/calibration.jsonl", "no-such-revision"), grpc.StatusCode.NOT_FOUND),
+        (_gptq_at("", "v1"), grpc.StatusCode.INVALID_ARGUMENT),
+        (_gptq_at("/etc/hostname", "v1"), grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
 async def test_bad_submit_maps_to_its_status(

@@ -3,9 +3,9 @@ read from the registry and the result is registered there as a child version.
 
 A registry server (MLflow on SQLite in the test's temporary folder) holds the tiny model as
 ``tiny`` version 1; the quantization service, started the way ``llmops serve quantization`` starts
-it, runs an INT8 weight-only job on ``tiny:1``. INT8 weight-only is used because its output
-(``config.json`` with a ``quantization_config`` plus ``model.safetensors``) passes the registry's
-validation; INT8 dynamic writes a torch state dict (``.pt``), which the registry refuses as pickle.
+it, runs an INT8 job on ``tiny:1``: weight-only (torchao, through ``save_pretrained``) and dynamic
+(``torch.ao``, written as int8 safetensors with per-channel scales and our own
+``quantization_config``); both outputs pass the registry's validation (no pickle).
 """
 
 from __future__ import annotations
@@ -45,9 +45,13 @@ async def registry(tmp_path: Path) -> AsyncIterator[RunningRegistry]:
     await stop_registry(running)
 
 
+@pytest.mark.parametrize(
+    "method", [qpb.QUANTIZATION_METHOD_INT8_WEIGHT_ONLY, qpb.QUANTIZATION_METHOD_INT8_DYNAMIC]
+)
 async def test_job_reads_from_and_registers_child_version_in_registry(
-    registry: RunningRegistry, tmp_path: Path
+    method: qpb.QuantizationMethod.ValueType, registry: RunningRegistry, tmp_path: Path
 ) -> None:
+    method_name = qpb.QuantizationMethod.Name(method).removeprefix("QUANTIZATION_METHOD_").lower()
     tiny = await upload_directory(
         registry.client,
         rpb.VersionMetadata(model_name="tiny", create_model=True, format=model_pb2.MODEL_FORMAT_FP32),
@@ -73,7 +77,7 @@ async def test_job_reads_from_and_registers_child_version_in_registry(
         await client.wait_ready(timeout=20, interval=0.02)
         spec = qpb.QuantizationJobSpec(
             source=model_pb2.ModelRef(name="tiny", version=1),
-            method=qpb.QUANTIZATION_METHOD_INT8_WEIGHT_ONLY,
+            method=method,
             eval=qpb.QuantizationEval(
                 dataset=qpb.DatasetSample(ref=dataset_pb2.DatasetRef(), num_samples=2, seq_len=64),
                 measure_throughput=True,
@@ -96,7 +100,7 @@ async def test_job_reads_from_and_registers_child_version_in_registry(
     cached = tmp_path / "quantization" / "quantization" / "sources" / "tiny" / "1"
     assert (cached / "config.json").is_file()  # the source came from the registry, not models_dir
     child_ref = model_pb2.ModelRef(name=result.result_version.name, version=result.result_version.version)
-    assert (child_ref.name, child_ref.version) == ("tiny-int8-weight-only", 1)
+    assert (child_ref.name, child_ref.version) == (f"tiny-{method_name.replace('_', '-')}", 1)
     rc = registry.client
     child = (await rc.unary(rc.stub.GetVersion, rpb.GetVersionRequest(model=child_ref))).version
     assert child.status == rpb.VERSION_STATUS_READY
@@ -105,7 +109,7 @@ async def test_job_reads_from_and_registers_child_version_in_registry(
     assert child.lineage.job_id == job.id
     assert child.lineage.mlflow_run_id and child.lineage.mlflow_run_id == job_run_id
     assert child.lineage.job_kind == job_pb2.JOB_KIND_QUANTIZATION
-    assert child.tags["quantization_method"] == "int8_weight_only"
+    assert child.tags["quantization_method"] == method_name
     measured = {
         "size_ratio": result.size_ratio,
         "perplexity_before": result.perplexity_before,
@@ -118,4 +122,4 @@ async def test_job_reads_from_and_registers_child_version_in_registry(
     assert child.metrics["perplexity_before"] > 1 and child.metrics["tokens_per_second_after"] > 0
 
     lineage = (await rc.unary(rc.stub.GetLineage, rpb.GetLineageRequest(model=child_ref))).versions
-    assert [(v.name, v.version) for v in lineage] == [("tiny-int8-weight-only", 1), ("tiny", 1)]
+    assert [(v.name, v.version) for v in lineage] == [(child_ref.name, 1), ("tiny", 1)]

@@ -23,7 +23,9 @@ PROMETHEUS_ACCEPT = (
 
 def test_colon_names_survive_prometheus_content_negotiation() -> None:
     registry = CollectorRegistry()
-    Gauge("vllm:kv_cache_usage_perc", "KV cache use.", ["model_name"], registry=registry).labels("m").set(0.25)
+    Gauge("vllm:kv_cache_usage_perc", "KV cache use.", ["model_name"], registry=registry).labels("m").set(
+        0.25
+    )
     server = serve_metrics("127.0.0.1", 0, registry)
     try:
         for accept in (PROMETHEUS_ACCEPT, "", "text/plain"):

@@ -258,7 +258,9 @@ def test_a_job_without_calibration_is_invalid_argument(
         (CalibrationSpec(num_samples=-1), InvalidArgument, "calibration"),
         (CalibrationSpec(num_samples=4096, seq_len=4096), InvalidArgument, "calibration"),
         (CalibrationSpec(text_path=Path("/nonexistent/calibration.txt")), NotFound, ""),
-        (CalibrationSpec(dataset=("data/c.jsonl", "v1", "")), InvalidArgument, "calibration.ref"),
+        (CalibrationSpec(dataset=("", "v1", "")), InvalidArgument, "calibration.ref.path"),
+        (CalibrationSpec(dataset=("/abs/c.jsonl", "v1", "")), InvalidArgument, "calibration.ref.path"),
+        (CalibrationSpec(dataset=("../c.jsonl", "", "repo")), InvalidArgument, "calibration.ref.path"),
     ],
 )
 def test_bad_calibration_is_rejected(

@@ -1,0 +1,46 @@
+"""The quantized formats of our own, as ``config.json``'s ``quantization_config`` names them.
+
+Two methods write a layout that no transformers quantizer reads (``from_pretrained`` refuses an
+unknown ``quant_method``): INT8 dynamic (``llmops_int8_dynamic``: ``torch.ao`` INT8 Linears, stored
+as int8 weights with per-channel scales) and optimum-quanto INT4 (``llmops_quanto_int4``, loaded
+through quanto's requantize). A loader that finds one of these names (serving's transformers
+engine) calls :func:`load_model` instead of ``from_pretrained``; every other folder (torchao INT8,
+GPTQ, AWQ, full precision) loads the usual way. Importing this module is cheap: the method modules
+load when a folder does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+#: ``quant_method`` -> the module whose ``load_model(folder)`` loads it.
+OWN_FORMATS = {
+    "llmops_int8_dynamic": "llmops.quantization.methods.int8_dynamic",
+    "llmops_quanto_int4": "llmops.quantization.methods.quanto_int4",
+}
+
+#: Formats whose tensors need version counters (quanto's), which ``torch.inference_mode`` tensors
+#: lack: run them under ``torch.no_grad`` instead.
+NO_INFERENCE_MODE = frozenset({"llmops_quanto_int4"})
+
+
+def own_quant_method(config: Mapping[str, Any]) -> str | None:
+    """The ``quant_method`` of ``config`` (a parsed ``config.json``) when it is one of ours."""
+    settings = config.get("quantization_config")
+    method = settings.get("quant_method") if isinstance(settings, Mapping) else None
+    return method if isinstance(method, str) and method in OWN_FORMATS else None
+
+
+def load_model(folder: Path, method: str) -> Any:
+    """The folder's model on the CPU (the unquantized rest in float32), in eval mode.
+
+    Raises:
+        ValueError: ``method`` is not ours, or the folder does not hold what its config says.
+    """
+    if method not in OWN_FORMATS:
+        raise ValueError(f"{method!r} is not one of {', '.join(sorted(OWN_FORMATS))}")
+    model = importlib.import_module(OWN_FORMATS[method]).load_model(folder)
+    return model.eval()
