@@ -87,6 +87,12 @@ test-integration: setup ## Integration tests (real servers on 127.0.0.1)
 faults: setup ## Fault tests only (kill Redis under load, restart the registry mid-transfer, SIGTERM serving mid-stream, kill a training worker), with their counts
 	$(PY) -m pytest tests/faults tests/integration/training/test_faults.py -m faults $(PYTEST_ARGS)
 
+FUZZ_EXAMPLES ?= 1000
+
+.PHONY: fuzz
+fuzz: setup ## Fuzz every RPC of every service on real servers with FUZZ_EXAMPLES inputs per RPC (make test runs ~20)
+	LLMOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/fuzz -m fuzz --timeout 0 $(PYTEST_ARGS)
+
 .PHONY: chart-check
 chart-check: tools ## helm lint, render + kubernetes-validate, promtool, hadolint (pytest tests/charts covers the same and more)
 	@PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/check_chart.sh

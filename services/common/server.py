@@ -188,6 +188,7 @@ class _RuntimeInterceptor(Interceptor):
         async def wrapper(request: Any, context: Context) -> AsyncIterator[Any]:
             started = self._begin(service, method)
             failure: BaseException | None = None
+            result: Any = None
             try:
                 with acting_as(await self._admit(context, service, method)):
                     result = behavior(_checked(request), context)
@@ -203,6 +204,11 @@ class _RuntimeInterceptor(Interceptor):
                 failure = exc
                 await _abort_with(exc, context, service, method)
             finally:
+                # A call cancelled while its message was being sent leaves the handler's stream
+                # suspended at a yield: close it now, or its cleanup (a serving slot, say) waits for
+                # the garbage collector.
+                if hasattr(result, "aclose"):
+                    await result.aclose()
                 self._end(service, method, started, context, failure)
 
         return wrapper

@@ -18,6 +18,11 @@ MAX_TAG_KEY_BYTES = 128
 MAX_TAG_VALUE_BYTES = 1024
 MAX_REASON_BYTES = 1024
 MAX_REQUEST_ID_BYTES = 128
+#: Counts, each a row (or an MLflow call) per entry: bounded so one request is bounded work.
+MAX_TAGS = 64
+MAX_METRICS = 256
+MAX_ALIASES = 16
+MAX_DOWNLOAD_PATHS = 10_000
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,9 @@ def check_text(value: str, limit: int, field: str) -> str:
 
 
 def check_tags(tags: Mapping[str, str], field: str = "tags") -> dict[str, str]:
-    """Caller tags: keys 1-128 bytes outside the reserved prefixes, values at most 1024 bytes."""
+    """Caller tags: at most 64, keys 1-128 bytes outside the reserved prefixes, values at most 1024 bytes."""
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgument(f"at most {MAX_TAGS} tags ({len(tags)} given)", field=field)
     for key, value in tags.items():
         if not key or len(key.encode()) > MAX_TAG_KEY_BYTES:
             raise InvalidArgument(f"tag keys must be 1-{MAX_TAG_KEY_BYTES} bytes", field=field)

@@ -49,10 +49,14 @@ from llmops.registry.domain import (
 )
 from llmops.registry.metrics import RegistryMetrics
 from llmops.registry.requests import (
+    MAX_ALIASES,
     MAX_DESCRIPTION_BYTES,
+    MAX_DOWNLOAD_PATHS,
+    MAX_METRICS,
     MAX_REASON_BYTES,
     MAX_REQUEST_ID_BYTES,
     MAX_TAG_KEY_BYTES,
+    MAX_TAGS,
     RegistryLimits,
     check_tags,
     check_text,
@@ -116,6 +120,8 @@ class RegistryService:
         after = decode_token(page_token, str) or ""
         if name_prefix and not all(c.isalnum() or c in "._-" for c in name_prefix):
             raise InvalidArgument("may hold only model-name characters", field="name_prefix")
+        if len(tags) > MAX_TAGS:
+            raise InvalidArgument(f"at most {MAX_TAGS} tags to filter on", field="tags")
         models = await self.store.list_models(
             name_prefix=name_prefix, tags=dict(tags), after=str(after), limit=limit + 1
         )
@@ -177,6 +183,10 @@ class RegistryService:
         check_text(spec.request_id, MAX_REQUEST_ID_BYTES, "metadata.request_id")
         if spec.parameter_count < 0:
             raise InvalidArgument("must be >= 0", field="metadata.parameter_count")
+        if len(spec.metrics) > MAX_METRICS:
+            raise InvalidArgument(f"at most {MAX_METRICS} metrics", field="metadata.metrics")
+        if len(spec.aliases) > MAX_ALIASES:
+            raise InvalidArgument(f"at most {MAX_ALIASES} aliases", field="metadata.aliases")
         for key, value in spec.metrics.items():
             if not key or len(key.encode()) > MAX_TAG_KEY_BYTES or not math.isfinite(value):
                 raise InvalidArgument(
@@ -401,6 +411,8 @@ class RegistryService:
             raise InvalidArgument(f"must be in [0, {MAX_CHUNK_BYTES}]", field="chunk_size_bytes")
         if request.resume_offset < 0:
             raise InvalidArgument("must be >= 0", field="resume_offset")
+        if len(request.paths) > MAX_DOWNLOAD_PATHS:
+            raise InvalidArgument(f"at most {MAX_DOWNLOAD_PATHS} paths", field="paths")
         version = await self._ready_ref(request.ref, "model")
         if version.format is None or not version.manifest:
             raise FailedPrecondition(f"{version.ref} was registered outside llmops and has no manifest")

@@ -198,6 +198,16 @@ def load_request(message: pb.LoadModelRequest) -> LoadRequest:
     )
 
 
+def drain_timeout(message: pb.UnloadModelRequest) -> float | None:
+    """Seconds an unload drains for; ``None`` when unset (the server's default)."""
+    if not message.HasField("drain_timeout"):
+        return None
+    if message.drain_timeout.seconds < 0 or message.drain_timeout.nanos < 0:
+        raise InvalidArgument("must not be negative", field="drain_timeout")
+    # ToNanoseconds, not ToTimedelta: a timedelta overflows past 999,999,999 days.
+    return message.drain_timeout.ToNanoseconds() / 1e9
+
+
 def adapter_source(message: pb.LoadAdapterRequest) -> ModelSource:
     which = message.WhichOneof("source")
     if which == "adapter_ref":

@@ -88,9 +88,7 @@ class ServingServicer(serving_service_pb2_grpc.ServingServiceServicer):
         return pb.LoadModelResponse(model=convert.loaded_model(info))
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: Context) -> pb.UnloadModelResponse:
-        drain = (
-            request.drain_timeout.ToTimedelta().total_seconds() if request.HasField("drain_timeout") else None
-        )
+        drain = convert.drain_timeout(request)
         result = await self._service.unload_model(convert.selector(request.model), drain)
         return pb.UnloadModelResponse(
             served_name=result.served_name, aborted_requests=result.aborted_requests

@@ -75,7 +75,14 @@ from llmops.serving.lifecycle import ModelLifecycle
 from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
 from llmops.serving.models import Aborted, InFlight, ServedModel
 from llmops.serving.resolver import ModelResolver
-from llmops.serving.validation import Limits, check_prompt, check_request_id, check_token_ids, to_decoding
+from llmops.serving.validation import (
+    Limits,
+    check_prompt,
+    check_prompt_size,
+    check_request_id,
+    check_token_ids,
+    to_decoding,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +262,8 @@ class ServingService(ModelLifecycle):
         if request.adapter and request.adapter not in entry.adapters:
             raise NotFound(f"adapter {request.adapter!r} is not loaded on {entry.served_name}")
         prompt = request.prompt
+        size = None if prompt.token_ids is None else len(prompt.token_ids)
+        check_prompt_size(prompt.text, prompt.messages, engine.max_model_len, "prompt", tokens=size)
         if prompt.text is not None:
             token_ids = await engine.tokenize(prompt.text, add_special_tokens=True)
         elif prompt.token_ids is not None:
@@ -434,6 +443,7 @@ class ServingService(ModelLifecycle):
         assert engine is not None
         if (request.text is None) == (request.messages is None):
             raise InvalidArgument("exactly one of text or chat must be set", field="input")
+        check_prompt_size(request.text, request.messages, engine.max_model_len, "input")
         if request.text is not None:
             ids = await engine.tokenize(request.text, add_special_tokens=request.add_special_tokens)
         else:
@@ -452,6 +462,7 @@ class ServingService(ModelLifecycle):
         entry = await self._select(selector)
         engine = entry.engine
         assert engine is not None
+        check_prompt_size(None, None, engine.max_model_len, "token_ids", tokens=len(token_ids))
         check_token_ids(token_ids, engine.vocab_size, "token_ids")
         return await engine.detokenize(token_ids, skip_special_tokens=skip_special_tokens)
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llmops.common.errors import InvalidArgument
-from llmops.serving.domain import Decoding, Prompt, SamplingParams
+from llmops.serving.domain import ChatMessage, Decoding, Prompt, SamplingParams
 
 MAX_N = 16
 MAX_BEAM_WIDTH = 16
@@ -20,6 +21,12 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 MAX_REQUEST_ID_BYTES = 128
+MAX_LOGIT_BIAS = 1024
+MAX_STOP_TOKEN_IDS = 64
+#: Prompt text (or chat content) per token of context, in UTF-8 bytes, checked before tokenizing:
+#: real text averages 3-6 bytes a token, and tokenizing is the one cost a refused prompt would
+#: still pay (8 MiB take ~6 s of CPU here), so a 2,048-token model takes at most 64 KiB.
+MAX_PROMPT_BYTES_PER_TOKEN = 32
 MAX_TEMPERATURE = 100.0
 _NAME = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 #: Controls that only mean something when sampling; beam search refuses them.
@@ -70,6 +77,32 @@ def check_prompt(prompt: Prompt) -> None:
         for i, message in enumerate(prompt.messages):
             if not message.role:
                 raise InvalidArgument("must not be empty", field=f"prompt.chat.messages[{i}].role")
+
+
+def check_prompt_size(
+    text: str | None,
+    messages: Sequence[ChatMessage] | None,
+    max_model_len: int,
+    field: str,
+    *,
+    tokens: int | None = None,
+) -> None:
+    """Refuse text (or chat content) too long for the context before tokenizing it, and token lists
+    longer than the context."""
+    limit = MAX_PROMPT_BYTES_PER_TOKEN * max_model_len
+    size = len(text.encode()) if text is not None else 0
+    for message in messages or ():
+        size += len(message.role.encode()) + len(message.content.encode())
+    if size > limit:
+        raise InvalidArgument(
+            f"{size} bytes cannot fit the model's {max_model_len}-token context "
+            f"(at most {limit} bytes: {MAX_PROMPT_BYTES_PER_TOKEN} per token)",
+            field=field,
+        )
+    if tokens is not None and tokens > max_model_len:
+        raise InvalidArgument(
+            f"{tokens} token ids are more than the model's context of {max_model_len}", field=field
+        )
 
 
 def check_token_ids(token_ids: tuple[int, ...] | list[int], vocab_size: int, field: str) -> None:
@@ -137,6 +170,8 @@ def to_decoding(
     for name in ("presence_penalty", "frequency_penalty"):
         if not -2 <= _finite(getattr(s, name), f + name) <= 2:
             raise InvalidArgument("must be in [-2, 2]", field=f + name)
+    if len(s.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidArgument(f"at most {MAX_LOGIT_BIAS} entries", field=f + "logit_bias")
     for token_id, bias in s.logit_bias.items():
         check_token_ids([token_id], vocab_size, f + "logit_bias")
         if not -100 <= _finite(bias, f + "logit_bias") <= 100:
@@ -147,6 +182,8 @@ def to_decoding(
     for stop in s.stop:
         if not stop or len(stop.encode()) > MAX_STOP_BYTES:
             raise InvalidArgument(f"each stop string must be 1-{MAX_STOP_BYTES} bytes", field=f + "stop")
+    if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} stop token ids", field=f + "stop_token_ids")
     check_token_ids(s.stop_token_ids, vocab_size, f + "stop_token_ids")
     if s.max_tokens is not None and s.max_tokens <= 0:
         raise InvalidArgument("must be >= 1", field=f + "max_tokens")

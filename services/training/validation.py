@@ -19,6 +19,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _MODULE = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
 HP = "spec.hyperparameters"
 MAX_TAGS = 64
+MAX_ALIASES = 16
 
 
 def check_spec(spec: TrainingSpec) -> None:
@@ -38,6 +39,8 @@ def check_spec(spec: TrainingSpec) -> None:
         )
     if spec.output_model_name and not _NAME.match(spec.output_model_name):
         raise InvalidArgument("1-128 characters from [a-z0-9._-]", field="spec.output_model_name")
+    if len(spec.aliases) > MAX_ALIASES:
+        raise InvalidArgument(f"at most {MAX_ALIASES} aliases", field="spec.aliases")
     for alias in spec.aliases:
         if not _NAME.match(alias) or alias == "latest":
             raise InvalidArgument(f"{alias!r} is not a valid alias", field="spec.aliases")

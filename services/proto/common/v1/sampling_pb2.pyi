@@ -145,7 +145,7 @@ class SamplingParams(_message.Message):
     @_builtins.property
     def logit_bias(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
         """Added to the logits of the given token ids before sampling, each value in [-100, 100];
-        -100 effectively bans a token. Default empty.
+        -100 effectively bans a token. At most 1024 entries. Default empty.
         """
 
     @_builtins.property
@@ -157,7 +157,7 @@ class SamplingParams(_message.Message):
     @_builtins.property
     def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generation stops when any of these token ids is generated, in addition to the model's EOS
-        tokens. Default empty.
+        tokens (at most 64). Default empty.
         """
 
     def __init__(
