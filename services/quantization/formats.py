@@ -12,6 +12,7 @@ load when a folder does.
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,3 +45,18 @@ def load_model(folder: Path, method: str) -> Any:
         raise ValueError(f"{method!r} is not one of {', '.join(sorted(OWN_FORMATS))}")
     model = importlib.import_module(OWN_FORMATS[method]).load_model(folder)
     return model.eval()
+
+
+def read_settings(folder: Path, method: str, format_version: int) -> dict[str, Any]:
+    """The ``quantization_config`` of ``folder``'s ``config.json``, checked to be ``method`` at
+    ``format_version``.
+
+    Raises:
+        ValueError: another method, or a format version this build does not read.
+    """
+    settings = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    if settings.get("quant_method") != method:
+        raise ValueError(f"{folder.name} is not an {method} folder")
+    if settings.get("format_version") != format_version:
+        raise ValueError(f"{folder.name}: unknown {method} format_version {settings.get('format_version')}")
+    return dict(settings)

@@ -16,11 +16,7 @@ streams, ones that cannot finish, the deadline on every client and the health or
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -35,6 +31,7 @@ from llmops.common.clients import ServingClient
 from llmops.proto.common.v1 import generation_pb2, sampling_pb2
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
 from tests.faults.ledger import FaultCounts, record
+from tests.integration.serving.conftest import serving_process
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -45,36 +42,13 @@ STREAMS = [SHORT, SHORT, SHORT, LONG, LONG, LONG]  # one at a time on this engin
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def serving_process(
+async def serving_under_test(
     tiny_model_path: Path, tmp_path: Path
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    env = {
-        **os.environ,
-        "LLMOPS_HOST": "127.0.0.1",
-        "LLMOPS_GRACE_SECONDS": str(GRACE),
-        "LLMOPS_DATA_DIR": str(tmp_path),
-        "LLMOPS_SERVING_MODEL": str(tiny_model_path),
-        "LLMOPS_SERVING_SERVED_NAME": "tiny",
-        "LLMOPS_SERVING_ENGINE": "transformers",
-        "LLMOPS_SERVING_HTTP_ENABLED": "false",
-        "LLMOPS_SERVING_ENGINE_OPTIONS": '{"max_model_len": 1024}',
-    }
-    process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "llmops.cli", "serve", "serving", "--port", "0", "--metrics-port", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()
-        match = re.search(r"grpc=(\d+)", line)
-        assert match, f"no ports announced: {line!r}"
-        yield process, f"127.0.0.1:{match.group(1)}"
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    async with serving_process(
+        tiny_model_path, tmp_path, grace=GRACE, LLMOPS_SERVING_HTTP_ENABLED="false"
+    ) as running:
+        yield running
 
 
 def stream_request(max_tokens: int) -> pb.GenerateStreamRequest:
@@ -131,9 +105,9 @@ async def watch_health(
 
 
 async def test_sigterm_mid_stream_ends_every_stream_in_time(
-    serving_process: tuple[asyncio.subprocess.Process, str],
+    serving_under_test: tuple[asyncio.subprocess.Process, str],
 ) -> None:
-    process, address = serving_process
+    process, address = serving_under_test
     counts: FaultCounts = record("serving-sigterm")
     async with ServingClient.connect(address, timeout=30) as client:
         await client.wait_ready(timeout=60, interval=0.05)

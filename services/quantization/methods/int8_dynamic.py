@@ -20,7 +20,6 @@ model computed. Serving's transformers engine loads through it (see :mod:`llmops
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,13 +108,9 @@ def load_model(folder: Path) -> Any:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    if settings.get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"{folder.name} is not an {QUANT_METHOD} folder")
-    if settings.get("format_version") != QUANTIZATION_CONFIG["format_version"]:
-        raise ValueError(
-            f"{folder.name}: unknown {QUANT_METHOD} format_version {settings.get('format_version')}"
-        )
+    from llmops.quantization.formats import read_settings
+
+    read_settings(folder, QUANT_METHOD, QUANTIZATION_CONFIG["format_version"])
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):  # no transformers quantizer knows our method
         del config.quantization_config

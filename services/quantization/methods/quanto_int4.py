@@ -75,13 +75,9 @@ def load_model(folder: Path) -> Any:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    if settings.get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"{folder.name} is not an {QUANT_METHOD} folder")
-    if settings.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{folder.name}: unknown {QUANT_METHOD} format_version {settings.get('format_version')}"
-        )
+    from llmops.quantization.formats import read_settings
+
+    settings = read_settings(folder, QUANT_METHOD, FORMAT_VERSION)
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):  # transformers' quanto loader cannot read saved weights
         del config.quantization_config

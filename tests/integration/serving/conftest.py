@@ -8,6 +8,8 @@ the engine), with a 1 GiB KV cache.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -235,3 +237,42 @@ async def stack(
         await s.client.unary(s.client.stub.LoadModel, request)
     yield s
     await stop_stack(s)
+
+
+@contextlib.asynccontextmanager
+async def serving_process(
+    tiny_model_path: Path, tmp_path: Path, *, grace: float, **env: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """``llmops serve serving`` as a real process on the tiny model (transformers engine); yields the
+    process and its gRPC address once it announced its ports (the model is loaded by then)."""
+    import re
+    import subprocess
+    import sys
+
+    variables = {
+        **os.environ,
+        "LLMOPS_HOST": "127.0.0.1",
+        "LLMOPS_GRACE_SECONDS": str(grace),
+        "LLMOPS_DATA_DIR": str(tmp_path),
+        "LLMOPS_SERVING_MODEL": str(tiny_model_path),
+        "LLMOPS_SERVING_SERVED_NAME": "tiny",
+        "LLMOPS_SERVING_ENGINE": "transformers",
+        "LLMOPS_SERVING_ENGINE_OPTIONS": '{"max_model_len": 1024}',
+        **env,
+    }
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "llmops.cli", "serve", "serving", "--port", "0", "--metrics-port", "0"],
+        env=variables,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()
+        match = re.search(r"grpc=(\d+)", line)
+        assert match, f"no ports announced: {line!r}"
+        yield process, f"127.0.0.1:{match.group(1)}"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -8,11 +8,7 @@ refused, and the process exits 0 within the grace period.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -21,33 +17,16 @@ import pytest
 from llmops.common.clients import ServingClient
 from llmops.proto.common.v1 import generation_pb2, sampling_pb2
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
+from tests.integration.serving.conftest import serving_process
 
 
 @pytest.mark.slow
 async def test_sigterm_drains_a_stream_in_flight(tiny_model_path: Path, tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "LLMOPS_HOST": "127.0.0.1",
-        "LLMOPS_GRACE_SECONDS": "60",
-        "LLMOPS_DATA_DIR": str(tmp_path),
-        "LLMOPS_SERVING_MODEL": str(tiny_model_path),
-        "LLMOPS_SERVING_SERVED_NAME": "tiny",
-        "LLMOPS_SERVING_ENGINE": "transformers",
-        "LLMOPS_SERVING_HTTP_PORT": "0",
-        "LLMOPS_SERVING_ENGINE_OPTIONS": '{"max_model_len": 1024}',
-    }
-    process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "llmops.cli", "serve", "serving", "--port", "0", "--metrics-port", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()
-        match = re.search(r"grpc=(\d+)", line)
-        assert match, f"no ports announced: {line!r}"
-        async with ServingClient.connect(f"127.0.0.1:{match.group(1)}") as client:
+    async with serving_process(tiny_model_path, tmp_path, grace=60, LLMOPS_SERVING_HTTP_PORT="0") as (
+        process,
+        address,
+    ):
+        async with ServingClient.connect(address) as client:
             await client.wait_ready(timeout=30)
             request = pb.GenerateStreamRequest(
                 model=pb.ModelSelector(served_name="tiny"),
@@ -73,7 +52,3 @@ async def test_sigterm_drains_a_stream_in_flight(tiny_model_path: Path, tmp_path
                 )
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert await asyncio.wait_for(process.wait(), 60) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
