@@ -15,7 +15,7 @@ the right tool (nothing to brute-force; no salt or slow hash needed)::
 ``llmops auth new-key --id team-a-app --tenant team-a --role user`` prints a new key (once) and its
 entry. Callers send the key as ``authorization: Bearer <key>`` (gRPC metadata or HTTP header) or
 ``x-api-key: <key>``. With no keys file the platform is open (the embedded stack, tests): every
-caller is the ``admin`` of tenant ``default``.
+caller is an ``admin`` of no tenant (``""``, the cache's key for untenanted entries).
 
 The file is re-read when it changes (a rotated Secret takes effect without a restart); a file that
 no longer parses keeps the last good book and logs why.
@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "llmops_"
 API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
-DEFAULT_TENANT = "default"
+#: The tenant of callers of an open platform: none (cache entries keyed as before tenants existed).
+OPEN_TENANT = ""
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -78,7 +79,7 @@ class Identity:
 
 
 #: The caller when no keys file is configured.
-OPEN = Identity("open", DEFAULT_TENANT, Role.ADMIN)
+OPEN = Identity("open", OPEN_TENANT, Role.ADMIN)
 
 #: Methods a ``user`` may call (``admin`` may call every method); health and reflection need no key.
 USER_METHODS: frozenset[str] = frozenset(
@@ -231,6 +232,8 @@ class Authenticator:
         """Authenticate and authorize one call; ``None`` for public services (health, reflection)."""
         if service in PUBLIC_SERVICES:
             return None
+        if self.path is None:
+            return OPEN  # no keys file: nothing to read from the metadata
         identity = self.authenticate(key_from_metadata(metadata))
         authorize(identity, service, method)
         return identity
@@ -265,7 +268,7 @@ def acting_as(identity: Identity | None) -> Iterator[None]:
 
 def current_tenant() -> str:
     identity = _current.get()
-    return identity.tenant if identity is not None else DEFAULT_TENANT
+    return identity.tenant if identity is not None else OPEN_TENANT
 
 
 def key_entry(key: str, key_id: str, tenant: str, role: Role) -> dict[str, str]:

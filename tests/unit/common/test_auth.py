@@ -126,3 +126,16 @@ def test_keys_and_bearer_tokens_are_redacted_from_log_lines() -> None:
     assert redact("nothing secret here") == "nothing secret here"
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "key %s", (key,), None)
     assert key not in RedactingFormatter(logging.Formatter("%(message)s")).format(record)
+
+
+def test_an_open_platform_has_no_tenant() -> None:
+    """Without a keys file, cache entries keep the untenanted key ("") they had before API keys."""
+    from llmops.common.auth import OPEN, Authenticator, acting_as, current_tenant
+
+    assert current_tenant() == "" and OPEN.tenant == ""
+    identity = Authenticator(None).check(
+        [("x-api-key", new_key())], "llmops.serving.v1.ServingService", "Generate"
+    )
+    assert identity is OPEN
+    with acting_as(Identity("a", "team-a", Role.USER)):
+        assert current_tenant() == "team-a"
