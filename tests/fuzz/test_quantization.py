@@ -25,8 +25,7 @@ from llmops.common.tiny_model import build_tiny_model
 from llmops.proto.common.v1 import job_pb2, model_pb2
 from llmops.proto.quantization.v1 import quantization_service_pb2 as pb
 from llmops.quantization.app import build_app
-from tests.fuzz.harness import Code
-from tests.fuzz.suite import FuzzSuite, Target
+from tests.fuzz.suite import JobServiceFuzz, Target
 from tests.registry_support import mlflow_db
 
 pytestmark = pytest.mark.fuzz
@@ -97,12 +96,7 @@ def _seeds(job_id: str) -> dict[str, list[object]]:
     }
 
 
-class TestQuantizationFuzz(FuzzSuite):
+class TestQuantizationFuzz(JobServiceFuzz):
     pb_module = pb
     service = "quantization"
-    timeout = 15.0
     examples = 15
-    #: WatchJob follows a job until it ends: on a job that is still queued or running the stream
-    #: legitimately outlives our deadline.
-    extra_allowed = {"WatchJob": frozenset({Code.DEADLINE_EXCEEDED})}
-    timeouts = {"WatchJob": 3.0}

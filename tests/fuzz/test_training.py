@@ -32,8 +32,7 @@ from llmops.proto.training.v1 import training_service_pb2 as pb
 from llmops.training.app import TrainingApp, build_app
 from llmops.training.domain import WorkerPlan
 from llmops.training.runners.local import ThreadRunner
-from tests.fuzz.harness import Code
-from tests.fuzz.suite import FuzzSuite, Target
+from tests.fuzz.suite import JobServiceFuzz, Target
 from tests.integration.training.conftest import chat_rows, preference_rows, sft_rows
 
 pytestmark = pytest.mark.fuzz
@@ -134,12 +133,7 @@ def _seeds(job_id: str) -> dict[str, list[object]]:
     }
 
 
-class TestTrainingFuzz(FuzzSuite):
+class TestTrainingFuzz(JobServiceFuzz):
     pb_module = pb
     service = "training"
-    timeout = 15.0
     examples = 25
-    #: WatchJob follows a job until it ends: on a job that is still queued or running the stream
-    #: legitimately outlives our deadline.
-    extra_allowed = {"WatchJob": frozenset({Code.DEADLINE_EXCEEDED})}
-    timeouts = {"WatchJob": 3.0}
