@@ -46,21 +46,19 @@ setup: venv sysdeps tools ## Everything `make test` needs, installed only where 
 ##@ Development
 
 .PHONY: proto
-proto: $(STAMP) ## Regenerate Python code from protos/ into services/proto/
+proto: $(STAMP) ## Regenerate Python code from protos/ into services/llmops/proto/
 	$(PY) scripts/gen_protos.py
 
 .PHONY: proto-check
-proto-check: $(STAMP) ## Fail when services/proto/ drifts from protos/
+proto-check: $(STAMP) ## Fail when services/llmops/proto/ drifts from protos/
 	$(PY) scripts/gen_protos.py --check
 
 .PHONY: lint
-lint: $(STAMP) ## ruff and mypy on services/ (and loadtests/)
+lint: $(STAMP) ## ruff and mypy on services/llmops/ (and loadtests/)
 	$(VENV)/bin/ruff check services pipelines tests scripts benchmarks loadtests
 	$(VENV)/bin/ruff format --check services pipelines tests scripts benchmarks loadtests
-	@# mypy resolves `llmops` through a link, since the package's folder is named services/
-	@mkdir -p build/mypy && ln -sfn ../../services build/mypy/llmops
-	MYPYPATH=build/mypy $(VENV)/bin/mypy -p llmops
-	MYPYPATH=build/mypy $(VENV)/bin/mypy loadtests
+	$(VENV)/bin/mypy -p llmops
+	$(VENV)/bin/mypy loadtests
 
 .PHONY: fmt
 fmt: $(STAMP) ## Format and auto-fix with ruff

@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""Generate the Python code for every .proto under protos/ into services/proto/.
+"""Generate the Python code for every .proto under protos/ into services/llmops/proto/.
 
 The protos are the single source of truth; the generated tree is committed and never edited by
 hand. protoc (from grpcio-tools, with its bundled well-known types) writes messages (`_pb2.py`),
 gRPC stubs (`_pb2_grpc.py`, only for files that define a service) and mypy-protobuf stubs
 (`.pyi`) into a temporary folder. The `llmops/...` tree it produces is then moved under
-services/proto/, which the repository's Python package `llmops` (the folder services/) exposes as
+services/llmops/proto/, which the Python package `llmops` (the folder services/llmops/) exposes as
 `llmops.proto`, so generated imports are rewritten from `llmops.` to `llmops.proto.`.
 
 Usage:
-    python scripts/gen_protos.py              # regenerate services/proto/
+    python scripts/gen_protos.py              # regenerate services/llmops/proto/
     python scripts/gen_protos.py --out DIR    # regenerate into DIR instead
     python scripts/gen_protos.py --check      # exit 1, listing files, if DIR drifts from protos/
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "protos"
-DEFAULT_OUT = REPO_ROOT / "services" / "proto"
+DEFAULT_OUT = REPO_ROOT / "services" / "llmops" / "proto"
 
 # The proto package root (protos/llmops/...) and the Python package the output is imported as.
 PROTO_TOP = "llmops"
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         default=DEFAULT_OUT,
-        help="folder to generate into (default: services/proto)",
+        help="folder to generate into (default: services/llmops/proto)",
     )
     parser.add_argument(
         "--check",

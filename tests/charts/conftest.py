@@ -55,7 +55,7 @@ def metric_names() -> ModuleType:
     try:
         return importlib.import_module("llmops.common.metric_names")
     except ModuleNotFoundError:
-        path = ROOT / "services" / "common" / "metric_names.py"
+        path = ROOT / "services" / "llmops" / "common" / "metric_names.py"
         spec = importlib.util.spec_from_file_location("llmops_metric_names", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)

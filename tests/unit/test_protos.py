@@ -1,7 +1,7 @@
 """The protos follow the buf style guide, are fully documented, and match the committed code.
 
 Guards three invariants:
-- services/proto/ is exactly what scripts/gen_protos.py generates from protos/ (no drift, no hand
+- services/llmops/proto/ is exactly what scripts/gen_protos.py generates from protos/ (no drift, no hand
   edits), and every generated module imports as ``llmops.proto.*``;
 - the API follows buf style: packages ``llmops.<name>.v1`` in matching folders, services named
   ``*Service``, a ``<Rpc>Request``/``<Rpc>Response`` pair of its own for every RPC (streaming ones
@@ -26,7 +26,7 @@ from google.protobuf import descriptor_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "protos"
-GENERATED = REPO_ROOT / "services" / "proto"
+GENERATED = REPO_ROOT / "services" / "llmops" / "proto"
 GEN_SCRIPT = REPO_ROOT / "scripts" / "gen_protos.py"
 
 # Field numbers of descriptor messages, as used in SourceCodeInfo.Location.path.
@@ -128,7 +128,7 @@ def test_generated_code_matches_protos() -> None:
         check=False,
     )
     assert result.returncode == 0, (
-        "services/proto/ drifted from protos/; run `make proto`\n" + result.stdout + result.stderr
+        "services/llmops/proto/ drifted from protos/; run `make proto`\n" + result.stdout + result.stderr
     )
 
 

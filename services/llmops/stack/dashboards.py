@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DASHBOARDS = REPO / "charts" / "llmops" / "files" / "dashboards"
 RULES = REPO / "charts" / "llmops" / "files" / "prometheus" / "rules.yaml"
 #: Metrics only a Kubernetes cluster has (kube-state-metrics); panels reading just these are "cluster".
