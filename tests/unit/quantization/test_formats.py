@@ -2,7 +2,7 @@
 back into the quantized modules and compute exactly what the in-memory quantized model computes.
 
 Invariants: the folder holds safetensors and JSON only (nothing a loader would unpickle);
-``config.json``'s ``quantization_config`` names our method, which :mod:`llmops.quantization.formats`
+``config.json``'s ``quantization_config`` names our method, which :mod:`llmops.common.formats`
 recognises (and nothing else); loading rebuilds ``torch.ao`` dynamic INT8 Linears / quanto INT4
 Linears (never a float copy) whose logits equal the in-memory model's; a folder of another method is
 refused by name.
@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from llmops.quantization import formats
+from llmops.common import formats
+from llmops.common.formats import int8_dynamic as int8_format
+from llmops.common.formats import quanto_int4 as int4_format
 from llmops.quantization.methods import (
     QuantizationSpec,
     default_quantizers,
@@ -31,19 +33,19 @@ IDS = torch.tensor([[5, 17, 300, 42, 99, 1000, 7, 3000]])
 CASES: dict[str, tuple[QuantizationSpec, str, str, Any]] = {
     "int8_dynamic": (
         QuantizationSpec("int8_dynamic"),
-        int8_dynamic.QUANT_METHOD,
+        int8_format.QUANT_METHOD,
         "torch.ao.nn.quantized.dynamic.modules.linear.Linear",
         int8_dynamic.quantize_model,
     ),
     "int4_g32": (
         QuantizationSpec("int4_weight_only", group_size=32),
-        quanto_int4.QUANT_METHOD,
+        int4_format.QUANT_METHOD,
         "optimum.quanto.nn.qlinear.QLinear",
         lambda src: quanto_int4.quantize_model(src, 32),
     ),
     "int4_per_channel": (
         QuantizationSpec("int4_weight_only", group_size=-1),
-        quanto_int4.QUANT_METHOD,
+        int4_format.QUANT_METHOD,
         "optimum.quanto.nn.qlinear.QLinear",
         lambda src: quanto_int4.quantize_model(src, -1),
     ),

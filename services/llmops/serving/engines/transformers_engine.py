@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from llmops.common.errors import InvalidArgument, NotFound, Unavailable
-from llmops.quantization.formats import NO_INFERENCE_MODE, own_quant_method
-from llmops.quantization.formats import load_model as load_quantized
+from llmops.common.formats import NO_INFERENCE_MODE, own_quant_method
+from llmops.common.formats import load_model as load_quantized
 from llmops.serving.domain import EngineKind, EngineOptions, EngineOutput, EngineRequest
 from llmops.serving.engines.base import AdapterInfo, EngineStats, decode_extra_args
 from llmops.serving.engines.beam import beam_search

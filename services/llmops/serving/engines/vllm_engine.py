@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from llmops.quantization.formats import own_quant_method
+from llmops.common.formats import own_quant_method
 from llmops.serving.domain import (
     CompletionDelta,
     Decoding,

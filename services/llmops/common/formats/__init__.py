@@ -1,12 +1,15 @@
 """The quantized formats of our own, as ``config.json``'s ``quantization_config`` names them.
 
-Two methods write a layout that no transformers quantizer reads (``from_pretrained`` refuses an
-unknown ``quant_method``): INT8 dynamic (``llmops_int8_dynamic``: ``torch.ao`` INT8 Linears, stored
-as int8 weights with per-channel scales) and optimum-quanto INT4 (``llmops_quanto_int4``, loaded
-through quanto's requantize). A loader that finds one of these names (serving's transformers
-engine) calls :func:`load_model` instead of ``from_pretrained``; every other folder (torchao INT8,
-GPTQ, AWQ, full precision) loads the usual way. Importing this module is cheap: the method modules
-load when a folder does.
+A contract between the service that writes a folder (quantization) and the one that loads it
+(serving), so both read this one definition. Two layouts are ours, because no transformers
+quantizer reads them (``from_pretrained`` refuses an unknown ``quant_method``): INT8 dynamic
+(``llmops_int8_dynamic``, :mod:`.int8_dynamic`: ``torch.ao`` INT8 Linears, stored as int8 weights
+with per-channel scales) and optimum-quanto INT4 (``llmops_quanto_int4``, :mod:`.quanto_int4`,
+loaded through quanto's requantize). Each format module writes its layout and loads it back. A
+loader that finds one of these names (serving's transformers engine) calls :func:`load_model`
+instead of ``from_pretrained``; every other folder (torchao INT8, GPTQ, AWQ, full precision) loads
+the usual way. Importing this package is cheap: the format modules (and torch) load when a folder
+does.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-#: ``quant_method`` -> the module whose ``load_model(folder)`` loads it.
+#: ``quant_method`` -> the module that writes it and whose ``load_model(folder)`` loads it.
 OWN_FORMATS = {
-    "llmops_int8_dynamic": "llmops.quantization.methods.int8_dynamic",
-    "llmops_quanto_int4": "llmops.quantization.methods.quanto_int4",
+    "llmops_int8_dynamic": "llmops.common.formats.int8_dynamic",
+    "llmops_quanto_int4": "llmops.common.formats.quanto_int4",
 }
 
 #: Formats whose tensors need version counters (quanto's), which ``torch.inference_mode`` tensors
@@ -60,3 +63,11 @@ def read_settings(folder: Path, method: str, format_version: int) -> dict[str, A
     if settings.get("format_version") != format_version:
         raise ValueError(f"{folder.name}: unknown {method} format_version {settings.get('format_version')}")
     return dict(settings)
+
+
+def write_settings(folder: Path, settings: Mapping[str, Any]) -> None:
+    """Write ``settings`` as the ``quantization_config`` of ``folder/config.json``."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"] = dict(settings)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
