@@ -8,7 +8,10 @@ trace never reaches the client.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -207,6 +210,55 @@ def status_for(exc: BaseException) -> MappedStatus:
     )
 
 
+#: OS errors on a path the caller chose, by what they say about the request (see :func:`path_error`).
+_PATH_NOT_FOUND = frozenset({errno.ENOENT, errno.ENOTDIR})
+_PATH_DENIED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+_PATH_INVALID = frozenset(
+    {errno.ENAMETOOLONG, errno.ELOOP, errno.EISDIR, errno.EINVAL, errno.EILSEQ, errno.EEXIST}
+)
+
+
+def path_error(exc: BaseException, path: str, *, field: str | None = None) -> LLMOpsError | None:
+    """The caller error an OS error on a caller-supplied ``path`` means; ``None`` when it is ours.
+
+    A path from a request (a folder to load, a file to read, an artifact's file name) can fail in
+    the file system for reasons that are the caller's: it does not exist or runs through a file
+    (``NOT_FOUND``), it is not readable by the server (``PERMISSION_DENIED``), or it cannot be a
+    path at all: too long, a symlink loop, a folder where a file is wanted, a NUL byte
+    (``INVALID_ARGUMENT``). Anything else (``EIO``, a full disk) is the server's and stays
+    ``INTERNAL`` (or what the caller maps it to).
+    """
+    shown = path if len(path) <= 200 else f"{path[:200]}…"
+    if isinstance(exc, ValueError) and "null" in str(exc):  # os functions refuse embedded NUL bytes
+        return InvalidArgument(f"{shown!r} is not a valid path (it holds a NUL byte)", field=field)
+    if not isinstance(exc, OSError):
+        return None
+    reason = exc.strerror or str(exc)
+    if exc.errno in _PATH_NOT_FOUND:
+        return NotFound(f"{shown}: {reason}")
+    if exc.errno in _PATH_DENIED:
+        return PermissionDenied(f"{shown}: the server may not read or write it ({reason})")
+    if exc.errno in _PATH_INVALID:
+        return InvalidArgument(f"{shown}: {reason}", field=field)
+    return None
+
+
+@contextlib.contextmanager
+def caller_path(path: str | object, *, field: str | None = None) -> Iterator[None]:
+    """Run file-system work on a caller-supplied ``path``, raising what :func:`path_error` maps.
+
+    Use it around every ``stat``/``open``/``is_dir`` of a path that came in a request: ``Path``
+    predicates such as ``is_dir`` raise (rather than answer ``False``) on a name that is too long.
+    """
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        mapped = path_error(exc, str(path), field=field)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
 def error_from_status(code: grpc.StatusCode, message: str) -> LLMOpsError:
     """Turn a status received by a client back into the matching domain error."""
     return ERROR_TABLE.get(code, Internal)(message)
@@ -247,7 +299,9 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "caller_path",
     "error_from_status",
+    "path_error",
     "retry_delay_from_metadata",
     "status_for",
 ]

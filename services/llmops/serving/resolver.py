@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, caller_path
 from llmops.serving.domain import ModelRef, ModelSource, ResolvedModel, ResolvedSource
 
 #: Registry formats an engine can load as a base model, by ``llmops.common.v1.ModelFormat`` name.
@@ -45,15 +45,24 @@ class ModelResolver(abc.ABC):
 
 
 def check_local_folder(path: str, *, adapter: bool) -> Path:
-    """A folder that holds a Hugging Face model (``config.json``) or a PEFT adapter."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise NotFound(f"no folder {path} on this server")
+    """A folder that holds a Hugging Face model (``config.json``) or a PEFT adapter.
+
+    Raises:
+        NotFound: no such folder. InvalidArgument: not a model folder, or not a path at all (too
+        long, a symlink loop, ``~user`` of no user). PermissionDenied: the server may not read it.
+    """
     marker = "adapter_config.json" if adapter else "config.json"
-    if not (folder / marker).is_file():
-        kind = "a PEFT adapter" if adapter else "a Hugging Face model"
-        raise InvalidArgument(f"{path} is not {kind} folder (no {marker})", field="local_path")
-    return folder.resolve()
+    with caller_path(path, field="local_path"):
+        try:
+            folder = Path(path).expanduser()
+        except RuntimeError:  # ~user with no such user
+            raise InvalidArgument(f"{path}: no such home directory", field="local_path") from None
+        if not folder.is_dir():
+            raise NotFound(f"no folder {path} on this server")
+        if not (folder / marker).is_file():
+            kind = "a PEFT adapter" if adapter else "a Hugging Face model"
+            raise InvalidArgument(f"{path} is not {kind} folder (no {marker})", field="local_path")
+        return folder.resolve(strict=True)
 
 
 class LocalPathResolver(ModelResolver):

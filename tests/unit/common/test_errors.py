@@ -1,10 +1,14 @@
 """The single error table: each domain error keeps its code and message, and nothing else leaks.
 
 Invariants: every class maps to a distinct gRPC code and back; unexpected exceptions become INTERNAL
-with a generic message and an error id; retry and field details survive as google.rpc details.
+with a generic message and an error id; retry and field details survive as google.rpc details; an OS error on a path the caller chose
+(too long, missing, unreadable, a symlink loop) is the caller's error, any other stays INTERNAL.
 """
 
 from __future__ import annotations
+
+import errno
+import pathlib
 
 import grpc
 import pytest
@@ -58,3 +62,52 @@ def test_invalid_argument_packs_field_violation() -> None:
 def test_no_retry_info_without_delay() -> None:
     assert errors.status_for(errors.ResourceExhausted("full")).trailing_metadata == ()
     assert errors.retry_delay_from_metadata(()) is None
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (OSError(errno.ENAMETOOLONG, "File name too long"), grpc.StatusCode.INVALID_ARGUMENT),
+        (OSError(errno.ELOOP, "Too many levels of symbolic links"), grpc.StatusCode.INVALID_ARGUMENT),
+        (IsADirectoryError(errno.EISDIR, "Is a directory"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ValueError("embedded null byte"), grpc.StatusCode.INVALID_ARGUMENT),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory"), grpc.StatusCode.NOT_FOUND),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory"), grpc.StatusCode.NOT_FOUND),
+        (PermissionError(errno.EACCES, "Permission denied"), grpc.StatusCode.PERMISSION_DENIED),
+        (PermissionError(errno.EPERM, "Operation not permitted"), grpc.StatusCode.PERMISSION_DENIED),
+    ],
+    ids=lambda v: getattr(v, "name", None) or type(v).__name__ + str(getattr(v, "errno", "")),
+)
+def test_os_errors_on_a_caller_path_become_caller_errors(error: Exception, code: grpc.StatusCode) -> None:
+    with pytest.raises(errors.LLMOpsError) as caught, errors.caller_path("/x" * 200, field="local_path"):
+        raise error
+    assert caught.value.code == code
+    assert caught.value.__cause__ is error
+    assert len(caught.value.message) < 300  # a 400-byte path is shortened in the message
+    assert errors.status_for(caught.value).code == code
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.EIO, "Input/output error"), OSError(errno.ENOSPC, "No space left"), ValueError("bad")],
+    ids=["EIO", "ENOSPC", "ValueError"],
+)
+def test_server_side_errors_on_a_path_stay_ours(error: Exception) -> None:
+    assert errors.path_error(error, "/p") is None
+    with pytest.raises(type(error)), errors.caller_path("/p"):
+        raise error
+
+
+def test_real_file_system_errors_map_by_errno(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "file").write_text("x")
+    cases = {
+        str(tmp_path / ("a" * 300)): grpc.StatusCode.INVALID_ARGUMENT,  # ENAMETOOLONG
+        str(tmp_path / "loop" / "x"): grpc.StatusCode.INVALID_ARGUMENT,  # ELOOP
+        str(tmp_path / "file" / "x"): grpc.StatusCode.NOT_FOUND,  # ENOTDIR
+        str(tmp_path / "missing"): grpc.StatusCode.NOT_FOUND,  # ENOENT
+    }
+    for path, code in cases.items():
+        with pytest.raises(errors.LLMOpsError) as caught, errors.caller_path(path):
+            pathlib.Path(path).stat()
+        assert caught.value.code == code, path
