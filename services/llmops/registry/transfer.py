@@ -140,7 +140,9 @@ def _os_error(exc: OSError, path: str = "") -> Exception:
         return ResourceExhausted("the registry's staging disk is full", retry_after_seconds=60.0)
     if exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
         return InvalidArgument(f"{path}: clashes with another file of the upload", field="chunk.path")
-    return exc
+    if exc.errno == errno.ENAMETOOLONG:  # a checked path's part longer than the file system allows
+        return InvalidArgument(f"{path}: a part of the path is too long", field="chunk.path")
+    return exc  # the staging folder is the server's: anything else is ours (INTERNAL)
 
 
 def _read_hashed(handle: IO[bytes], digest: Any, size: int) -> bytes:

@@ -1,7 +1,8 @@
 """Every registry RPC answers bad input with the status code the proto promises, through a real
 server and its interceptors: NOT_FOUND for unknown models, versions and aliases; ALREADY_EXISTS for
 duplicates; INVALID_ARGUMENT (with the reason) for malformed requests and for directories that are
-not loadable models; FAILED_PRECONDITION for moves that lost a compare-and-set or target a FAILED
+not loadable models, for file names and source paths the file system refuses (never INTERNAL);
+FAILED_PRECONDITION for moves that lost a compare-and-set or target a FAILED
 version; DATA_LOSS for an upload whose summary disagrees with its bytes."""
 
 from __future__ import annotations
@@ -280,6 +281,25 @@ REGISTER_CASES: list[tuple[str, RegisterCase, Code, str]] = [
         lambda w: _aiter(_with_meta(_meta(source_uri="ftp://h/x"))),
         Code.INVALID_ARGUMENT,
         "scheme",
+    ),
+    # a file name within the registry's 512-byte limit but past the file system's 255
+    (
+        "file name too long",
+        lambda w: _aiter(_with_meta(_meta(), _chunk("d/" + "n" * 300))),
+        Code.INVALID_ARGUMENT,
+        "too long",
+    ),
+    (
+        "source path too long",
+        lambda w: _aiter(_with_meta(_meta(source_uri=(w["good"] / ("s" * 300)).as_uri()))),
+        Code.INVALID_ARGUMENT,
+        "too long",
+    ),
+    (
+        "source through a file",
+        lambda w: _aiter(_with_meta(_meta(source_uri=(w["good"] / "config.json" / "x").as_uri()))),
+        Code.INVALID_ARGUMENT,
+        "not a readable folder",
     ),
 ]
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 import shutil
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, caller_path
 from llmops.registry.domain import (
     AliasMove,
     Model,
@@ -145,9 +146,18 @@ class RegistryStore(abc.ABC):
         if source is None:
             scheme = urllib.parse.urlparse(uri).scheme
             raise InvalidArgument(f"source URI scheme {scheme!r} is not supported", field="source_uri")
-        if not source.is_dir():
-            raise InvalidArgument(f"source {uri} is not a readable folder", field="source_uri")
-        await asyncio.to_thread(shutil.copytree, source, dest, symlinks=True)
+        with caller_path(uri, field="source_uri"):  # the caller's path: too long, unreadable...
+            if not source.is_dir():
+                raise InvalidArgument(f"source {uri} is not a readable folder", field="source_uri")
+            with os.scandir(source):
+                pass
+        try:
+            await asyncio.to_thread(shutil.copytree, source, dest, symlinks=True)
+        except shutil.Error as exc:  # the source's files that could not be copied, each with why
+            first = exc.args[0][0] if exc.args and exc.args[0] else ()
+            reason = str(first[2]) if isinstance(first, tuple) and len(first) == 3 else str(exc)
+            error = PermissionDenied if "Permission denied" in reason else InvalidArgument
+            raise error(f"source {uri}: a file cannot be copied ({reason[:200]})") from exc
 
 
 def local_uri_path(uri: str) -> Path | None:
