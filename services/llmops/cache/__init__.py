@@ -1,6 +1,4 @@
-"""The response cache: exact answers to deterministic generation requests, kept in Redis.
-
-``keys`` turns a request into a digest, ``service.ResponseCache`` looks answers up, stores them and
-runs single flight (failing open), ``backends`` hold them (Redis, and a fake for tests), and
-``grpc_app`` / ``app`` host the ``llmops.cache.v1.CacheService``.
+"""The cache service: the response cache (:mod:`llmops.common.response_cache`) hosted as
+``llmops.cache.v1.CacheService`` (``grpc_app`` / ``app``), and the Redis server the stack and the
+tests start (``redis_server``).
 """

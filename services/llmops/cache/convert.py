@@ -6,8 +6,9 @@ from datetime import datetime
 
 from google.protobuf import timestamp_pb2
 
-from llmops.cache import keys
-from llmops.cache.domain import (
+from llmops.common.errors import InvalidArgument
+from llmops.common.response_cache import keys
+from llmops.common.response_cache.domain import (
     CacheKey,
     CacheStats,
     ChatMessage,
@@ -18,7 +19,6 @@ from llmops.cache.domain import (
     SamplingParams,
     StoreOutcome,
 )
-from llmops.common.errors import InvalidArgument
 from llmops.proto.cache.v1 import cache_service_pb2 as pb
 from llmops.proto.common.v1 import generation_pb2, model_pb2, sampling_pb2
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from llmops.cache import convert
-from llmops.cache.codec import is_complete
-from llmops.cache.service import ResponseCache
 from llmops.common.errors import InvalidArgument
+from llmops.common.response_cache.cache import ResponseCache
+from llmops.common.response_cache.codec import is_complete
 from llmops.proto.cache.v1 import cache_service_pb2 as pb
 from llmops.proto.cache.v1 import cache_service_pb2_grpc as pb_grpc
 

@@ -21,11 +21,11 @@ import uvicorn
 from fastapi import Request
 from prometheus_client import CollectorRegistry
 
-from llmops.cache.service import ResponseCache
 from llmops.common.app import ServiceApp
 from llmops.common.auth import Authenticator, Identity
 from llmops.common.errors import InvalidArgument
 from llmops.common.ratelimit import RateLimiter, limiter_from_settings
+from llmops.common.response_cache.cache import ResponseCache
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import Settings
 from llmops.proto.serving.v1 import serving_service_pb2_grpc
@@ -137,7 +137,8 @@ class ServingApp(ServiceApp):
         )
         self.cache: ResponseCache | None = None
         if settings.redis_url:
-            from llmops.cache.app import build_response_cache  # the Redis client, only when used
+            # the Redis client, only when used
+            from llmops.common.response_cache.build import build_response_cache
 
             self.cache = build_response_cache(settings, registry)
         limiter = limiter_from_settings(settings) if settings.api_keys_file is not None else None
@@ -172,7 +173,7 @@ class ServingApp(ServiceApp):
 
     async def start(self) -> None:
         if self.cache is not None:
-            from llmops.cache.app import start_backend
+            from llmops.common.response_cache.build import start_backend
 
             await start_backend(self.cache)  # fails open: a Redis down now is logged, not fatal
         if self.settings.serving.http_enabled:

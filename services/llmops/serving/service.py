@@ -30,9 +30,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmops.cache.domain import CacheKey, LookupOutcome
-from llmops.cache.keys import make_key
-from llmops.cache.service import ResponseCache
 from llmops.common.auth import Identity, current_identity, current_tenant
 from llmops.common.errors import (
     AlreadyExists,
@@ -44,6 +41,9 @@ from llmops.common.errors import (
     Unavailable,
 )
 from llmops.common.ratelimit import RateLimiter
+from llmops.common.response_cache.cache import ResponseCache
+from llmops.common.response_cache.domain import CacheKey, LookupOutcome
+from llmops.common.response_cache.keys import make_key
 from llmops.proto.common.v1 import generation_pb2
 from llmops.serving import convert
 from llmops.serving.domain import (

@@ -17,12 +17,18 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from llmops.cache import keys
-from llmops.cache.backends.base import CacheBackend
-from llmops.cache.backends.fake import FakeCacheBackend
-from llmops.cache.backends.redis_backend import RedisCacheBackend
-from llmops.cache.domain import CacheKey, InvalidationScope, Prompt, ResolvedModel, SamplingParams
 from llmops.cache.redis_server import RedisServer
+from llmops.common.response_cache import keys
+from llmops.common.response_cache.backends.base import CacheBackend
+from llmops.common.response_cache.backends.fake import FakeCacheBackend
+from llmops.common.response_cache.backends.redis_backend import RedisCacheBackend
+from llmops.common.response_cache.domain import (
+    CacheKey,
+    InvalidationScope,
+    Prompt,
+    ResolvedModel,
+    SamplingParams,
+)
 from tests.integration.cache.conftest import unique_model
 
 GREEDY = SamplingParams(greedy=True)

@@ -13,10 +13,10 @@ import time
 import uuid
 from collections.abc import Callable
 
-from llmops.cache import keys
-from llmops.cache.backends.redis_backend import RedisCacheBackend
-from llmops.cache.domain import InvalidationScope, Prompt, ResolvedModel, SamplingParams
 from llmops.cache.redis_server import RedisServer
+from llmops.common.response_cache import keys
+from llmops.common.response_cache.backends.redis_backend import RedisCacheBackend
+from llmops.common.response_cache.domain import InvalidationScope, Prompt, ResolvedModel, SamplingParams
 from tests.integration.cache.conftest import unique_model
 
 

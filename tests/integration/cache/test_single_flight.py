@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from llmops.cache import keys
-from llmops.cache.app import build_response_cache
-from llmops.cache.codec import GeneratedOutputCodec
-from llmops.cache.domain import LookupOutcome, Prompt, ResolvedModel, SamplingParams
 from llmops.cache.redis_server import RedisServer
-from llmops.cache.service import ResponseCache
+from llmops.common.response_cache import keys
+from llmops.common.response_cache.build import build_response_cache
+from llmops.common.response_cache.cache import ResponseCache
+from llmops.common.response_cache.codec import GeneratedOutputCodec
+from llmops.common.response_cache.domain import LookupOutcome, Prompt, ResolvedModel, SamplingParams
 from llmops.common.settings import Settings
 from llmops.proto.common.v1 import generation_pb2
 from tests.integration.cache.conftest import unique_model

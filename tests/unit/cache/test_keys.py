@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from llmops.cache import convert, keys
-from llmops.cache.domain import ChatMessage, Prompt, ResolvedModel, SamplingParams
+from llmops.cache import convert
 from llmops.common.errors import InvalidArgument
+from llmops.common.response_cache import keys
+from llmops.common.response_cache.domain import ChatMessage, Prompt, ResolvedModel, SamplingParams
 from llmops.proto.cache.v1 import cache_service_pb2 as pb
 from llmops.proto.common.v1 import generation_pb2, model_pb2, sampling_pb2
 

@@ -36,8 +36,8 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from llmops.cache.domain import CacheKey, ResolvedModel, check_model_name, check_tenant
 from llmops.common.errors import InvalidArgument
+from llmops.common.response_cache.domain import CacheKey, ResolvedModel, check_model_name, check_tenant
 
 #: Version of the canonical form; part of every digest, bumped when the encoding changes.
 KEY_VERSION = "v1"

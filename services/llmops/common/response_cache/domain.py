@@ -2,7 +2,7 @@
 
 The request-side classes (:class:`ResolvedModel`, :class:`Prompt`, :class:`SamplingParams`) mirror
 ``llmops.common.v1`` field for field, with ``None`` where the proto field is ``optional`` and unset.
-The key functions accept any object with these attributes (see :mod:`llmops.cache.keys`), so
+The key functions accept any object with these attributes (see :mod:`llmops.common.response_cache.keys`), so
 serving hands over its own domain objects unchanged.
 """
 

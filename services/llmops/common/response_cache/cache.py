@@ -13,7 +13,7 @@ Redis) use. Guarantees:
   for its answer and, when the lock is gone without an answer (the holder died, failed or could not
   store), the first of them to take the lock computes. A waiter gives up after ``single_flight_wait``
   and computes itself.
-* Only reproducible requests (see :func:`llmops.cache.keys.is_cacheable`) are looked up or stored;
+* Only reproducible requests (see :func:`llmops.common.response_cache.keys.is_cacheable`) are looked up or stored;
   the rest are counted as bypass.
 
 :meth:`invalidate` does not fail open: a failure there is :class:`~llmops.common.errors.Unavailable`,
@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Generic, Protocol, TypeVar
 
-from llmops.cache.backends.base import CacheBackend, CacheBackendError, from_ms
-from llmops.cache.domain import (
+from llmops.common.errors import Unavailable
+from llmops.common.response_cache.backends.base import CacheBackend, CacheBackendError, from_ms
+from llmops.common.response_cache.domain import (
     CacheKey,
     CacheStats,
     InvalidationScope,
@@ -44,8 +45,7 @@ from llmops.cache.domain import (
     StoreOutcome,
     StoreResult,
 )
-from llmops.cache.metrics import CacheMetrics
-from llmops.common.errors import Unavailable
+from llmops.common.response_cache.metrics import CacheMetrics
 from llmops.common.settings import CacheSection
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from llmops.cache.domain import LookupOutcome
 from llmops.common import metric_names as names
+from llmops.common.response_cache.domain import LookupOutcome
 
 
 class CacheMetrics:

@@ -1,10 +1,10 @@
 """What a cache backend must do, and the entry format every backend stores.
 
-A backend keeps entries under a :class:`~llmops.cache.domain.CacheKey` (its digest; its model,
+A backend keeps entries under a :class:`~llmops.common.response_cache.domain.CacheKey` (its digest; its model,
 adapter and tenant index it for invalidation), expires them after their TTL, removes them by
 model / version / alias (optionally one tenant's only), and offers short locks for single flight.
 Every failure (down, slow, refused, corrupt) surfaces as :class:`CacheBackendError`, which the
-:class:`~llmops.cache.service.ResponseCache` turns into a miss (fail open).
+:class:`~llmops.common.response_cache.cache.ResponseCache` turns into a miss (fail open).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import abc
 import struct
 from datetime import UTC, datetime
 
-from llmops.cache.domain import BackendSizes, CacheKey, InvalidationScope, StoredEntry
+from llmops.common.response_cache.domain import BackendSizes, CacheKey, InvalidationScope, StoredEntry
 
 
 class CacheBackendError(Exception):

@@ -8,8 +8,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llmops.cache.backends.base import CacheBackend, CacheBackendError, decode_entry, encode_entry
-from llmops.cache.domain import BackendSizes, CacheKey, InvalidationScope, ResolvedModel, StoredEntry
+from llmops.common.response_cache.backends.base import (
+    CacheBackend,
+    CacheBackendError,
+    decode_entry,
+    encode_entry,
+)
+from llmops.common.response_cache.domain import (
+    BackendSizes,
+    CacheKey,
+    InvalidationScope,
+    ResolvedModel,
+    StoredEntry,
+)
 
 
 @dataclass

@@ -37,8 +37,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from llmops.cache.backends.base import CacheBackend, CacheBackendError, decode_entry, encode_entry
-from llmops.cache.domain import BackendSizes, CacheKey, InvalidationScope, StoredEntry
+from llmops.common.response_cache.backends.base import (
+    CacheBackend,
+    CacheBackendError,
+    decode_entry,
+    encode_entry,
+)
+from llmops.common.response_cache.domain import BackendSizes, CacheKey, InvalidationScope, StoredEntry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

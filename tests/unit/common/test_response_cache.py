@@ -16,10 +16,12 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from llmops.cache import keys
-from llmops.cache.backends.fake import FakeCacheBackend
-from llmops.cache.codec import GeneratedOutputCodec
-from llmops.cache.domain import (
+from llmops.common.errors import Unavailable
+from llmops.common.response_cache import keys
+from llmops.common.response_cache.backends.fake import FakeCacheBackend
+from llmops.common.response_cache.cache import CacheConfig, ResponseCache
+from llmops.common.response_cache.codec import GeneratedOutputCodec
+from llmops.common.response_cache.domain import (
     InvalidationScope,
     LookupOutcome,
     Prompt,
@@ -28,9 +30,7 @@ from llmops.cache.domain import (
     StoredEntry,
     StoreOutcome,
 )
-from llmops.cache.metrics import CacheMetrics
-from llmops.cache.service import CacheConfig, ResponseCache
-from llmops.common.errors import Unavailable
+from llmops.common.response_cache.metrics import CacheMetrics
 from llmops.proto.common.v1 import generation_pb2, usage_pb2
 
 MODEL = ResolvedModel("tiny", 1, "champion")
