@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from llmops.common.errors import InvalidArgument
+from llmops.common.errors import InvalidArgument, NotFound, caller_path
 from llmops.common.jobs import JOB_STATES, JobState, timestamp
 from llmops.common.runners import Resources
 from llmops.proto.common.v1 import compute_pb2, job_pb2, model_pb2
 from llmops.proto.quantization.v1 import quantization_service_pb2 as pb
 from llmops.proto.quantization.v1 import quantization_service_pb2_grpc as pb_grpc
 from llmops.quantization import evaluate
+from llmops.quantization.domain import EvalSpec, Job, JobEvent, JobSpec
 from llmops.quantization.methods import CalibrationSpec, QuantizationSpec
-from llmops.quantization.service import EvalSpec, Job, JobEvent, JobSpec, QuantizationService
+from llmops.quantization.service import QuantizationService
 from llmops.registry.sources import ModelSource
 
 SERVICE_NAME = "llmops.quantization.v1.QuantizationService"
@@ -80,7 +81,7 @@ class QuantizationServicer(pb_grpc.QuantizationServiceServicer):  # type: ignore
                 throughput_tokens=(spec.eval.throughput_tokens or evaluate.DEFAULT_THROUGHPUT_TOKENS)
                 if spec.eval.measure_throughput
                 else 0,
-                text_path=Path(sample.ref.path) if sample.ref.path else None,
+                text_path=_eval_text(sample.ref.path),
             )
         job_spec = JobSpec(
             source_dir=source.path,
@@ -189,6 +190,16 @@ class QuantizationServicer(pb_grpc.QuantizationServiceServicer):  # type: ignore
                     model_pb2.ModelRef(name=result.registered.name, version=result.registered.version)
                 )
         return message
+
+
+def _eval_text(path: str) -> Path | None:
+    """The evaluation text a job names (``None``: the default), checked now rather than at the end."""
+    if not path:
+        return None
+    with caller_path(path, field="spec.eval.dataset.ref.path"):  # too long, unreadable...
+        if not Path(path).exists():
+            raise NotFound(f"evaluation data {path} does not exist")
+    return Path(path)
 
 
 def _calibration(spec: pb.QuantizationJobSpec) -> CalibrationSpec | None:

@@ -78,6 +78,11 @@ def _gptq_at(path: str, revision: str) -> pb.QuantizationJobSpec:
     return _spec(method=pb.QUANTIZATION_METHOD_GPTQ, calibration=pb.DatasetSample(ref=ref, num_samples=2))
 
 
+def _evaluated_on(path: str) -> pb.QuantizationJobSpec:
+    ref = dataset_pb2.DatasetRef(path=path)
+    return _spec(eval=pb.QuantizationEval(dataset=pb.DatasetSample(ref=ref, num_samples=2, seq_len=64)))
+
+
 async def test_job_streams_events_to_the_end_and_registers_its_result(quantization: Running) -> None:
     client = quantization.client
     evaluation = pb.QuantizationEval(
@@ -139,6 +144,11 @@ async def test_job_streams_events_to_the_end_and_registers_its_result(quantizati
         (_gptq_at("data/calibration.jsonl", "no-such-revision"), grpc.StatusCode.NOT_FOUND),
         (_gptq_at("", "v1"), grpc.StatusCode.INVALID_ARGUMENT),
         (_gptq_at("/etc/hostname", "v1"), grpc.StatusCode.INVALID_ARGUMENT),
+        # paths the file system refuses are the caller's error, never INTERNAL
+        (_gptq_at("/tmp/" + "c" * 300, ""), grpc.StatusCode.INVALID_ARGUMENT),
+        (_gptq_at("/etc/hostname/x", ""), grpc.StatusCode.NOT_FOUND),
+        (_evaluated_on("/tmp/" + "e" * 300), grpc.StatusCode.INVALID_ARGUMENT),
+        (_evaluated_on("/no/such/eval.txt"), grpc.StatusCode.NOT_FOUND),
     ],
 )
 async def test_bad_submit_maps_to_its_status(

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, caller_path
 
 if TYPE_CHECKING:
     import torch
@@ -192,8 +192,10 @@ class Quantizer(abc.ABC):
                 )
         path = calibration.text_path
         # a versioned reference is read from the data repository (the service snapshots it)
-        if path is not None and not calibration.versioned and not path.exists():
-            raise NotFound(f"calibration data {path} does not exist")
+        if path is not None and not calibration.versioned:
+            with caller_path(path, field="calibration.ref.path"):  # too long, unreadable...
+                if not path.exists():
+                    raise NotFound(f"calibration data {path} does not exist")
         return dataclasses.replace(calibration, num_samples=num_samples, seq_len=seq_len)
 
     @abc.abstractmethod
