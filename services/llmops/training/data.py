@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, caller_path
 from llmops.training.domain import DATA_FORMATS, DataFormat, DatasetRef, Method
 
 FIELD = "spec.dataset"
@@ -77,9 +77,10 @@ class DataRepository:
         if ref.repo or ref.revision:
             return self._read_at_revision(ref)
         path = self.root / relative
-        if not path.is_file():
-            raise NotFound(f"dataset {ref.path} does not exist in the data repository")
-        content = self._checked(path.read_bytes())
+        with caller_path(ref.path, field=f"{FIELD}.ref.path"):
+            if not path.is_file():
+                raise NotFound(f"dataset {ref.path} does not exist in the data repository")
+            content = self._checked(path.read_bytes())
         return content, self._workspace_commit(relative, content)
 
     def _read_uri(self, ref: DatasetRef) -> bytes:
@@ -92,9 +93,10 @@ class DataRepository:
                 field=f"{FIELD}.ref.path",
             )
         path = Path(unquote(parsed.path))
-        if not path.is_file():
-            raise NotFound(f"dataset {ref.path} does not exist")
-        return self._checked(path.read_bytes())
+        with caller_path(ref.path, field=f"{FIELD}.ref.path"):
+            if not path.is_file():
+                raise NotFound(f"dataset {ref.path} does not exist")
+            return self._checked(path.read_bytes())
 
     def _read_at_revision(self, ref: DatasetRef) -> tuple[bytes, str]:
         import dvc.api
@@ -104,14 +106,17 @@ class DataRepository:
         commit = ref.revision if _COMMIT.match(ref.revision) else ""
         if not ref.repo:
             commit = self._resolve_revision(ref.revision or "HEAD")
-        try:
-            data = dvc.api.read(ref.path, repo=repo, rev=commit or ref.revision or None, mode="rb")
-        except (PathMissingError, FileNotFoundError):
-            raise NotFound(
-                f"dataset {ref.path} does not exist at revision {ref.revision or 'HEAD'}"
-            ) from None
-        except DvcException as exc:
-            raise FailedPrecondition(f"cannot read dataset {ref.path}: {str(exc).splitlines()[0]}") from None
+        with caller_path(ref.path, field=f"{FIELD}.ref.path"):  # too long, unreadable...
+            try:
+                data = dvc.api.read(ref.path, repo=repo, rev=commit or ref.revision or None, mode="rb")
+            except (PathMissingError, FileNotFoundError):
+                raise NotFound(
+                    f"dataset {ref.path} does not exist at revision {ref.revision or 'HEAD'}"
+                ) from None
+            except DvcException as exc:
+                raise FailedPrecondition(
+                    f"cannot read dataset {ref.path}: {str(exc).splitlines()[0]}"
+                ) from None
         return self._checked(bytes(data)), commit
 
     def _resolve_revision(self, revision: str) -> str:

@@ -43,6 +43,16 @@ SUBMIT_CASES: list[tuple[str, pb.TrainingJobSpec, grpc.StatusCode, str]] = [
     ("unknown dataset", spec("data/missing.jsonl"), NOT_FOUND, "data/missing.jsonl"),
     ("unknown revision", spec(revision="no-such-branch"), NOT_FOUND, "no-such-branch"),
     ("path escapes the repo", spec("../secrets.jsonl"), INVALID, "spec.dataset.ref.path"),
+    ("dataset name too long", spec("data/" + "d" * 300), INVALID, "spec.dataset.ref.path"),
+    ("dataset file URI too long", spec("file:///tmp/" + "d" * 300), INVALID, "spec.dataset.ref.path"),
+    ("dataset through a file", spec("data/sft.jsonl/x.jsonl"), NOT_FOUND, "data/sft.jsonl/x.jsonl"),
+    # read from Git's tree, where no such name exists
+    (
+        "dataset name too long at a revision",
+        spec("data/" + "d" * 300, revision="HEAD"),
+        NOT_FOUND,
+        "not exist",
+    ),
     ("malformed row", spec("data/bad.jsonl"), INVALID, "line 3"),
     ("s3 dataset", spec("s3://bucket/x.jsonl"), INVALID, "s3://"),
     ("no method", spec(method=pb.TRAINING_METHOD_UNSPECIFIED), INVALID, "spec.method"),
