@@ -9,6 +9,8 @@ file                       from                  rows
                                                  ``prompt_completion``: the loss is on the completion)
 ``dpo.jsonl``              train preferences     ``prompt``/``chosen``/``rejected`` (``preference``)
 ``eval.jsonl``             eval instructions     ``prompt``/``completion``
+``eval.txt``               eval instructions     plain text, as ``calibration.txt`` (the quantization
+                                                 job's perplexity before and after)
 ``calibration.txt``        calibration           plain text: each record's prompt and completion,
                            instructions          records separated by a blank line
 ========================== ===================== ======================================================
@@ -78,6 +80,7 @@ def build(
     }
     for name, content in contents.items():
         check_training_rows(name, content)
+    contents["eval.txt"] = calibration_text(splits["eval"]["instructions"], template)
     calibration = splits["calibration"]["instructions"]
     if not calibration:
         raise ValueError("calibration.txt: no calibration records (raise split.calibration or ingest more)")
@@ -121,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         "build: "
         + ", ".join(f"{name} {rows} rows" for name, rows in counts.items())
-        + f", calibration.txt {len(contents['calibration.txt'])} characters"
+        + f", eval.txt {len(contents['eval.txt'])} and calibration.txt {len(contents['calibration.txt'])} characters"
     )
     return 0
 

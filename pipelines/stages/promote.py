@@ -1,34 +1,169 @@
-"""Promote: move ``<model>@champion`` to the candidate only if it beats the current champion.
+"""Promote: move ``<model>@champion`` to the best variant of the candidate, if one beats the champion.
 
-The candidate wins when the fine-tuned version's eval perplexity is below the champion's and its
-INT8 quantization raised perplexity by at most ``promote.max_quantization_increase`` (relative). The
-move is a compare-and-set on the champion seen at evaluation, so a concurrent move is not
-overwritten. Writes ``reports/promote.json`` (promoted or not, and why).
+The variants are the full-precision fine-tune and its quantized children (``reports/eval.json``: each
+one's completion perplexity on the same eval rows as the champion's; ``reports/speed.json``: each
+one's decode tokens/s on the engine that would serve it). A variant qualifies when:
+
+* its numbers are finite (a NaN or infinite perplexity or speed is refused, never compared);
+* its eval perplexity is below the champion's by at least ``promote.min_improvement`` (relative;
+  0: any improvement; a tie keeps the champion);
+* for a quantized variant: quantization raised eval perplexity over its parent by at most
+  ``promote.max_quantization_increase`` (relative), and it decodes faster than its parent on their
+  serving engines. Quantization exists to make serving cheaper; a slower child never wins.
+
+Of the qualified variants the fastest decoder wins (ties: the lower perplexity). The move is a
+compare-and-set on the champion seen at evaluation, so a concurrent move is not overwritten. Writes
+``reports/promote.json``: promoted or not, the version and the engine that serves the champion, why,
+and each variant's verdict.
 
     python -m stages.promote [--params params.yaml]
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .common import load_params, parser, pipeline_path
 from .services import call, read_json, report
 
 
-def decide(evaluation: dict[str, Any], quantized: dict[str, Any], max_increase: float) -> tuple[bool, str]:
-    candidate = float(evaluation["candidate"]["perplexity"])
-    increase = quantized["perplexity_after"] / quantized["perplexity_before"] - 1.0
-    if increase > max_increase:
-        return False, f"INT8 raised perplexity by {increase:.2%} (limit {max_increase:.2%})"
-    if "champion" not in evaluation:
-        return True, "no champion yet"
-    champion = float(evaluation["champion"]["perplexity"])
-    if candidate < champion:
-        return True, f"eval perplexity {candidate:.3f} < champion's {champion:.3f}"
-    return False, f"eval perplexity {candidate:.3f} >= champion's {champion:.3f}"
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    #: The chosen variant (``name:version``); empty when the champion stays.
+    version: str
+    #: The engine that serves the chosen variant; empty when the champion stays.
+    engine: str
+    reason: str
+    #: Each variant's verdict: why it was chosen, qualified, or not.
+    verdicts: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, not a number, NaN or infinite)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _shown(value: Any) -> str:
+    return "missing" if value is None else str(value)
+
+
+def decide(
+    evaluation: Mapping[str, Any],
+    speed: Mapping[str, Any],
+    *,
+    max_quantization_increase: float,
+    min_improvement: float = 0.0,
+) -> Decision:
+    """Which variant (if any) becomes the champion, and why.
+
+    Args:
+        evaluation: ``reports/eval.json``: ``variants`` (each with ``model``, ``perplexity`` and
+            ``quantized_from``: the variant it was quantized from, empty for the full-precision one)
+            and, when there is one, ``champion`` (``model``, ``perplexity``).
+        speed: ``reports/speed.json``: ``variants``, by model: ``engine`` and
+            ``decode_tokens_per_second``.
+        max_quantization_increase: Largest relative eval-perplexity increase of a quantized variant
+            over its parent.
+        min_improvement: Smallest relative eval-perplexity improvement over the champion.
+    """
+    champion = evaluation.get("champion")
+    champion_perplexity: float | None = None
+    if champion is not None:
+        champion_perplexity = _finite(champion.get("perplexity"))
+        if champion_perplexity is None:
+            return Decision(
+                False, "", "",
+                f"the champion {champion.get('model')}'s eval perplexity is {_shown(champion.get('perplexity'))}: "
+                "not a finite number, so nothing can be compared with it",
+            )  # fmt: skip
+    variants = {str(v["model"]): v for v in evaluation.get("variants", [])}
+    speeds: Mapping[str, Any] = speed.get("variants", {})
+    if not variants:
+        return Decision(False, "", "", "no candidate variant was evaluated")
+
+    def measured(model: str) -> tuple[float | None, float | None, str]:
+        rate = speeds.get(model, {})
+        return (
+            _finite(variants[model].get("perplexity")),
+            _finite(rate.get("decode_tokens_per_second")),
+            str(rate.get("engine", "?")),
+        )
+
+    verdicts: dict[str, str] = {}
+    qualified: list[tuple[str, float, float, str]] = []  # model, perplexity, tokens/s, engine
+    for model, variant in variants.items():
+        perplexity, rate, engine = measured(model)
+        if perplexity is None:
+            verdicts[model] = f"eval perplexity is {_shown(variant.get('perplexity'))}: refused (not finite)"
+            continue
+        if rate is None or rate <= 0:
+            shown = speeds.get(model, {}).get("decode_tokens_per_second")
+            verdicts[model] = f"decode tokens/s on {engine} is {_shown(shown)}: refused (not a finite speed)"
+            continue
+        parts = [f"eval perplexity {perplexity:.3f}"]
+        if champion is not None:
+            assert champion_perplexity is not None
+            bar = champion_perplexity * (1.0 - min_improvement)
+            if not perplexity < bar:
+                needed = f" by {min_improvement:.1%}" if min_improvement else ""
+                verdicts[model] = (
+                    f"eval perplexity {perplexity:.3f} does not beat the champion {champion['model']}'s "
+                    f"{champion_perplexity:.3f}{needed}"
+                )
+                continue
+            parts[0] += f" < champion {champion['model']}'s {champion_perplexity:.3f}"
+        parent = str(variant.get("quantized_from") or "")
+        if parent:
+            if parent not in variants:
+                verdicts[model] = f"its parent {parent} was not evaluated"
+                continue
+            parent_perplexity, parent_rate, parent_engine = measured(parent)
+            if parent_perplexity is None or parent_rate is None or parent_rate <= 0:
+                verdicts[model] = f"its parent {parent}'s numbers are not finite: nothing to weigh it against"
+                continue
+            increase = perplexity / parent_perplexity - 1.0
+            if increase > max_quantization_increase:
+                verdicts[model] = (
+                    f"quantization raised eval perplexity by {increase:.2%} over {parent} "
+                    f"(limit {max_quantization_increase:.2%})"
+                )
+                continue
+            ratio = rate / parent_rate
+            if rate <= parent_rate:
+                verdicts[model] = (
+                    f"decodes at {ratio:.2f}x its parent's speed ({rate:.1f} tok/s on {engine} vs "
+                    f"{parent_rate:.1f} for {parent} on {parent_engine}): a quantized variant must serve faster"
+                )
+                continue
+            parts.append(f"{increase:+.2%} perplexity over {parent} (limit {max_quantization_increase:.2%})")
+            parts.append(
+                f"decodes {rate:.1f} tok/s on {engine}, {ratio:.2f}x {parent}'s {parent_rate:.1f} on {parent_engine}"
+            )
+        else:
+            parts.append(f"decodes {rate:.1f} tok/s on {engine}")
+        verdicts[model] = "qualifies: " + ", ".join(parts)
+        qualified.append((model, perplexity, rate, engine))
+
+    if not qualified:
+        why = "; ".join(f"{model}: {verdict}" for model, verdict in verdicts.items())
+        return Decision(False, "", "", f"no variant qualifies ({why})", verdicts)
+    model, _, _, engine = max(qualified, key=lambda q: (q[2], -q[1]))
+    chosen = verdicts[model].removeprefix("qualifies: ")
+    verdicts[model] = "chosen: " + chosen
+    others = [f"{other}: {verdict}" for other, verdict in verdicts.items() if other != model]
+    reason = f"{model} on {engine}: {chosen}" + ("" if champion is not None else " (no champion yet)")
+    if others:
+        reason += "; not chosen: " + "; ".join(others)
+    return Decision(True, model, engine, reason, verdicts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,17 +173,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser(__doc__).parse_args(argv)
     params: dict[str, Any] = load_params(args.params)["promote"]
     evaluation = read_json(pipeline_path("reports/eval.json"))
-    quantized = read_json(pipeline_path("reports/quantize.json"))
-    name, version = quantized["version"]["name"], int(quantized["version"]["version"])
-    promoted, reason = decide(evaluation, quantized, float(params["max_quantization_increase"]))
-    previous = evaluation.get("champion", {}).get("model", "")
-    if promoted:
-        request = rpb.SetAliasRequest(model_name=name, alias="champion", version=version, reason=reason)
+    speed = read_json(pipeline_path("reports/speed.json"))
+    decision = decide(
+        evaluation,
+        speed,
+        max_quantization_increase=float(params["max_quantization_increase"]),
+        min_improvement=float(params.get("min_improvement", 0.0)),
+    )
+    champion = evaluation.get("champion") or {}
+    previous = str(champion.get("model", ""))
+    if decision.promoted:
+        name, version = decision.version.rsplit(":", 1)
+        request = rpb.SetAliasRequest(
+            model_name=name,
+            alias="champion",
+            version=int(version),
+            reason=decision.reason.encode()[:1024].decode(errors="ignore"),
+        )
         request.expected_current_version = int(previous.rsplit(":", 1)[1]) if previous else 0
         call(RegistryClient, "registry", lambda client: client.unary(client.stub.SetAlias, request))
-    report("promote", {"promoted": promoted, "reason": reason, "champion_before": previous,
-                       "champion_after": f"{name}:{version}" if promoted else previous})  # fmt: skip
-    print(f"promote: {'promoted' if promoted else 'kept the champion'} ({reason})")
+    report(
+        "promote",
+        {
+            "promoted": decision.promoted,
+            "reason": decision.reason,
+            "verdicts": decision.verdicts,
+            "champion_before": previous,
+            "champion_after": decision.version if decision.promoted else previous,
+            # how the champion is served: the chosen variant's engine, or the kept champion's
+            "engine": decision.engine if decision.promoted else str(champion.get("engine", "")),
+            "engine_options": speed.get("engine_options", {}),
+        },
+    )
+    print(f"promote: {'promoted ' + decision.version if decision.promoted else 'kept the champion'}")
+    print(f"promote: why: {decision.reason}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """Quantize: the fine-tuned version to INT8 (weight-only, per channel) through the quantization service.
 
 The result is registered as the next version of the served model (its lineage: parent = the
-fine-tuned version), with the measured size ratio and perplexity change in its metrics. Writes
+fine-tuned version), with the measured size ratio and perplexity change in its metrics. The job
+measures perplexity before and after on the pipeline's eval split (``data/prepared/eval.txt``: the
+eval rows' prompts and completions as text), not on the service's default text. Writes
 ``reports/quantize.json``.
 
     python -m stages.quantize [--params params.yaml]
@@ -19,6 +21,7 @@ from .services import read_json, ref, report, run_job, stack
 
 def main(argv: Sequence[str] | None = None) -> int:
     from llmops.common.clients import QuantizationClient
+    from llmops.proto.common.v1 import dataset_pb2
     from llmops.proto.quantization.v1 import quantization_service_pb2 as pb
     from llmops.quantization.cli import follow_job
 
@@ -30,7 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         source=ref(candidate["name"], version=int(candidate["version"])),
         method=pb.QUANTIZATION_METHOD_INT8_WEIGHT_ONLY,
         eval=pb.QuantizationEval(
-            dataset=pb.DatasetSample(num_samples=int(params["eval_samples"]), seq_len=int(params["seq_len"])),
+            dataset=pb.DatasetSample(
+                # the services of the embedded stack share this machine's file system
+                ref=dataset_pb2.DatasetRef(path=str(pipeline_path("data/prepared/eval.txt").absolute())),
+                num_samples=int(params["eval_samples"]),
+                seq_len=int(params["seq_len"]),
+            ),
             measure_throughput=True,
             throughput_tokens=int(params["throughput_tokens"]),
         ),
@@ -47,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quantize",
         {
             "job_id": job.id,
+            "eval_text": job.spec.eval.dataset.ref.path,  # as the service recorded it
             "version": {"name": result.result_version.name, "version": result.result_version.version},
             "size_ratio": result.size_ratio,
             "perplexity_before": result.perplexity_before,

@@ -113,3 +113,32 @@ def run_job(stage: str, client_type: Any, service: str, request: Any, follow: An
         )
         return None
     return job
+
+
+#: ``quantization_config.quant_method`` values vLLM loads (its GPTQ and AWQ loaders read our W4A16
+#: layouts); a folder without one is full precision, which vLLM loads too.
+VLLM_QUANT_METHODS = frozenset({"gptq", "awq"})
+
+
+def serving_engine(folder: Path) -> str:
+    """The engine that serves the model in ``folder``: ``vllm`` for full precision and the quantized
+    layouts vLLM loads, ``transformers`` for the rest (our INT8 / INT4 formats, torchao INT8)."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    settings = config.get("quantization_config")
+    method = settings.get("quant_method") if isinstance(settings, dict) else None
+    return "vllm" if method is None or method in VLLM_QUANT_METHODS else "transformers"
+
+
+def version_format(name: str, version: int) -> str:
+    """The registry's format of ``name:version`` (``fp32``, ``int8``, ...)."""
+    from llmops.common.clients import RegistryClient
+    from llmops.proto.common.v1 import model_pb2
+    from llmops.proto.registry.v1 import registry_service_pb2 as rpb
+
+    async def work(client: Any) -> str:
+        found = await client.unary(
+            client.stub.GetVersion, rpb.GetVersionRequest(model=ref(name, version=version))
+        )
+        return str(model_pb2.ModelFormat.Name(found.version.format).removeprefix("MODEL_FORMAT_").lower())
+
+    return call(RegistryClient, "registry", work)

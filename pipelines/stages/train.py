@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=int(params["seed"]),
         ),
         lora=pb.LoraConfig(r=int(params["lora_r"]), alpha=int(params["lora_alpha"]), merge_adapter=True),
-        output_model_name=f"{record['model']}-sft",
+        output_model_name=record["model"],  # a version of the served model: it may become the champion
         description=f"{base['name']}:{base['version']} + LoRA SFT on the pipeline's instructions",
     )
     spec.tags["pipeline"] = "demo"

@@ -127,10 +127,14 @@ def demo(
         "pipelines"
     ),
     engine: Annotated[
-        str, typer.Option(help="Serving engine for the champion: transformers | vllm")
-    ] = "transformers",
+        str,
+        typer.Option(
+            help="Serving engine for the champion: transformers | vllm (default: the one the promotion "
+            "names for its format)"
+        ),
+    ] = "",
 ) -> None:
-    """The whole loop: stack up, base import, DVC pipeline (train, evaluate, quantize, register, promote), serve, summary."""
+    """The whole loop: stack up, base import, DVC pipeline (train, quantize, evaluate, speed, register, promote), serve, summary."""
     from llmops.stack.demo import DemoOptions, run_demo
 
     settings = _settings(data_dir)
@@ -171,29 +175,36 @@ def print_summary(result: Any, seconds: float, *, kept: bool) -> None:
     numbers.add_column("measure")
     numbers.add_column("value", justify="right")
     evaluation, quantized, promote = reports["eval"], reports["quantize"], reports["promote"]
+    speeds = reports["speed"]["variants"]
     numbers.add_row(
         "fine-tune steps / final train loss",
         f"{reports['train']['steps']} / {reports['train']['metrics'].get('train_loss', float('nan')):.3f}",
-    )
-    numbers.add_row(
-        f"eval perplexity, candidate {evaluation['candidate']['model']}",
-        f"{evaluation['candidate']['perplexity']:.3f}",
     )
     if "champion" in evaluation:
         numbers.add_row(
             f"eval perplexity, champion {evaluation['champion']['model']}",
             f"{evaluation['champion']['perplexity']:.3f}",
         )
+    for variant in evaluation["variants"]:
+        rate = speeds.get(variant["model"], {})
+        numbers.add_row(
+            f"{variant['model']} ({variant['format']}): eval perplexity, decode tok/s on {rate.get('engine', '?')}",
+            f"{variant['perplexity']:.3f}, {rate.get('decode_tokens_per_second', float('nan')):.1f}",
+        )
     numbers.add_row("INT8 size ratio", f"{quantized['size_ratio']:.3f}")
     numbers.add_row(
-        "INT8 perplexity before -> after",
+        "INT8 job: perplexity before -> after (eval.txt)",
         f"{quantized['perplexity_before']:.3f} -> {quantized['perplexity_after']:.3f}",
     )
     numbers.add_row(
-        "INT8 tokens/s before -> after",
+        "INT8 job: tokens/s before -> after (transformers)",
         f"{quantized['tokens_per_second_before']:.1f} -> {quantized['tokens_per_second_after']:.1f}",
     )
-    numbers.add_row("promotion", f"{'yes' if promote['promoted'] else 'no'}: {promote['reason']}")
+    numbers.add_row(
+        "promotion",
+        f"{'yes' if promote['promoted'] else 'no'} ({promote['champion_after']} on {promote['engine']}): "
+        f"{promote['reason']}",
+    )
     out.print(numbers)
     requests = Table(title="requests to the champion")
     for column in ("request", "TTFT ms", "latency ms", "cache hit", "answer"):

