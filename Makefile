@@ -86,10 +86,12 @@ faults: setup ## Fault tests only (kill Redis under load, restart the registry m
 	$(PY) -m pytest tests/faults tests/integration/training/test_faults.py -m faults $(PYTEST_ARGS)
 
 FUZZ_EXAMPLES ?= 1000
+FUZZ_SEED ?=
 
 .PHONY: fuzz
-fuzz: setup ## Fuzz every RPC of every service on real servers with FUZZ_EXAMPLES inputs per RPC (make test runs ~20)
-	LLMOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/fuzz -m fuzz --timeout 0 $(PYTEST_ARGS)
+fuzz: setup ## Fuzz every RPC on real servers, FUZZ_EXAMPLES new inputs per RPC each run (seed printed; FUZZ_SEED=N repeats one); failing inputs kept in build/hypothesis
+	LLMOPS_FUZZ_RANDOM=1 LLMOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/fuzz -m fuzz --timeout 0 \
+	  $(if $(FUZZ_SEED),--hypothesis-seed=$(FUZZ_SEED)) $(PYTEST_ARGS)
 
 .PHONY: chart-check
 chart-check: tools ## helm lint, render + kubernetes-validate, promtool, hadolint (pytest tests/charts covers the same and more)

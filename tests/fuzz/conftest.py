@@ -7,6 +7,11 @@ from typing import Any
 import pytest
 
 from tests.fuzz.harness import Tally, methods
+from tests.fuzz.seeding import (  # noqa: F401 - this folder's hooks and autouse fixture
+    _example_database_key,
+    pytest_configure,
+    pytest_report_header,
+)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

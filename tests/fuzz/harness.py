@@ -21,6 +21,9 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+from tests.fuzz.seeding import Seed, database_dir, randomized
 
 Code = grpc.StatusCode
 
@@ -48,16 +51,19 @@ EXAMPLES_ENV = "LLMOPS_FUZZ_EXAMPLES"
 
 
 def budget(default: int) -> settings:
-    """Hypothesis settings of one fuzz test: deterministic, database-less, no per-example deadline."""
+    """Hypothesis settings of one fuzz test, no per-example deadline: under ``make test`` the same
+    inputs every run and no example database; under ``make fuzz`` new inputs from the printed seed,
+    failing ones kept in ``build/hypothesis`` (:mod:`tests.fuzz.seeding`)."""
     examples = int(os.environ.get(EXAMPLES_ENV, "0") or 0) or default
+    fresh = randomized()
     return settings(
         max_examples=examples,
-        derandomize=True,
-        database=None,
+        derandomize=not fresh,
+        database=DirectoryBasedExampleDatabase(str(database_dir())) if fresh else None,
         deadline=None,
         print_blob=False,
-        # A fresh test-class instance per RPC is a "different executor"; with no database and a
-        # derandomized search that cannot mix up examples.
+        # A fresh test-class instance per RPC is a "different executor"; each RPC has its own
+        # database key (tests.fuzz.seeding), so examples do not mix across RPCs.
         suppress_health_check=[
             HealthCheck.too_slow,
             HealthCheck.data_too_large,
@@ -100,7 +106,8 @@ class Tally:
             total.disallowed += c.disallowed
         if cls.counts:
             lines.append(f"fuzz: {total.inputs:,} inputs, {total.disallowed} disallowed statuses")
-        return lines
+        seed = Seed.line()
+        return [seed, *lines] if seed and lines else lines
 
 
 def service_descriptor(module: ModuleType) -> ServiceDescriptor:
