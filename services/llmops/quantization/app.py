@@ -17,10 +17,12 @@ from llmops.common.runners import JobRunner
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import Settings
 from llmops.proto.quantization.v1 import quantization_service_pb2_grpc as pb_grpc
+from llmops.quantization.dispatch import ThreadDispatcher
+from llmops.quantization.domain import Limits
 from llmops.quantization.grpc_app import SERVICE_NAME, QuantizationServicer
 from llmops.quantization.methods import default_quantizers
 from llmops.quantization.metrics import register_metrics
-from llmops.quantization.service import Limits, QuantizationService, ThreadDispatcher
+from llmops.quantization.service import QuantizationService
 from llmops.quantization.tracking import MlflowTracker, NullTracker, Tracker
 from llmops.registry.sinks import LocalDirectorySink, RegistrySink, ResultSink
 from llmops.registry.sources import LocalModelSource, ModelSource, RegistryModelSource

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from llmops.common import metric_names as names
 from llmops.common.job_metrics import JobBookCollector
-from llmops.quantization.service import Job
+from llmops.quantization.domain import Job
 
 
 def register_metrics(

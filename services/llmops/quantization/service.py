@@ -1,9 +1,11 @@
 """Quantization jobs on typed domain objects: submit, get, list, cancel and watch, with events.
 
+What a job is (its spec, record, events and result) lives in :mod:`llmops.quantization.domain`.
 A job's body (:mod:`llmops.quantization.worker`: load, evaluate, quantize, evaluate) runs on a
 runner of :mod:`llmops.common.runners`, the code that runs training jobs too: a Ray actor per job
 (on a local runtime, or the cluster at ``ray_address``), or a thread of this process. A
-:class:`Dispatcher` (a bounded thread pool: ``quantization.workers`` jobs at once) runs one
+:class:`~llmops.quantization.dispatch.Dispatcher` (a bounded thread pool: ``quantization.workers``
+jobs at once) runs one
 supervisor per job, which opens the job's MLflow run (:mod:`llmops.quantization.tracking`), starts
 the attempt, turns the worker's events into job events (numbered per job; watchers block on a
 condition until new ones arrive), and concludes: the measurements are logged and the result folder
@@ -21,7 +23,6 @@ event, so a watcher that sees that event finds the run closed.
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import functools
 import itertools
@@ -31,18 +32,19 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from llmops.common.jobs import JobState, follow_events
-from llmops.common.runners import Attempt, CancelDeadline, JobRunner, Outcome, Resources
+from llmops.common.runners import Attempt, CancelDeadline, JobRunner, Outcome
 from llmops.common.runners.local import ThreadRunner
-from llmops.quantization import evaluate, worker
+from llmops.quantization import worker
 from llmops.quantization.calibration import snapshot_calibration
-from llmops.quantization.methods import QuantizationSpec, Quantizer, resolve
+from llmops.quantization.dispatch import Dispatcher
+from llmops.quantization.domain import Job, JobEvent, JobResult, JobSpec, Limits
+from llmops.quantization.methods import Quantizer, resolve
 from llmops.quantization.methods.base import ensure_not_quantized
 from llmops.quantization.tracking import NullTracker, RunStatus, Tracker
 from llmops.registry.sinks import RegisteredVersion, ResultSink, VersionMetadata
@@ -53,121 +55,6 @@ log = logging.getLogger(__name__)
 _REGISTER_PROGRESS = 0.9
 #: Why a job that was running when the service stopped failed.
 _STOPPED = "the quantization service stopped before the job finished"
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSpec:
-    """What to measure; ``num_samples == 0`` skips perplexity, ``throughput_tokens == 0`` speed."""
-
-    num_samples: int = 0
-    seq_len: int = evaluate.DEFAULT_SEQ_LEN
-    throughput_tokens: int = 0
-    text_path: Path | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class JobSpec:
-    """A job as submitted: a source folder (resolved from the registry by the caller) and how."""
-
-    source_dir: Path
-    source_name: str
-    quantization: QuantizationSpec
-    source_version: int | None = None
-    eval: EvalSpec = EvalSpec()
-    output_model_name: str = ""
-    register: bool = True
-    aliases: tuple[str, ...] = ()
-    tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    description: str = ""
-    #: What the job's worker asks for; zero: the runner's default (one GPU for a CUDA job).
-    resources: Resources = Resources()
-
-
-@dataclasses.dataclass(frozen=True)
-class JobEvent:
-    job_id: str
-    sequence: int
-    time: float
-    state: JobState
-    kind: str  # "queued" | "started" | "step" | "eval" | "finished" | "failed" | "cancelled"
-    progress: float = 0.0
-    phase: str = ""
-    message: str = ""
-    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    #: On the "finished" event: the registered result, if it was registered.
-    registered: RegisteredVersion | None = None
-    #: On the "started" event: the job's MLflow run; empty when it is not tracked.
-    mlflow_run_id: str = ""
-    #: On the "started" event: where the body runs (``<host> pid <pid>``).
-    worker: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class JobResult:
-    size_bytes_before: int
-    size_bytes_after: int
-    size_ratio: float
-    format: str
-    output_dir: Path
-    perplexity_before: float | None = None
-    perplexity_after: float | None = None
-    tokens_per_second_before: float | None = None
-    tokens_per_second_after: float | None = None
-    registered: RegisteredVersion | None = None
-
-
-@dataclasses.dataclass
-class Job:
-    """A job's mutable record; the service hands out copies."""
-
-    id: str
-    spec: JobSpec
-    created_at: float
-    request_id: str = ""
-    state: JobState = JobState.QUEUED
-    started_at: float | None = None
-    finished_at: float | None = None
-    progress: float = 0.0
-    phase: str = ""
-    result: JobResult | None = None
-    error_message: str = ""
-    cancel_requested: bool = False
-    cancel_reason: str = ""
-    #: MLflow run the job logs to (created when it starts); empty when it is not tracked.
-    mlflow_run_id: str = ""
-    events: list[JobEvent] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    #: How long a cancelled job's worker may take to stop before it is killed.
-    cancel_grace_seconds: float = 10.0
-    #: Longest wait for a worker's events in one poll (the supervisor checks for cancels between).
-    poll_seconds: float = 0.5
-
-
-class Dispatcher(abc.ABC):
-    """Runs the supervisors of queued jobs, so it decides when each starts and how many run at once."""
-
-    @abc.abstractmethod
-    def submit(self, work: Callable[[], None]) -> None:
-        """Start ``work`` eventually; must not block on it."""
-
-    def shutdown(self) -> None:  # noqa: B027 - optional hook
-        """Stop accepting work and wait for running work to end."""
-
-
-class ThreadDispatcher(Dispatcher):
-    """A bounded local thread pool: ``max_workers`` jobs run at once, the rest wait QUEUED."""
-
-    def __init__(self, max_workers: int = 1) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="quantize")
-
-    def submit(self, work: Callable[[], None]) -> None:
-        self._pool.submit(work)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _metrics(result: JobResult) -> dict[str, float]:
@@ -211,7 +98,7 @@ class QuantizationService:
         tracker: Tracker | None = None,
         *,
         runner: JobRunner | None = None,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
         repository: DataRepository | None = None,
     ) -> None:
         self._quantizers = quantizers
@@ -221,7 +108,7 @@ class QuantizationService:
         self._tracker = tracker or NullTracker()
         self._work_dir = work_dir
         self._max_pending = max_pending
-        self._limits = limits
+        self._limits = limits or Limits()
         self._repository = repository
         self._jobs: dict[str, Job] = {}
         self._by_request: dict[str, str] = {}

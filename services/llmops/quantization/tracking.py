@@ -18,7 +18,7 @@ import json
 import sys
 import sysconfig
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmops.common.tracking import (
     DatasetRecord,
@@ -28,9 +28,7 @@ from llmops.common.tracking import (
     RunTracker,
     file_digest,
 )
-
-if TYPE_CHECKING:
-    from llmops.quantization.service import Job, JobSpec
+from llmops.quantization.domain import Job, JobSpec
 
 __all__ = ["MlflowTracker", "NullTracker", "RunStatus", "Tracker", "dataset_record", "run_params"]
 

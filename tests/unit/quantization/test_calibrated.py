@@ -21,6 +21,8 @@ from llmops.common.errors import InvalidArgument, NotFound
 from llmops.common.jobs import JobState
 from llmops.quantization import evaluate
 from llmops.quantization.calibration import calibration_windows
+from llmops.quantization.dispatch import Dispatcher
+from llmops.quantization.domain import EvalSpec, JobSpec
 from llmops.quantization.methods import (
     CalibrationSpec,
     QuantizationSpec,
@@ -45,7 +47,7 @@ from llmops.quantization.methods.wna16 import (
     unpack_gptq,
     unpack_int4,
 )
-from llmops.quantization.service import Dispatcher, EvalSpec, JobSpec, QuantizationService
+from llmops.quantization.service import QuantizationService
 from llmops.registry.sinks import LocalDirectorySink
 
 CALIBRATION = CalibrationSpec(num_samples=8, seq_len=256)

@@ -17,9 +17,12 @@ from typing import Any
 import pytest
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmops.common.jobs import JobState
 from llmops.quantization import evaluate
+from llmops.quantization.dispatch import ThreadDispatcher
+from llmops.quantization.domain import JobSpec
 from llmops.quantization.methods import CalibrationSpec, QuantizationSpec, default_quantizers
-from llmops.quantization.service import JobSpec, JobState, QuantizationService, ThreadDispatcher
+from llmops.quantization.service import QuantizationService
 from llmops.quantization.tracking import run_datasets
 from llmops.registry.sinks import LocalDirectorySink
 from llmops.training.data import DataRepository

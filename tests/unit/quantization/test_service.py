@@ -16,16 +16,12 @@ import pytest
 import torch
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from llmops.common.jobs import JobState
+from llmops.quantization.dispatch import Dispatcher, ThreadDispatcher
+from llmops.quantization.domain import EvalSpec, JobSpec
 from llmops.quantization.methods import QuantizationSpec, default_quantizers
 from llmops.quantization.methods.base import ProgressFn, QuantizedArtifact, Quantizer
-from llmops.quantization.service import (
-    Dispatcher,
-    EvalSpec,
-    JobSpec,
-    JobState,
-    QuantizationService,
-    ThreadDispatcher,
-)
+from llmops.quantization.service import QuantizationService
 from llmops.registry.sinks import LocalDirectorySink
 
 

@@ -22,9 +22,11 @@ import torch
 
 from llmops.common.errors import Unavailable
 from llmops.common.jobs import JobState
+from llmops.quantization.dispatch import Dispatcher
+from llmops.quantization.domain import EvalSpec, JobSpec
 from llmops.quantization.methods import QuantizationSpec
 from llmops.quantization.methods.base import CalibrationSpec, ProgressFn, QuantizedArtifact, Quantizer
-from llmops.quantization.service import Dispatcher, EvalSpec, JobSpec, QuantizationService
+from llmops.quantization.service import QuantizationService
 from llmops.quantization.tracking import RunStatus, Tracker, dataset_record, run_datasets, run_params
 from llmops.registry.sinks import LocalDirectorySink
 

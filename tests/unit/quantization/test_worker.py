@@ -23,18 +23,14 @@ from typing import Any
 import pytest
 import torch
 
+from llmops.common.jobs import JobState
 from llmops.common.runners import Attempt, Cancelled, JobRunner, Outcome, Resources
 from llmops.quantization import worker
+from llmops.quantization.dispatch import Dispatcher
+from llmops.quantization.domain import EvalSpec, JobSpec, Limits
 from llmops.quantization.methods import CalibrationSpec, QuantizationSpec
 from llmops.quantization.methods.base import ProgressFn, QuantizedArtifact, Quantizer
-from llmops.quantization.service import (
-    Dispatcher,
-    EvalSpec,
-    JobSpec,
-    JobState,
-    Limits,
-    QuantizationService,
-)
+from llmops.quantization.service import QuantizationService
 from llmops.registry.sinks import LocalDirectorySink
 
 
