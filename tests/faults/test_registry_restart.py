@@ -11,6 +11,10 @@ as version 1.
 The registry runs as ``llmops serve registry`` in its own process, so the kill is a real crash
 (no drain, no cleanup code runs). Beside it, ``tests/integration/registry/test_transfers.py`` covers
 an upload the *client* cancels and a corrupt artifact (DATA_LOSS); this adds the server dying.
+
+Allowances follow what the test measures: the registry's first start, and the whole upload of the
+35 MB model made before the kill, set the bounds on the restart, on the transfers after it and on
+a call to the dead registry, so a busy 2-core machine slows the test down without failing it.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class RegistryProcess:
     tracking_uri: str
     port: int
     process: asyncio.subprocess.Process | None = None
+    #: How long the last start took, to its "listening" line.
+    started_in: float = 0.0
 
     @property
     def address(self) -> str:
@@ -71,7 +77,7 @@ class RegistryProcess:
     def staging_dir(self) -> Path:
         return self.root / "data" / "registry" / "staging"
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = 60.0) -> None:
         env = {
             **os.environ,
             "LLMOPS_DATA_DIR": str(self.root / "data"),
@@ -85,7 +91,9 @@ class RegistryProcess:
             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         assert self.process.stdout is not None
-        line = (await asyncio.wait_for(self.process.stdout.readline(), 60)).decode()
+        began = time.monotonic()
+        line = (await asyncio.wait_for(self.process.stdout.readline(), timeout)).decode()
+        self.started_in = time.monotonic() - began
         assert re.search(rf"listening grpc={self.port}\b", line), f"registry did not start: {line!r}"
 
     def kill(self) -> None:
@@ -123,7 +131,29 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-async def until(check: Callable[[], bool], timeout: float = 30.0) -> None:
+@dataclass(frozen=True)
+class Allowances:
+    """Bounds scaled from what this run measured: the registry's first start and one whole upload."""
+
+    start: float
+    upload: float
+
+    @property
+    def transfer(self) -> float:
+        """A transfer as big as the measured upload, or a part of one: ten of those, at least 30 s."""
+        return max(30.0, 10 * self.upload)
+
+    @property
+    def restart(self) -> float:
+        return max(60.0, 4 * self.start)
+
+    @property
+    def refused(self) -> float:
+        """A call to the dead registry: refused within a fraction of an upload's time, at least 5 s."""
+        return max(5.0, self.upload)
+
+
+async def until(check: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -140,7 +170,9 @@ async def test_registry_killed_mid_transfer_loses_nothing(registry: RegistryProc
     try:
         await client.wait_ready(timeout=60, interval=0.05)
         meta = pb.VersionMetadata(model_name="big", create_model=True, format=FP32)
+        began = time.monotonic()
         version = await upload_directory(client, meta, big, chunk_bytes=1024 * 1024)
+        allow = Allowances(start=registry.started_in, upload=time.monotonic() - began)
         artifacts_before = files_under(registry.artifact_root)
 
         # An upload in flight: half its chunks sent (and staged by the server), the rest after the kill.
@@ -157,12 +189,19 @@ async def test_registry_killed_mid_transfer_loses_nothing(registry: RegistryProc
 
         upload = asyncio.create_task(
             counts.call(
-                partial(client.client_stream, client.stub.RegisterVersion, slow_upload(), timeout=60),
-                bound=30,
+                partial(
+                    client.client_stream,
+                    client.stub.RegisterVersion,
+                    slow_upload(),
+                    timeout=2 * allow.transfer,
+                ),
+                bound=allow.transfer,
                 allowed=UNAVAILABLE,
             )
         )
-        await until(lambda: sum(p.stat().st_size for p in files_under(registry.staging_dir)) > 0)
+        await until(
+            lambda: sum(p.stat().st_size for p in files_under(registry.staging_dir)) > 0, allow.transfer
+        )
 
         # The download the kill lands in: as its second file (the weights) begins to arrive. Early,
         # since what is in flight (HTTP/2 windows, socket buffers; megabytes) still arrives after it.
@@ -183,7 +222,7 @@ async def test_registry_killed_mid_transfer_loses_nothing(registry: RegistryProc
             download_to_directory, client, model_pb2.ModelRef(name="big", version=version.version),
             destination, chunk_bytes=CHUNK, progress=kill_once,
         )  # fmt: skip
-        assert await counts.call(download, bound=30, allowed=UNAVAILABLE) is None
+        assert await counts.call(download, bound=allow.transfer, allowed=UNAVAILABLE) is None
         assert killed.is_set() and await upload is None
         assert counts.codes == {"UNAVAILABLE": 2}, counts.line()
         assert registry.process is not None
@@ -200,12 +239,13 @@ async def test_registry_killed_mid_transfer_loses_nothing(registry: RegistryProc
             assert path.stat().st_size == entry.size_bytes and sha256(path) == entry.sha256
 
         # While the registry is down, a call is UNAVAILABLE within seconds, not a hang.
-        get = partial(client.unary, client.stub.GetModel, pb.GetModelRequest(name="big"), timeout=5)
-        await counts.call(get, bound=10, allowed=UNAVAILABLE)
+        request = pb.GetModelRequest(name="big")
+        get = partial(client.unary, client.stub.GetModel, request, timeout=allow.refused)
+        await counts.call(get, bound=2 * allow.refused, allowed=UNAVAILABLE)
         assert counts.codes == {"UNAVAILABLE": 3}
 
-        await registry.start()  # same port, same store; it clears what the crash left in staging
-        await client.wait_ready(timeout=60, interval=0.05)
+        await registry.start(allow.restart)  # same port, same store; it clears what the crash left in staging
+        await client.wait_ready(timeout=allow.restart, interval=0.05)
 
         # The cut-off upload left nothing behind.
         async def no_cut_version() -> list[Any]:
@@ -217,7 +257,7 @@ async def test_registry_killed_mid_transfer_loses_nothing(registry: RegistryProc
             return list(response.versions)
 
         await counts.call(
-            no_cut_version, bound=30, check=lambda found: f"versions {found}" if found else None
+            no_cut_version, bound=allow.transfer, check=lambda found: f"versions {found}" if found else None
         )
         assert not any(registry.staging_dir.iterdir())
         assert files_under(registry.artifact_root) == artifacts_before
@@ -235,18 +275,19 @@ async def test_registry_killed_mid_transfer_loses_nothing(registry: RegistryProc
             download_to_directory, client, model_pb2.ModelRef(name="big", version=version.version),
             destination, chunk_bytes=CHUNK,
         )  # fmt: skip
-        await counts.call(retried, bound=60, check=whole)
+        await counts.call(retried, bound=2 * allow.transfer, check=whole)
         again = partial(upload_directory, client, cut_meta, other, chunk_bytes=CHUNK)
         uploaded = await counts.call(
             again,
-            bound=60,
+            bound=2 * allow.transfer,
             check=lambda v: None if v.version == 1 and v.status == pb.VERSION_STATUS_READY else str(v),
         )
         assert uploaded is not None
         counts.seconds = time.monotonic() - killed_at[0]
         counts.note = (
             f"download_cut_at={received[0]}/{received[1]}B "
-            f"upload_cut_at={len(requests) // 2}/{len(requests)}msgs"
+            f"upload_cut_at={len(requests) // 2}/{len(requests)}msgs "
+            f"first_start={allow.start:.1f}s upload={allow.upload:.1f}s"
         )
         counts.assert_nothing_lost()
         assert counts.ok == 3 and counts.allowed == 3
