@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from tests.fuzz.harness import Tally, methods
+from tests.fuzz.http_wire import HttpTally
 from tests.fuzz.seeding import (  # noqa: F401 - this folder's hooks and autouse fixture
     _example_database_key,
     pytest_configure,
@@ -22,5 +23,5 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for line in Tally.lines():
+    for line in Tally.lines() + HttpTally.lines():
         terminalreporter.write_line(line)

@@ -4,7 +4,10 @@ It calls the same :class:`ServingService` as gRPC, so validation, queueing and m
 Streaming uses server-sent events (``data: {...}`` chunks, then ``data: [DONE]``), with a usage chunk
 when ``stream_options.include_usage`` is set. Errors have OpenAI's shape
 (``{"error": {"message", "type", "param", "code"}}``) and HTTP statuses from the domain error
-(400, 404, 429 with ``Retry-After``, 503, 504). A client that disconnects aborts its generation.
+(400, 404, 413, 429 with ``Retry-After``, 503, 504). A client that disconnects aborts its generation.
+Input is checked before use (:mod:`llmops.serving.http_guard`): the body's size before it is read,
+then strict UTF-8, JSON and field types; a ``stream: true`` request is fully validated before its
+stream starts. An unexpected error is a JSON 500 whose error id is logged with the trace.
 ``auth`` authenticates each ``/v1/`` request (``Authorization: Bearer <key>``, :mod:`llmops.common.auth`)
 and the handlers run as the identity it returns (its tenant keys the cache and pays the rate
 limits); ``None`` leaves the API open.
@@ -20,11 +23,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from llmops.common.auth import Identity, acting_as
-from llmops.common.errors import InvalidArgument, LLMOpsError, NotFound, ResourceExhausted, status_for
+from llmops.common.errors import InvalidArgument, LLMOpsError, NotFound
 from llmops.serving.domain import (
     Completion,
     CompletionDelta,
@@ -39,34 +42,17 @@ from llmops.serving.domain import (
     TokenLogprob,
     Usage,
 )
+from llmops.serving.http_guard import MAX_BODY_BYTES, Guard, error_body, error_headers, parse_body
 from llmops.serving.openai_schema import ChatBody, CompletionBody
 from llmops.serving.service import ServingService
 
 AuthHook = Callable[[Request], Awaitable[Identity | None]]
-_HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404,
-    "ALREADY_EXISTS": 409, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
-    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 499, "UNIMPLEMENTED": 501,
-}  # fmt: skip
-
-
-def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
-    """HTTP status and OpenAI error body for an exception (generic INTERNAL for unexpected ones)."""
-    mapped = status_for(exc)
-    status = _HTTP_STATUS.get(mapped.code.name, 500)
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    field = getattr(exc, "field", None)
-    param = field.removeprefix("sampling.") if isinstance(field, str) else None  # OpenAI's own field names
-    code = "model_not_found" if isinstance(exc, NotFound) else mapped.code.name.lower()
-    return status, {"error": {"message": mapped.message, "type": kind, "param": param, "code": code}}
+__all__ = ["AuthHook", "create_http_app", "error_body"]
 
 
 def _error_response(exc: BaseException) -> JSONResponse:
     status, body = error_body(exc)
-    headers = {}
-    if isinstance(exc, ResourceExhausted) and exc.retry_after_seconds is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_seconds)))
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=error_headers(exc))
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -129,19 +115,29 @@ async def _until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
 
 
-def create_http_app(service: ServingService, *, auth: AuthHook | None = None) -> FastAPI:
-    """The FastAPI app over ``service``."""
-    app = FastAPI(title="llmops serving (OpenAI-compatible)", docs_url=None, redoc_url=None)
+def create_http_app(
+    service: ServingService, *, auth: AuthHook | None = None, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
+    """The FastAPI app over ``service``; bodies over ``max_body_bytes`` get 413 unread."""
+    app = FastAPI(
+        title="llmops serving (OpenAI-compatible)",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,  # a 404 in OpenAI's shape, not a 307 a client may not follow
+    )
 
     @app.exception_handler(LLMOpsError)
     async def _domain_error(request: Request, exc: LLMOpsError) -> JSONResponse:
         return _error_response(exc)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        field = ".".join(str(p) for p in first["loc"] if p != "body")
-        return _error_response(InvalidArgument(str(first["msg"]), field=field or None))
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own refusals (no such path 404, wrong method 405) in OpenAI's shape."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -189,7 +185,8 @@ def create_http_app(service: ServingService, *, auth: AuthHook | None = None) ->
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionBody, request: Request) -> Response:
+    async def completions(request: Request) -> Response:
+        body = parse_body(await request.body(), CompletionBody)
         body.check()
         selector, adapter, name = select(body.model)
         sampling = body.sampling(body.max_tokens, body.logprobs)
@@ -239,7 +236,8 @@ def create_http_app(service: ServingService, *, auth: AuthHook | None = None) ->
         )
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatBody, request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response:
+        body = parse_body(await request.body(), ChatBody)
         body.check()
         selector, adapter, name = select(body.model)
         generation = GenerationRequest(
@@ -274,6 +272,7 @@ def create_http_app(service: ServingService, *, auth: AuthHook | None = None) ->
             headers={"x-request-id": result.request_id},
         )
 
+    app.add_middleware(Guard, max_body_bytes=max_body_bytes)  # outermost: sees every request first
     return app
 
 
@@ -287,11 +286,12 @@ def _chat_choice(c: Completion, logprobs: bool) -> dict[str, Any]:
 
 
 async def _guarded(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent | bytes]:
-    """The events, then an SSE error chunk if generation fails after the response started."""
+    """The events, then an SSE error chunk if generation fails after the response started (an
+    unexpected error's chunk is the generic one, its error id logged with the trace)."""
     try:
         async for event in events:
             yield event
-    except LLMOpsError as exc:
+    except Exception as exc:  # the status is sent: the error can only be the stream's last chunk
         yield _sse(error_body(exc)[1])
     finally:
         await events.aclose()  # type: ignore[attr-defined]

@@ -1,6 +1,9 @@
 """Request bodies of the OpenAI-compatible HTTP API, and their translation to domain requests.
 
 Bodies are strict (``extra="forbid"``): a field we do not know is an error naming it, never ignored.
+They are validated in pydantic's strict mode (``http_guard.parse_body``): a JSON type other than the
+field's is refused, not coerced. Integers are 64-bit, numbers finite; ranges are checked later
+(``validation.to_decoding``), where gRPC's requests are checked too.
 Besides OpenAI's fields they accept vLLM's common extensions (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``use_beam_search``, ...),
 which the official ``openai`` client sends through ``extra_body``.
@@ -8,16 +11,21 @@ which the official ``openai`` client sends through ``extra_body``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmops.common.errors import InvalidArgument
 from llmops.serving.domain import ChatMessage, SamplingParams
 
+#: An integer an engine can take (seeds, token ids, counts): int64, as gRPC's requests carry.
+Int = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+#: OpenAI's prompt arrays hold at most this many prompts.
+MAX_PROMPTS = 2048
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -29,7 +37,7 @@ class _Sampling(_Body):
     """Controls shared by both endpoints (OpenAI's, then vLLM-style extensions)."""
 
     model: str = ""
-    n: int = 1
+    n: Int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = None
@@ -38,23 +46,24 @@ class _Sampling(_Body):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: Int | None = None
     user: str | None = Field(
         default=None, description="End-user id; recorded nowhere, accepted for compatibility."
     )
-    top_k: int = 0
+    top_k: Int = 0
     min_p: float = 0.0
     repetition_penalty: float | None = None
-    min_tokens: int = 0
+    min_tokens: Int = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool | None = None
     use_beam_search: bool = False
-    beam_width: int = 0
+    beam_width: Int = 0
     length_penalty: float | None = None
-    prompt_logprobs: int | None = None
-    request_id: str = ""
+    prompt_logprobs: Int | None = None
+    #: Echoed in the ``x-request-id`` header, so header-safe: printable ASCII.
+    request_id: str = Field(default="", pattern=r"^[\x20-\x7e]*$")
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         bias: dict[int, float] = {}
@@ -96,11 +105,11 @@ class _Sampling(_Body):
 class CompletionBody(_Sampling):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    max_tokens: Int | None = 16
+    logprobs: Int | None = None
     echo: bool = False
-    best_of: int | None = None
+    best_of: Int | None = None
     suffix: str | None = None
 
     def check(self) -> None:
@@ -120,6 +129,8 @@ class CompletionBody(_Sampling):
             return [p]
         if not p:
             raise InvalidArgument("must not be empty", field="prompt")
+        if len(p) > MAX_PROMPTS and not all(isinstance(x, int) for x in p):
+            raise InvalidArgument(f"at most {MAX_PROMPTS} prompts per request", field="prompt")
         if all(isinstance(x, int) for x in p):
             return [tuple(int(x) for x in p)]  # type: ignore[union-attr, arg-type]
         if all(isinstance(x, str) for x in p):
@@ -133,7 +144,7 @@ class TextPart(_Body):
 
 
 class Message(_Body):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -147,10 +158,10 @@ class ChatBody(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[Message]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     add_generation_prompt: bool = True
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
