@@ -15,24 +15,37 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def _has_gpu() -> bool:
+def _no_gpu_reason() -> str | None:
+    """Why GPU tests cannot run here (``None`` when they can)."""
     if shutil.which("nvidia-smi") is None:
-        return False
+        return "needs an NVIDIA GPU (no nvidia-smi here)"
     try:
         import torch
+    except ImportError:
+        return "needs an NVIDIA GPU and torch (torch is not installed)"
+    if not torch.cuda.is_available():
+        build = (
+            torch.__version__
+            if torch.version.cuda is None
+            else f"{torch.__version__}, CUDA {torch.version.cuda}"
+        )
+        return f"needs an NVIDIA GPU that torch can use (torch {build} sees none)"
+    return None
 
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
+
+def _has_gpu() -> bool:
+    return _no_gpu_reason() is None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _has_gpu():
+    """Skip tests marked ``gpu`` where no GPU can run them. The marker decides, not keywords: a
+    parameter id ``gpu`` (or a test named after GPUs) is a keyword too, and runs everywhere."""
+    marked = [item for item in items if item.get_closest_marker("gpu") is not None]
+    reason = _no_gpu_reason() if marked else None
+    if reason is None:
         return
-    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    for item in marked:
+        item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def require_tool(name: str) -> str:
