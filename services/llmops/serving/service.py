@@ -62,6 +62,7 @@ from llmops.serving.domain import (
     ModelSelector,
     ModelSource,
     ModelState,
+    SamplingParams,
     StreamEnd,
     StreamEvent,
     TokenizeRequest,
@@ -102,13 +103,19 @@ class ServingConfig:
 
 
 @dataclass
-class _Prepared:
+class _Admitted:
+    """A request checked as far as it can be without tokenizing its prompt (a cache hit needs no more)."""
+
     request_id: str
     entry: ServedModel
     engine: Engine
-    engine_request: EngineRequest
     arrival: float
     deadline: float | None
+
+
+@dataclass
+class _Prepared(_Admitted):
+    engine_request: EngineRequest
 
 
 class ServingService(ModelLifecycle):
@@ -132,13 +139,18 @@ class ServingService(ModelLifecycle):
     # --- generation -------------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Generate every completion and return them whole (from the response cache when it can)."""
-        prepared = await self._prepare(request)
-        key = self._cache_key(request, prepared)
+        """Generate every completion and return them whole (from the response cache when it can).
+
+        A cache hit is checked against the stored prompt's token count instead of tokenizing the
+        prompt again (the same registry version tokenized the same text when it was stored).
+        """
+        admitted = await self._admit(request)
+        key = self._cache_key(request, admitted)
         if self.cache is None or key is None:
-            return await self._generate(prepared)
-        codec = _ResultCodec(prepared)
+            return await self._generate(await self._tokenized(request, admitted))
+        codec = _ResultCodec(admitted)
         if request.cache_bypass or not key.cacheable:
+            prepared = await self._tokenized(request, admitted)
             self.cache.metrics.count(LookupOutcome.BYPASS)
             result = await self._generate(prepared)
             if key.cacheable and not request.cache_no_store:
@@ -146,11 +158,17 @@ class ServingService(ModelLifecycle):
             return result
         if request.cache_no_store:
             cached = await self._lookup(key, codec)
-            return cached if cached is not None else await self._generate(prepared)
+            if cached is not None and await self._check_hit(request, admitted, cached):
+                return cached
+            return await self._generate(await self._tokenized(request, admitted))
         async with self.cache.flight(key, codec) as flight:
-            if flight.hit and flight.value is not None:
+            if (
+                flight.hit
+                and flight.value is not None
+                and await self._check_hit(request, admitted, flight.value)
+            ):
                 return flight.value
-            result = await self._generate(prepared)
+            result = await self._generate(await self._tokenized(request, admitted))
             await flight.store(result)
             return result
 
@@ -169,18 +187,23 @@ class ServingService(ModelLifecycle):
         Returns:
             The request id and the event stream; closing the stream aborts the generation.
         """
-        prepared = await self._prepare(request)
-        key = self._cache_key(request, prepared)
-        if self.cache is None or key is None:
-            return prepared.request_id, self._run(prepared)
-        return prepared.request_id, self._cached_stream(request, prepared, self.cache, key)
+        admitted = await self._admit(request)
+        key = self._cache_key(request, admitted)
+        if self.cache is None or key is None or request.cache_bypass or not key.cacheable:
+            prepared = await self._tokenized(request, admitted)
+            if self.cache is None or key is None:
+                return prepared.request_id, self._run(prepared)
+            return prepared.request_id, self._cached_stream(request, prepared, self.cache, key)
+        return admitted.request_id, self._cached_stream(request, admitted, self.cache, key)
 
     async def _cached_stream(
-        self, request: GenerationRequest, prepared: _Prepared, cache: ResponseCache, key: CacheKey
+        self, request: GenerationRequest, admitted: _Admitted, cache: ResponseCache, key: CacheKey
     ) -> AsyncGenerator[StreamEvent, None]:
-        codec = _ResultCodec(prepared)
+        codec = _ResultCodec(admitted)
         store = key.cacheable and not request.cache_no_store
         if request.cache_bypass or not key.cacheable:
+            assert isinstance(admitted, _Prepared)  # tokenized before the stream started
+            prepared = admitted
             cache.metrics.count(LookupOutcome.BYPASS)
             bypassed = _Assembler()
             async with contextlib.aclosing(self._run(prepared)) as events:
@@ -192,19 +215,25 @@ class ServingService(ModelLifecycle):
             return
         if request.cache_no_store:
             cached = await self._lookup(key, codec)
-            if cached is not None:
+            if cached is not None and await self._check_hit(request, admitted, cached):
                 for event in _replay(cached):
                     yield event
                 return
+            prepared = await self._tokenized(request, admitted)
             async with contextlib.aclosing(self._run(prepared)) as events:
                 async for event in events:
                     yield event
             return
         async with cache.flight(key, codec) as flight:
-            if flight.hit and flight.value is not None:
+            if (
+                flight.hit
+                and flight.value is not None
+                and await self._check_hit(request, admitted, flight.value)
+            ):
                 for event in _replay(flight.value):
                     yield event
                 return
+            prepared = await self._tokenized(request, admitted)
             assembler = _Assembler()
             async with contextlib.aclosing(self._run(prepared)) as events:
                 async for event in events:
@@ -212,7 +241,7 @@ class ServingService(ModelLifecycle):
                     yield event
             await flight.store(assembler.result(prepared.request_id))
 
-    def _cache_key(self, request: GenerationRequest, prepared: _Prepared) -> CacheKey | None:
+    def _cache_key(self, request: GenerationRequest, prepared: _Admitted) -> CacheKey | None:
         """The request's cache key; ``None`` when the cache does not apply at all (no cache, a model
         or adapter loaded from a local path, or both opt-outs set). Non-deterministic requests get a
         bypass key (counted as bypass)."""
@@ -233,9 +262,28 @@ class ServingService(ModelLifecycle):
         except LLMOpsError as exc:
             log.warning("no cache key for request %s: %s", prepared.request_id, exc)
             return None
-        if key.cacheable and not prepared.engine_request.decoding.deterministic:
+        if key.cacheable and not _deterministic(request.sampling):
             key = CacheKey(key.model, "", key.tenant, key.adapter)
         return key
+
+    async def _check_hit(
+        self, request: GenerationRequest, admitted: _Admitted, hit: GenerationResult
+    ) -> bool:
+        """Check a cached answer's request as a miss would be checked, with the stored prompt's token
+        count (the same model version tokenized the same prompt); raises what a miss would raise.
+        False when the entry has no prompt tokens to check with: the caller then generates."""
+        if not hit.prompt_token_ids:
+            return False
+        engine = admitted.engine
+        decoding = to_decoding(
+            request.sampling,
+            prompt_len=len(hit.prompt_token_ids),
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+            limits=self.config.limits,
+        )
+        engine.check_decoding(decoding)
+        return True
 
     async def _lookup(self, key: CacheKey, codec: _ResultCodec) -> GenerationResult | None:
         assert self.cache is not None
@@ -252,7 +300,8 @@ class ServingService(ModelLifecycle):
         assert self.cache is not None
         await self.cache.store(key, codec.encode(result), complete=codec.complete(result))
 
-    async def _prepare(self, request: GenerationRequest) -> _Prepared:
+    async def _admit(self, request: GenerationRequest) -> _Admitted:
+        """Everything checked before the prompt is tokenized: the id, the model, the prompt's size."""
         arrival = time.perf_counter()
         request_id = check_request_id(request.request_id) or uuid.uuid4().hex
         check_prompt(request.prompt)
@@ -264,6 +313,14 @@ class ServingService(ModelLifecycle):
         prompt = request.prompt
         size = None if prompt.token_ids is None else len(prompt.token_ids)
         check_prompt_size(prompt.text, prompt.messages, engine.max_model_len, "prompt", tokens=size)
+        deadline = None if request.timeout is None else arrival + request.timeout
+        return _Admitted(request_id, entry, engine, arrival, deadline)
+
+    async def _tokenized(self, request: GenerationRequest, admitted: _Admitted) -> _Prepared:
+        """Tokenize the prompt and check the sampling controls against its length."""
+        if isinstance(admitted, _Prepared):
+            return admitted
+        engine, prompt = admitted.engine, request.prompt
         if prompt.text is not None:
             token_ids = await engine.tokenize(prompt.text, add_special_tokens=True)
         elif prompt.token_ids is not None:
@@ -284,9 +341,9 @@ class ServingService(ModelLifecycle):
             limits=self.config.limits,
         )
         engine.check_decoding(decoding)
-        deadline = None if request.timeout is None else arrival + request.timeout
-        engine_request = EngineRequest(request_id, tuple(token_ids), decoding, request.adapter)
-        return _Prepared(request_id, entry, engine, engine_request, arrival, deadline)
+        a = admitted
+        engine_request = EngineRequest(a.request_id, tuple(token_ids), decoding, request.adapter)
+        return _Prepared(a.request_id, a.entry, engine, a.arrival, a.deadline, engine_request)
 
     async def _select(self, selector: ModelSelector) -> ServedModel:
         if selector.served_name is not None:
@@ -534,7 +591,7 @@ class _ResultCodec:
     Decoding answers for this request: its id, the model that serves it, ``cached`` set.
     """
 
-    def __init__(self, prepared: _Prepared) -> None:
+    def __init__(self, prepared: _Admitted) -> None:
         self._request_id = prepared.request_id
         self._served_name = prepared.entry.served_name
         self._model = prepared.entry.info.model
@@ -559,6 +616,12 @@ class _ResultCodec:
         return bool(value.completions) and all(
             c.finish_reason is not FinishReason.ABORT for c in value.completions
         )
+
+
+def _deterministic(s: SamplingParams) -> bool:
+    """What :attr:`Decoding.deterministic` says once ``s`` is checked: greedy (or temperature 0),
+    beam search, or seeded. Read from the request, so a cache lookup needs no tokenized prompt."""
+    return s.greedy or s.temperature == 0 or s.use_beam_search or s.seed is not None
 
 
 def _replay(result: GenerationResult) -> list[StreamEvent]:

@@ -2,7 +2,8 @@
 transformers engine and the tiny model, loaded as a registry version (``tiny:1``).
 
 Invariant: a deterministic request answered before is answered again from the cache with the same
-completions, prompt details and usage (``cached`` set, the engine not called); a stream hit replays
+completions, prompt details and usage (``cached`` set, the engine neither generating nor tokenizing:
+the hit is checked with the stored prompt's token count); a stream hit replays
 the same content; identical misses at the same time generate once; sampling without a seed and
 ``CacheControl`` opt-outs skip the cache; a Redis that goes away never fails a request.
 """
@@ -15,6 +16,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
 import pytest_asyncio
 
 from llmops.cache.redis_server import RedisServer
@@ -47,13 +50,18 @@ MODEL = "tiny"
 
 
 class CountingEngine(BorrowedEngine):
-    """The shared engine, counting the generations it is asked for."""
+    """The shared engine, counting the generations and tokenizations it is asked for."""
 
     calls = 0
+    tokenized = 0
 
     def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         CountingEngine.calls += 1
         return super().generate(request)
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        CountingEngine.tokenized += 1
+        return await super().tokenize(text, add_special_tokens=add_special_tokens)
 
 
 class VersionResolver(ModelResolver):
@@ -136,8 +144,10 @@ def content(messages: list[pb.GenerateStreamResponse]) -> tuple[dict[int, tuple[
 async def test_repeated_greedy_generate_is_a_hit(cached_stack: tuple[Stack, RedisServer]) -> None:
     stack, _ = cached_stack
     first = await generate(stack, request("def add(a, b):"))
+    tokenized = CountingEngine.tokenized
     second = await generate(stack, request("def add(a, b):"))
     assert CountingEngine.calls == 1
+    assert CountingEngine.tokenized == tokenized, "a hit must not tokenize the prompt again"
     assert not first.cached and second.cached
     assert second.output == first.output and second.output.completions[0].text
     assert second.request_id and second.request_id != first.request_id
@@ -148,8 +158,9 @@ async def test_repeated_greedy_generate_is_a_hit(cached_stack: tuple[Stack, Redi
 async def test_stream_hit_replays_the_same_content(cached_stack: tuple[Stack, RedisServer]) -> None:
     stack, _ = cached_stack
     original = await stream(stack, request("class Point:", stream=True))
+    tokenized = CountingEngine.tokenized
     replay = await stream(stack, request("class Point:", stream=True))
-    assert CountingEngine.calls == 1
+    assert CountingEngine.calls == 1 and CountingEngine.tokenized == tokenized
     assert not any(m.cached for m in original) and all(m.cached for m in replay)
     assert content(replay) == content(original)
     assert replay[-1].HasField("end") and replay[-1].end.usage.completion_tokens == 8
@@ -231,3 +242,15 @@ def test_no_redis_url_means_no_cache() -> None:
 
     app = ServingApp(serving_settings(), CollectorRegistry(), resolver=VersionResolver(Path(".")))
     assert app.cache is None and app.service.cache is None
+
+
+async def test_bad_controls_are_refused_with_the_cache_on(cached_stack: tuple[Stack, RedisServer]) -> None:
+    """The lookup comes before tokenizing: a bad request still gets INVALID_ARGUMENT (and leaves no
+    single-flight lock behind: the same prompt answers at once afterwards)."""
+    stack, _ = cached_stack
+    for bad in ({"top_p": 2.0}, {"max_tokens": 10**6}):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.client.stub.Generate(request("def bad():", **bad), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not (await generate(stack, request("def bad():"))).cached
+    assert (await generate(stack, request("def bad():"))).cached
