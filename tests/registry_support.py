@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from llmops.common.artifacts.manifest import local_path, scan_directory
 from llmops.registry.domain import FileChunk, ManifestFile, UploadPart, UploadSummary
-from llmops.registry.manifest import local_path, scan_directory
 
 
 def llama_shapes(

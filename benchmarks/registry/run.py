@@ -42,11 +42,11 @@ from rich.table import Table
 from safetensors.numpy import save_file
 
 from benchmarks.gate import Goal, alternating, finish, median, percentile, quick_default
+from llmops.common.artifacts.client import download_to_directory, upload_directory
+from llmops.common.artifacts.manifest import build_manifest
 from llmops.common.clients import RegistryClient
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
-from llmops.registry.client import download_to_directory, upload_directory
-from llmops.registry.manifest import build_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 FP32 = model_pb2.MODEL_FORMAT_FP32

@@ -87,7 +87,7 @@ def resolve_alias(name: str, alias: str) -> int | None:
 
 def download(name: str, version: int) -> Path:
     """A registry version's folder, downloaded and verified once into the data folder's cache."""
-    from llmops.registry.sources import RegistryModelSource
+    from llmops.common.artifacts.sources import RegistryModelSource
 
     config = settings()
     source = RegistryModelSource(config.registry.address, config.data_dir.absolute() / "pipeline" / "models")

@@ -39,11 +39,16 @@ import pytest
 import pytest_asyncio
 
 from llmops.cache.redis_server import free_port
+from llmops.common.artifacts.client import (
+    PART_SUFFIX,
+    download_to_directory,
+    upload_directory,
+    upload_requests,
+)
 from llmops.common.clients import RegistryClient
 from llmops.common.errors import NotFound
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
-from llmops.registry.client import PART_SUFFIX, download_to_directory, upload_directory, upload_requests
 from tests.faults.ledger import FaultCounts, record
 from tests.registry_support import mlflow_db, write_llama
 

@@ -16,9 +16,9 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from llmops.common.artifacts.client import upload_directory, upload_requests
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
-from llmops.registry.client import upload_directory, upload_requests
 from tests.fuzz.suite import FuzzSuite, Target
 from tests.integration.registry.conftest import start_registry, stop_registry
 from tests.registry_support import write_llama

@@ -7,6 +7,6 @@ loads them for serving's transformers engine, ``calibration`` cuts their calibra
 data-repository revision where asked) into token windows, ``evaluate`` measures size, perplexity
 and tokens/s before and after, ``worker`` is the job body that does all that in a Ray worker (or a
 thread) through the runners of :mod:`llmops.common.runners`, ``service`` keeps the job book and
-supervises the workers, and ``llmops.registry.sinks`` hands a finished result to the registry or a
+supervises the workers, and ``llmops.common.artifacts.sinks`` hands a finished result to the registry or a
 folder.
 """

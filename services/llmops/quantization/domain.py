@@ -10,11 +10,11 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
+from llmops.common.artifacts.sinks import RegisteredVersion
 from llmops.common.jobs import JobState
 from llmops.common.runners import Resources
 from llmops.quantization import evaluate
 from llmops.quantization.methods import QuantizationSpec
-from llmops.registry.sinks import RegisteredVersion
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from llmops.common.artifacts.sources import ModelSource
 from llmops.common.errors import InvalidArgument, NotFound, caller_path
 from llmops.common.jobs import JOB_STATES, JobState, timestamp
 from llmops.common.runners import Resources
@@ -23,7 +24,6 @@ from llmops.quantization import evaluate
 from llmops.quantization.domain import EvalSpec, Job, JobEvent, JobSpec
 from llmops.quantization.methods import CalibrationSpec, QuantizationSpec
 from llmops.quantization.service import QuantizationService
-from llmops.registry.sources import ModelSource
 
 SERVICE_NAME = "llmops.quantization.v1.QuantizationService"
 METHODS = {

@@ -36,6 +36,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from llmops.common.artifacts.sinks import RegisteredVersion, ResultSink, VersionMetadata
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from llmops.common.jobs import JobState, follow_events
 from llmops.common.runners import Attempt, CancelDeadline, JobRunner, Outcome
@@ -47,7 +48,6 @@ from llmops.quantization.domain import Job, JobEvent, JobResult, JobSpec, Limits
 from llmops.quantization.methods import Quantizer, resolve
 from llmops.quantization.methods.base import ensure_not_quantized
 from llmops.quantization.tracking import NullTracker, RunStatus, Tracker
-from llmops.registry.sinks import RegisteredVersion, ResultSink, VersionMetadata
 from llmops.training.data import DataRepository
 
 log = logging.getLogger(__name__)

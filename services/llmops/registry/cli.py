@@ -273,7 +273,7 @@ def register_version(
         metadata.adapter_base.CopyFrom(_ref(adapter_base))
 
     async def work(client: RegistryClient) -> pb.ModelVersion:
-        from llmops.registry.client import upload_directory
+        from llmops.common.artifacts.client import upload_directory
 
         if directory is None:
             request = pb.RegisterVersionRequest(metadata=metadata)
@@ -385,7 +385,7 @@ def download(
     parsed = _ref(ref)
 
     async def work(client: RegistryClient) -> int:
-        from llmops.registry.client import download_to_directory
+        from llmops.common.artifacts.client import download_to_directory
 
         with _progress() as progress:
             task = progress.add_task(f"download {ref}", total=None)

@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
 
+from llmops.common.artifacts.domain import (
+    DownloadChunk as DownloadChunk,  # re-exported: the registry's wire vocabulary
+)
+from llmops.common.artifacts.domain import FileChunk as FileChunk
+from llmops.common.artifacts.domain import ManifestFile as ManifestFile
+from llmops.common.artifacts.domain import UploadPart as UploadPart
+from llmops.common.artifacts.domain import UploadSummary as UploadSummary
 from llmops.common.errors import InvalidArgument
 
 T = TypeVar("T")
@@ -144,15 +151,6 @@ class Lineage:
 
 
 @dataclass(frozen=True)
-class ManifestFile:
-    """One file of an artifact: path relative to its root ('/' separators), size, sha256 hex."""
-
-    path: str
-    size_bytes: int
-    sha256: str
-
-
-@dataclass(frozen=True)
 class Model:
     """A named series of versions."""
 
@@ -267,26 +265,6 @@ class VersionSpec:
 
 
 @dataclass(frozen=True)
-class FileChunk:
-    """A piece of one uploaded file."""
-
-    path: str
-    offset: int
-    data: bytes
-    last: bool
-
-
-@dataclass(frozen=True)
-class UploadSummary:
-    """The client's manifest of what it sent."""
-
-    files: tuple[ManifestFile, ...]
-
-
-UploadPart = FileChunk | UploadSummary
-
-
-@dataclass(frozen=True)
 class DownloadRequest:
     """Which files of which version to stream, from where."""
 
@@ -295,21 +273,6 @@ class DownloadRequest:
     chunk_size_bytes: int = 0
     resume_path: str = ""
     resume_offset: int = 0
-
-
-@dataclass(frozen=True)
-class DownloadChunk:
-    """One chunk of one downloaded file (``sha256`` set only on a file's last chunk)."""
-
-    path: str
-    offset: int
-    data: bytes
-    file_size: int
-    total_bytes: int
-    bytes_sent: int
-    sha256: str
-    file_index: int
-    file_count: int
 
 
 @dataclass(frozen=True)

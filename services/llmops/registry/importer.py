@@ -26,10 +26,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from llmops.common.artifacts.client import Progress, upload_directory
 from llmops.common.clients import RegistryClient
 from llmops.common.errors import FailedPrecondition, InvalidArgument
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
-from llmops.registry.client import Progress, upload_directory
 from llmops.registry.convert import FORMAT_TO_PROTO
 from llmops.registry.domain import ModelFormat, check_model_name
 from llmops.registry.validation import _IMPORT_LOCK, PICKLE_SUFFIXES, read_safetensors_header

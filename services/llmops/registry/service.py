@@ -18,6 +18,14 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from llmops.common.artifacts import manifest as manifests
+from llmops.common.artifacts.transfer import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    OrderedWorker,
+    StagingWriter,
+    stream_verified,
+)
 from llmops.common.errors import (
     AlreadyExists,
     DataLoss,
@@ -25,7 +33,6 @@ from llmops.common.errors import (
     InvalidArgument,
     NotFound,
 )
-from llmops.registry import manifest as manifests
 from llmops.registry.domain import (
     AliasMove,
     DownloadChunk,
@@ -65,13 +72,6 @@ from llmops.registry.requests import (
     page_size_or_default,
 )
 from llmops.registry.stores.base import RegistryStore
-from llmops.registry.transfer import (
-    DEFAULT_CHUNK_BYTES,
-    MAX_CHUNK_BYTES,
-    OrderedWorker,
-    StagingWriter,
-    stream_verified,
-)
 from llmops.registry.validation import validate_artifact
 
 

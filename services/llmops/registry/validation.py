@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmops.common.artifacts.manifest import local_path
 from llmops.common.errors import InvalidArgument
 from llmops.registry.domain import ModelFormat
-from llmops.registry.manifest import local_path
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")

@@ -61,7 +61,7 @@ def default_engine_factory(kind: EngineKind, path: Path, served_name: str, optio
 def default_resolver(settings: Settings) -> ModelResolver:
     """Local folders, plus registry references when the registry package is part of this build."""
     registry: ModelResolver | None = None
-    if importlib.util.find_spec("llmops.registry.client") is not None:
+    if importlib.util.find_spec("llmops.common.artifacts.client") is not None:
         from llmops.common.clients import RegistryClient
 
         cache = settings.model_cache_dir or settings.data_dir / "serving" / "models"

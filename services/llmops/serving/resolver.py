@@ -142,8 +142,8 @@ class RegistryResolver(ModelResolver):
         return ResolvedSource(path=folder, model=resolved, format=fmt, adapter_base=base)
 
     async def _download(self, version: Any, folder: Path) -> None:
+        from llmops.common.artifacts.client import download_to_directory
         from llmops.proto.common.v1 import model_pb2
-        from llmops.registry.client import download_to_directory
 
         staging = folder.with_name(folder.name + ".partial")
         await asyncio.to_thread(shutil.rmtree, staging, True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from llmops.registry.sinks import VersionMetadata
+from llmops.common.artifacts.sinks import VersionMetadata
 from llmops.training.domain import Job
 
 

@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llmops.common.artifacts.sinks import ResultSink
+from llmops.common.artifacts.sources import ModelSource
 from llmops.common.errors import FailedPrecondition, InvalidArgument, LLMOpsError, NotFound, ResourceExhausted
 from llmops.common.jobs import follow_events
 from llmops.common.runners import CancelDeadline
-from llmops.registry.sinks import ResultSink
-from llmops.registry.sources import ModelSource
 from llmops.training import data, validation
 from llmops.training.checkpoints import latest_checkpoint
 from llmops.training.domain import Job, JobEvent, JobState, RegisteredResult, TrainingSpec

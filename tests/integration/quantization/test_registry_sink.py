@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from llmops.common.app import start_app
+from llmops.common.artifacts.client import upload_directory
 from llmops.common.clients import QuantizationClient
 from llmops.common.settings import Settings
 from llmops.common.tiny_model import build_tiny_model
@@ -24,7 +25,6 @@ from llmops.proto.common.v1 import dataset_pb2, job_pb2, model_pb2
 from llmops.proto.quantization.v1 import quantization_service_pb2 as qpb
 from llmops.proto.registry.v1 import registry_service_pb2 as rpb
 from llmops.quantization.app import build_app
-from llmops.registry.client import upload_directory
 from tests.integration.registry.conftest import RunningRegistry, start_registry, stop_registry
 
 pytestmark = pytest.mark.slow

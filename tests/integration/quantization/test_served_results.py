@@ -21,6 +21,8 @@ import pytest_asyncio
 import torch
 from prometheus_client import CollectorRegistry
 
+from llmops.common.artifacts.client import upload_directory
+from llmops.common.artifacts.sinks import RegistrySink, VersionMetadata
 from llmops.common.clients import RegistryClient
 from llmops.common.tiny_model import build_tiny_model
 from llmops.proto.common.v1 import model_pb2
@@ -32,8 +34,6 @@ from llmops.quantization.methods import (
     quanto_int4,
     resolve,
 )
-from llmops.registry.client import upload_directory
-from llmops.registry.sinks import RegistrySink, VersionMetadata
 from llmops.serving.app import default_engine_factory
 from llmops.serving.domain import (
     EngineKind,

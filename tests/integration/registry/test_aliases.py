@@ -16,9 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llmops.common.artifacts.client import upload_directory
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
-from llmops.registry.client import upload_directory
 from tests.integration.registry.conftest import RunningRegistry
 
 FP32 = model_pb2.MODEL_FORMAT_FP32

@@ -22,12 +22,12 @@ import torch
 from typer.testing import CliRunner, Result
 
 from llmops.cli import app
+from llmops.common.artifacts.client import download_to_directory
 from llmops.common.tiny_model import build_tiny_model
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
 from llmops.quantization.methods.base import QuantizationSpec
 from llmops.quantization.methods.gguf_export import GgufQuantizer
-from llmops.registry.client import download_to_directory
 from llmops.registry.importer import import_model
 from llmops.registry.validation import warm_up
 from tests.integration.registry.conftest import RunningRegistry

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from llmops.common.artifacts.client import download_to_directory, upload_directory
 from llmops.common.clients import RegistryClient
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
-from llmops.registry.client import download_to_directory, upload_directory
 from tests.integration.registry.conftest import same_files
 from tests.registry_support import mlflow_db
 

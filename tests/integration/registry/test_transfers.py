@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llmops.common.artifacts.client import download_to_directory, upload_directory, upload_requests
 from llmops.common.errors import DataLoss
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
-from llmops.registry.client import download_to_directory, upload_directory, upload_requests
 from llmops.registry.stores.base import local_uri_path
 from tests.integration.registry.conftest import RunningRegistry
 from tests.registry_support import write_llama

@@ -18,9 +18,9 @@ pytest.importorskip("llmops.registry.app", reason="the registry service is not p
 
 from prometheus_client import CollectorRegistry
 
+from llmops.common.artifacts.client import upload_directory
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as rpb
-from llmops.registry.client import upload_directory
 from llmops.serving.domain import (
     EngineKind,
     GenerationRequest,

@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 
 from llmops.common.app import start_app
+from llmops.common.artifacts.client import upload_directory
 from llmops.common.clients import TrainingClient
 from llmops.common.server import LLMOpsServer
 from llmops.common.settings import Settings
@@ -25,7 +26,6 @@ from llmops.common.tiny_model import build_tiny_model
 from llmops.proto.common.v1 import dataset_pb2, job_pb2, model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as rpb
 from llmops.proto.training.v1 import training_service_pb2 as pb
-from llmops.registry.client import upload_directory
 from llmops.training.app import TrainingApp, build_app
 from tests.integration.registry.conftest import RunningRegistry, start_registry, stop_registry
 

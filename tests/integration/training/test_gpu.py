@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from llmops.common.artifacts.sinks import LocalDirectorySink
+from llmops.common.artifacts.sources import LocalModelSource
 from llmops.common.tiny_model import build_tiny_model
-from llmops.registry.sinks import LocalDirectorySink
-from llmops.registry.sources import LocalModelSource
 from llmops.training.data import DataRepository
 from llmops.training.domain import DatasetRef, Hyperparameters, JobState, LoraSpec, TrainingSpec
 from llmops.training.runners.local import ThreadRunner

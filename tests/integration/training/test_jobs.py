@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from llmops.common.artifacts.client import download_to_directory
 from llmops.proto.common.v1 import job_pb2, model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as rpb
 from llmops.proto.training.v1 import training_service_pb2 as pb
-from llmops.registry.client import download_to_directory
 from tests.integration.training.conftest import Stack, events, kinds, spec, submit
 
 pytestmark = pytest.mark.slow

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from llmops.common.artifacts.sinks import LocalDirectorySink
 from llmops.common.errors import InvalidArgument, NotFound
 from llmops.common.jobs import JobState
 from llmops.quantization import evaluate
@@ -48,7 +49,6 @@ from llmops.quantization.methods.wna16 import (
     unpack_int4,
 )
 from llmops.quantization.service import QuantizationService
-from llmops.registry.sinks import LocalDirectorySink
 
 CALIBRATION = CalibrationSpec(num_samples=8, seq_len=256)
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from llmops.common.artifacts.sinks import LocalDirectorySink
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from llmops.common.jobs import JobState
 from llmops.quantization.dispatch import Dispatcher, ThreadDispatcher
@@ -22,7 +23,6 @@ from llmops.quantization.domain import EvalSpec, JobSpec
 from llmops.quantization.methods import QuantizationSpec, default_quantizers
 from llmops.quantization.methods.base import ProgressFn, QuantizedArtifact, Quantizer
 from llmops.quantization.service import QuantizationService
-from llmops.registry.sinks import LocalDirectorySink
 
 
 class ManualRunner(Dispatcher):

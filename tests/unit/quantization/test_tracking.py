@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from llmops.common.artifacts.sinks import LocalDirectorySink
 from llmops.common.errors import Unavailable
 from llmops.common.jobs import JobState
 from llmops.quantization.dispatch import Dispatcher
@@ -28,7 +29,6 @@ from llmops.quantization.methods import QuantizationSpec
 from llmops.quantization.methods.base import CalibrationSpec, ProgressFn, QuantizedArtifact, Quantizer
 from llmops.quantization.service import QuantizationService
 from llmops.quantization.tracking import RunStatus, Tracker, dataset_record, run_datasets, run_params
-from llmops.registry.sinks import LocalDirectorySink
 
 
 class ManualRunner(Dispatcher):

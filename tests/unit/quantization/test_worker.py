@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 
+from llmops.common.artifacts.sinks import LocalDirectorySink
 from llmops.common.jobs import JobState
 from llmops.common.runners import Attempt, Cancelled, JobRunner, Outcome, Resources
 from llmops.quantization import worker
@@ -31,7 +32,6 @@ from llmops.quantization.domain import EvalSpec, JobSpec, Limits
 from llmops.quantization.methods import CalibrationSpec, QuantizationSpec
 from llmops.quantization.methods.base import ProgressFn, QuantizedArtifact, Quantizer
 from llmops.quantization.service import QuantizationService
-from llmops.registry.sinks import LocalDirectorySink
 
 
 class FakeQuantizer(Quantizer):

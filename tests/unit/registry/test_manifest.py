@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops.common.errors import InvalidArgument
-from llmops.registry.domain import ManifestFile
-from llmops.registry.manifest import (
+from llmops.common.artifacts.manifest import (
     build_manifest,
     check_path,
     differences,
@@ -26,6 +24,8 @@ from llmops.registry.manifest import (
     to_json,
     to_sha256sum,
 )
+from llmops.common.errors import InvalidArgument
+from llmops.registry.domain import ManifestFile
 
 
 @pytest.mark.parametrize("path", ["config.json", "tokenizer/tokenizer.json", "a.b-c_d/e f.txt"])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from llmops.common.artifacts.manifest import build_manifest
 from llmops.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from llmops.registry.domain import (
     DownloadChunk,
@@ -30,7 +31,6 @@ from llmops.registry.domain import (
     VersionSpec,
     VersionStatus,
 )
-from llmops.registry.manifest import build_manifest
 from llmops.registry.service import RegistryService
 from llmops.registry.stores.fake import FakeRegistryStore
 from tests.registry_support import upload_parts, write_adapter

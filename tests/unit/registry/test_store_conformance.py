@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from llmops.common.artifacts.manifest import manifest_sha256
 from llmops.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from llmops.registry.domain import (
     DatasetRef,
@@ -29,7 +30,6 @@ from llmops.registry.domain import (
     NewVersion,
     VersionStatus,
 )
-from llmops.registry.manifest import manifest_sha256
 from llmops.registry.stores.base import RegistryStore, local_uri_path
 from llmops.registry.stores.fake import FakeRegistryStore
 from llmops.registry.stores.mlflow_store import MlflowRegistryStore

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from llmops.common.artifacts.manifest import scan_directory
 from llmops.common.errors import InvalidArgument
 from llmops.registry.domain import ModelFormat
-from llmops.registry.manifest import scan_directory
 from llmops.registry.validation import validate_artifact
 from tests.registry_support import write_adapter, write_gguf, write_llama
 

@@ -26,9 +26,9 @@ from typing import Any, Literal
 
 import pytest
 
+from llmops.common.artifacts.sinks import LocalDirectorySink
+from llmops.common.artifacts.sources import LocalModelSource
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from llmops.registry.sinks import LocalDirectorySink
-from llmops.registry.sources import LocalModelSource
 from llmops.training.data import DataRepository
 from llmops.training.domain import (
     DatasetRef,

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
+from llmops.common.artifacts.manifest import local_path
 from llmops.common.errors import AlreadyExists, NotFound
 from llmops.registry.domain import (
     AliasMove,
@@ -22,7 +23,6 @@ from llmops.registry.domain import (
     ResolvedAlias,
     VersionStatus,
 )
-from llmops.registry.manifest import local_path
 from llmops.registry.stores.base import RegistryStore, check_alias_move
 
 

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from llmops.common.artifacts.manifest import local_path
 from llmops.common.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -46,7 +47,6 @@ from llmops.registry.domain import (
     ResolvedAlias,
     VersionStatus,
 )
-from llmops.registry.manifest import local_path
 from llmops.registry.stores import mlflow_tags as tags_codec
 from llmops.registry.stores.alias_log import AliasLog
 from llmops.registry.stores.base import RegistryStore, check_alias_move, local_uri_path

@@ -24,7 +24,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from llmops.registry import manifest as manifest_codec
+from llmops.common.artifacts import manifest as manifest_codec
 from llmops.registry.domain import (
     RESERVED_TAG_PREFIXES,
     DatasetRef,

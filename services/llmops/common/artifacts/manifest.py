@@ -13,8 +13,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
+from llmops.common.artifacts.domain import ManifestFile
 from llmops.common.errors import InvalidArgument
-from llmops.registry.domain import ManifestFile
 
 #: Bytes read at a time when hashing a file on disk.
 HASH_BLOCK_BYTES = 4 * 1024 * 1024

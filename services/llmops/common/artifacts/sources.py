@@ -1,6 +1,6 @@
 """Where a job's source model comes from: :class:`ModelSource` and a local-folder implementation.
 
-The local layout is the one :class:`~llmops.registry.sinks.LocalDirectorySink` writes
+The local layout is the one :class:`~llmops.common.artifacts.sinks.LocalDirectorySink` writes
 (``<root>/<name>/<version>/``), so a result registered locally can be quantized again (and is then
 refused as already quantized). :class:`RegistryModelSource` resolves through the registry service and
 downloads the version's files through ``RegistryClient`` into a local cache.
@@ -95,10 +95,10 @@ class RegistryModelSource(ModelSource):
         return asyncio.run(self._resolve(name, version, alias))
 
     async def _resolve(self, name: str, version: int | None, alias: str | None) -> ResolvedSource:
+        from llmops.common.artifacts.client import download_to_directory
         from llmops.common.clients import RegistryClient
         from llmops.proto.common.v1 import model_pb2
         from llmops.proto.registry.v1 import registry_service_pb2 as pb
-        from llmops.registry.client import download_to_directory
 
         ref = model_pb2.ModelRef(name=name)
         if version:

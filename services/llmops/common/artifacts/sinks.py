@@ -109,11 +109,11 @@ class RegistrySink(ResultSink):
         return asyncio.run(self._register(metadata, directory))
 
     async def _register(self, metadata: VersionMetadata, directory: Path) -> RegisteredVersion:
+        from llmops.common.artifacts.client import upload_directory
         from llmops.common.clients import RegistryClient
         from llmops.common.errors import InvalidArgument
         from llmops.proto.common.v1 import dataset_pb2, job_pb2, model_pb2
         from llmops.proto.registry.v1 import registry_service_pb2 as pb
-        from llmops.registry.client import upload_directory
 
         if metadata.format not in _REGISTRY_FORMATS:
             raise InvalidArgument(f"the registry sink cannot store format {metadata.format!r}")

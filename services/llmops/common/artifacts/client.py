@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from llmops.common.artifacts.manifest import local_path, scan_directory
+from llmops.common.artifacts.transfer import OrderedWorker
 from llmops.common.clients import RegistryClient
 from llmops.common.errors import DataLoss, InvalidArgument
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
-from llmops.registry.manifest import local_path, scan_directory
-from llmops.registry.transfer import OrderedWorker
 
 Progress = Callable[[int, int], None]
 DEFAULT_CHUNK_BYTES = 1024 * 1024

@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
+from llmops.common.artifacts.domain import DownloadChunk, FileChunk, ManifestFile
+from llmops.common.artifacts.manifest import MAX_FILES, check_path, local_path
 from llmops.common.errors import DataLoss, InvalidArgument, ResourceExhausted
-from llmops.registry.domain import DownloadChunk, FileChunk, ManifestFile
-from llmops.registry.manifest import MAX_FILES, check_path, local_path
 
 #: Largest chunk accepted or sent (the proto's limit, under gRPC's 4 MiB message default).
 MAX_CHUNK_BYTES = 3 * 1024 * 1024
