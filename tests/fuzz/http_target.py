@@ -59,6 +59,7 @@ class HttpTarget:
     stack: Stack
     port: int
     errors: ErrorLog
+    engine: Any
     connection: Connection | None = None
     reopened: int = 0
     notes: list[str] = field(default_factory=list)
@@ -137,7 +138,7 @@ async def http_target() -> AsyncIterator[HttpTarget]:
             LoadRequest(source=source, served_name=MODEL, engine=EngineKind.TRANSFORMERS)
         )
         assert stack.app.http_port is not None
-        yield HttpTarget(stack, stack.app.http_port, errors)
+        yield HttpTarget(stack, stack.app.http_port, errors, engine)
     finally:
         errors.remove()
         await stop_stack(stack)

@@ -1,8 +1,8 @@
 """What stands between the network and the OpenAI API's handlers: body limits, decoding, error bodies.
 
 * :class:`Guard` (ASGI middleware, outermost) refuses a body larger than ``max_body_bytes`` before
-  reading it (by its ``Content-Length``) or while it arrives (chunked), answers an unparseable
-  ``Content-Length`` with 400, and turns an exception nothing else handled into a JSON 500 whose
+  reading it (by its ``Content-Length``, 413) or while it arrives (chunked), a compressed body
+  (``Content-Encoding``, 415), an unparseable ``Content-Length`` (400), and turns an exception nothing else handled into a JSON 500 whose
   error id is logged with the trace (the HTTP twin of gRPC's ``INTERNAL``).
 * :func:`parse_body` decodes a request body strictly: UTF-8 only, JSON only (no ``NaN``, at most
   :data:`MAX_JSON_DEPTH` levels), no string holding a lone surrogate (``"\\ud800"`` is valid JSON
@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from llmops.common.errors import InvalidArgument, NotFound, ResourceExhausted, status_for
 
@@ -52,6 +53,12 @@ class PayloadTooLarge(InvalidArgument):
     http_status = 413
 
 
+class UnsupportedEncoding(InvalidArgument):
+    """A compressed (``Content-Encoding``) body: HTTP 415, as OpenAI's API takes plain JSON only."""
+
+    http_status = 415
+
+
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """HTTP status and OpenAI error body for an exception (generic INTERNAL, with an error id that
     is logged with the trace, for unexpected ones)."""
@@ -66,6 +73,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         code = "model_not_found"
     elif isinstance(exc, PayloadTooLarge):
         code = "payload_too_large"
+    elif isinstance(exc, UnsupportedEncoding):
+        code = "unsupported_content_encoding"
     else:
         code = mapped.code.name.lower()
     return status, {"error": {"message": mapped.message, "type": kind, "param": param, "code": code}}
@@ -97,9 +106,17 @@ class Guard:
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes
-        declared = [v for k, v in scope.get("headers", ()) if k.lower() == b"content-length"]
+        headers = scope.get("headers", ())
+        declared = [v for k, v in headers if k.lower() == b"content-length"]
+        encodings = {
+            v.decode("latin-1").strip().lower() for k, v in headers if k.lower() == b"content-encoding"
+        }
         refusal: InvalidArgument | None = None
-        if declared:
+        if encodings - {"", "identity"}:
+            refusal = UnsupportedEncoding(
+                f"Content-Encoding {', '.join(sorted(encodings))} is not accepted: send plain JSON"
+            )
+        elif declared:
             text = declared[0].decode("latin-1").strip()
             if not text.isdigit() or len(set(declared)) > 1:
                 refusal = InvalidArgument("Content-Length must be one non-negative integer")
@@ -107,17 +124,24 @@ class Guard:
                 refusal = PayloadTooLarge(f"the body has {int(text)} bytes; at most {limit} are accepted")
         if refusal is not None:
             status, body = error_body(refusal)
-            await _send_json(send, status, body, {"Connection": "close"})
+            # A refused length leaves the body unread (or its end unknown): the connection ends too.
+            close = {} if isinstance(refusal, UnsupportedEncoding) else {"Connection": "close"}
+            await _send_json(send, status, body, close)
             return
-        received = 0
+        received, too_large = 0, False
 
         async def limited() -> Message:
-            nonlocal received
+            # Past the limit the app sees the client gone (an exception raised here would surface
+            # inside middleware task groups), and the refusal below answers 413.
+            nonlocal received, too_large
+            if too_large:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                    too_large = True
+                    return {"type": "http.disconnect"}
             return message
 
         started = False
@@ -130,6 +154,15 @@ class Guard:
 
         try:
             await self.app(scope, limited, tracked)
+        except ClientDisconnect:  # the client hung up mid-body (an answer it will not read), or too large
+            if not started:
+                refused = (
+                    PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                    if too_large
+                    else InvalidArgument("the client closed the connection mid-body")
+                )
+                status, body = error_body(refused)
+                await _send_json(send, status, body, {"Connection": "close"})
         except Exception as exc:  # the last resort: a JSON answer, never a dropped connection
             status, body = error_body(exc)
             if started:  # too late for a status: the response ends here, the error is logged
