@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from llmops.common.app import ServiceApp
 from llmops.common.artifacts.sinks import LocalDirectorySink, RegistrySink, ResultSink
 from llmops.common.artifacts.sources import LocalModelSource, ModelSource, RegistryModelSource
+from llmops.common.datasets import DataRepository
 from llmops.common.runners import JobRunner
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import Settings
@@ -26,7 +27,6 @@ from llmops.quantization.methods import default_quantizers
 from llmops.quantization.metrics import register_metrics
 from llmops.quantization.service import QuantizationService
 from llmops.quantization.tracking import MlflowTracker, NullTracker, Tracker
-from llmops.training.data import DataRepository
 
 
 class QuantizationApp(ServiceApp):

@@ -8,7 +8,7 @@ windows start after the tokens the evaluation uses, so perplexity is never measu
 the weights were fitted to.
 
 Calibration data at a revision of the DVC data repository (or of another Git/DVC repo) is read by
-the data repository code training uses (:class:`llmops.training.data.DataRepository`, through
+the data repository code training uses (:class:`llmops.common.datasets.DataRepository`, through
 ``dvc.api``), once, when the job is submitted (:func:`snapshot_calibration`): the bytes go into a
 snapshot file in the job's work folder, so the worker reads exactly what was read, and the commit is
 recorded in the result's lineage.
@@ -33,7 +33,7 @@ from llmops.quantization.methods.base import (
 )
 
 if TYPE_CHECKING:
-    from llmops.training.data import DataRepository
+    from llmops.common.datasets import DataRepository
 
 #: Characters read per wanted token: generous, so a file set is never cut short (reading is cheap).
 _CHARS_PER_TOKEN = 12
@@ -139,7 +139,7 @@ def snapshot_calibration(
     """
     if not spec.versioned:
         return spec
-    from llmops.training.domain import DatasetRef
+    from llmops.common.datasets import DatasetRef
 
     assert spec.dataset is not None
     if repository is None:

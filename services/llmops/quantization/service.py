@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.common.artifacts.sinks import RegisteredVersion, ResultSink, VersionMetadata
+from llmops.common.datasets import DataRepository
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from llmops.common.jobs import JobState, follow_events
 from llmops.common.runners import Attempt, CancelDeadline, JobRunner, Outcome
@@ -48,7 +49,6 @@ from llmops.quantization.domain import Job, JobEvent, JobResult, JobSpec, Limits
 from llmops.quantization.methods import Quantizer, resolve
 from llmops.quantization.methods.base import ensure_not_quantized
 from llmops.quantization.tracking import NullTracker, RunStatus, Tracker
-from llmops.training.data import DataRepository
 
 log = logging.getLogger(__name__)
 #: Progress once the result is measured, while it is registered.

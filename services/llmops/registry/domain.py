@@ -19,6 +19,7 @@ from llmops.common.artifacts.domain import FileChunk as FileChunk
 from llmops.common.artifacts.domain import ManifestFile as ManifestFile
 from llmops.common.artifacts.domain import UploadPart as UploadPart
 from llmops.common.artifacts.domain import UploadSummary as UploadSummary
+from llmops.common.datasets import DatasetRef as DatasetRef  # re-exported: lineage names the data
 from llmops.common.errors import InvalidArgument
 
 T = TypeVar("T")
@@ -127,15 +128,6 @@ class ModelRef:
                 raise InvalidArgument(f"bad model reference {text!r}: expected name, name:N or name@alias")
             return cls(name, version=int(version))
         return cls(text)
-
-
-@dataclass(frozen=True)
-class DatasetRef:
-    """Data a version was trained or calibrated on (DVC path + revision)."""
-
-    path: str
-    revision: str = ""
-    repo: str = ""
 
 
 @dataclass(frozen=True)

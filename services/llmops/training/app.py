@@ -13,10 +13,10 @@ from prometheus_client import CollectorRegistry
 from llmops.common.app import ServiceApp
 from llmops.common.artifacts.sinks import LocalDirectorySink, RegistrySink, ResultSink
 from llmops.common.artifacts.sources import LocalModelSource, ModelSource, RegistryModelSource
+from llmops.common.datasets import DataRepository
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import Settings
 from llmops.proto.training.v1 import training_service_pb2_grpc as pb_grpc
-from llmops.training.data import DataRepository
 from llmops.training.grpc_app import SERVICE_NAME, TrainingServicer
 from llmops.training.metrics import register_metrics
 from llmops.training.runners import JobRunner

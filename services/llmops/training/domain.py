@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from llmops.common.datasets import DatasetRef as DatasetRef  # re-exported: a job's data reference
 from llmops.common.jobs import JobState as JobState  # re-exported: part of the domain's vocabulary
 from llmops.common.runners.base import Resources as Resources  # re-exported, as JobState
 
@@ -25,15 +26,6 @@ EventKind = Literal[
 
 METHODS: tuple[Method, ...] = ("sft", "lora", "qlora", "dpo")
 DATA_FORMATS: tuple[DataFormat, ...] = ("text", "prompt_completion", "chat", "preference")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetRef:
-    """A data file at a revision of the DVC data repository (or an absolute ``file://`` URI)."""
-
-    path: str
-    revision: str = ""
-    repo: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

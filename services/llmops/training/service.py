@@ -25,6 +25,7 @@ from typing import Any
 
 from llmops.common.artifacts.sinks import ResultSink
 from llmops.common.artifacts.sources import ModelSource
+from llmops.common.datasets import DataRepository
 from llmops.common.errors import FailedPrecondition, InvalidArgument, LLMOpsError, NotFound, ResourceExhausted
 from llmops.common.jobs import follow_events
 from llmops.common.runners import CancelDeadline
@@ -64,7 +65,7 @@ class TrainingService:
         sink: ResultSink,
         runner: JobRunner,
         tracker: Tracker,
-        repository: data.DataRepository,
+        repository: DataRepository,
         store: JobStore,
         limits: Limits = Limits(),
     ) -> None:

@@ -17,8 +17,8 @@ import pytest
 
 from llmops.common.artifacts.sinks import LocalDirectorySink
 from llmops.common.artifacts.sources import LocalModelSource
+from llmops.common.datasets import DataRepository
 from llmops.common.tiny_model import build_tiny_model
-from llmops.training.data import DataRepository
 from llmops.training.domain import DatasetRef, Hyperparameters, JobState, LoraSpec, TrainingSpec
 from llmops.training.runners.local import ThreadRunner
 from llmops.training.service import Limits, TrainingService

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from llmops.common.artifacts.sinks import LocalDirectorySink
+from llmops.common.datasets import DataRepository
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmops.common.jobs import JobState
 from llmops.quantization import evaluate
@@ -25,7 +26,6 @@ from llmops.quantization.domain import JobSpec
 from llmops.quantization.methods import CalibrationSpec, QuantizationSpec, default_quantizers
 from llmops.quantization.service import QuantizationService
 from llmops.quantization.tracking import run_datasets
-from llmops.training.data import DataRepository
 
 pytest.importorskip("dvc.api")
 

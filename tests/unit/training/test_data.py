@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from llmops.common.datasets import DataRepository
 from llmops.common.errors import InvalidArgument, NotFound
-from llmops.training.data import DataRepository, check_format, read_rows, validate_rows
+from llmops.training.data import check_format, read_rows, validate_rows
 from llmops.training.domain import DatasetRef
 
 PC = {"prompt": "def f(x):\n", "completion": "    return x\n"}

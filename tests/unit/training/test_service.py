@@ -28,8 +28,8 @@ import pytest
 
 from llmops.common.artifacts.sinks import LocalDirectorySink
 from llmops.common.artifacts.sources import LocalModelSource
+from llmops.common.datasets import DataRepository
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from llmops.training.data import DataRepository
 from llmops.training.domain import (
     DatasetRef,
     Hyperparameters,
