@@ -29,13 +29,14 @@ from llmops.common.response_cache.cache import ResponseCache
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import Settings
 from llmops.proto.serving.v1 import serving_service_pb2_grpc
+from llmops.serving.config import EngineFactory, ServingConfig
 from llmops.serving.domain import EngineKind, EngineOptions, LoadRequest, ModelRef, ModelSource
 from llmops.serving.engines.base import Engine
 from llmops.serving.grpc_app import SERVICE_NAME, ServingServicer
 from llmops.serving.http_app import AuthHook, create_http_app
 from llmops.serving.metrics import EngineMetricsBridge, EngineShimMetrics, ServingMetrics
 from llmops.serving.resolver import CompositeResolver, LocalPathResolver, ModelResolver, RegistryResolver
-from llmops.serving.service import EngineFactory, ServingConfig, ServingService
+from llmops.serving.service import ServingService
 from llmops.serving.validation import Limits
 
 log = logging.getLogger(__name__)

@@ -11,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llmops.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, LLMOpsError, NotFound
+from llmops.serving.config import EngineFactory, ServingConfig
 from llmops.serving.domain import (
-    EngineKind,
-    EngineOptions,
     LoadedAdapter,
     LoadRequest,
     ModelInfo,
@@ -34,9 +31,6 @@ from llmops.serving.metrics import EngineShimMetrics, ServingMetrics, update_shi
 from llmops.serving.models import Admission, ServedModel, new_entry
 from llmops.serving.resolver import ModelResolver
 from llmops.serving.validation import check_served_name
-
-if TYPE_CHECKING:
-    from llmops.serving.service import ServingConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +47,7 @@ class ModelLifecycle:
 
     def __init__(
         self,
-        engine_factory: Callable[[EngineKind, Path, str, EngineOptions], Engine],
+        engine_factory: EngineFactory,
         resolver: ModelResolver,
         metrics: ServingMetrics,
         shim: EngineShimMetrics,

@@ -28,7 +28,7 @@ from llmops.common.server import LLMOpsServer, create_server
 from llmops.common.settings import Settings
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
 from llmops.serving.app import ServingApp, default_engine_factory
-from llmops.serving.service import EngineFactory
+from llmops.serving.config import EngineFactory
 
 #: Import path of ``add_ServingServiceServicer_to_server``, for ``serve.start(grpc_options=...)``.
 SERVICER_FUNCTION = "llmops.proto.serving.v1.serving_service_pb2_grpc.add_ServingServiceServicer_to_server"

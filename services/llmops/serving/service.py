@@ -26,9 +26,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 
 from llmops.common.auth import Identity, current_identity, current_tenant
 from llmops.common.errors import (
@@ -46,11 +45,10 @@ from llmops.common.response_cache.domain import CacheKey, LookupOutcome
 from llmops.common.response_cache.keys import make_key
 from llmops.proto.common.v1 import generation_pb2
 from llmops.serving import convert
+from llmops.serving.config import EngineFactory, ServingConfig
 from llmops.serving.domain import (
     Completion,
     CompletionDelta,
-    EngineKind,
-    EngineOptions,
     EngineRequest,
     FinishReason,
     GenerationRequest,
@@ -77,7 +75,6 @@ from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
 from llmops.serving.models import Aborted, InFlight, ServedModel
 from llmops.serving.resolver import ModelResolver
 from llmops.serving.validation import (
-    Limits,
     check_prompt,
     check_prompt_size,
     check_request_id,
@@ -86,20 +83,6 @@ from llmops.serving.validation import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Builds an engine for a model folder: (kind, folder, served name, options) -> engine (not started).
-EngineFactory = Callable[[EngineKind, Path, str, EngineOptions], Engine]
-
-
-@dataclass(frozen=True)
-class ServingConfig:
-    """How the service treats requests and models."""
-
-    default_engine: EngineKind = EngineKind.VLLM
-    max_waiting: int = 256
-    limits: Limits = field(default_factory=Limits)
-    drain_timeout: float = 30.0
-    alias_poll_seconds: float = 30.0
 
 
 @dataclass

@@ -35,6 +35,7 @@ from llmops.quantization.methods import (
     resolve,
 )
 from llmops.serving.app import default_engine_factory
+from llmops.serving.config import ServingConfig
 from llmops.serving.domain import (
     EngineKind,
     EngineOptions,
@@ -49,7 +50,7 @@ from llmops.serving.domain import (
 from llmops.serving.engines.base import Engine
 from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
 from llmops.serving.resolver import RegistryResolver
-from llmops.serving.service import ServingConfig, ServingService
+from llmops.serving.service import ServingService
 from tests.integration.registry.conftest import RunningRegistry, start_registry, stop_registry
 
 pytestmark = pytest.mark.slow

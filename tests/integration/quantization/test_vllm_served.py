@@ -26,6 +26,7 @@ from llmops.quantization.calibration import calibration_windows
 from llmops.quantization.methods import CalibrationSpec, QuantizationSpec, default_quantizers, resolve
 from llmops.quantization.methods.wna16 import load_dequantized
 from llmops.serving.app import default_engine_factory
+from llmops.serving.config import ServingConfig
 from llmops.serving.domain import (
     EngineKind,
     EngineOptions,
@@ -38,7 +39,7 @@ from llmops.serving.domain import (
 )
 from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
 from llmops.serving.resolver import LocalPathResolver
-from llmops.serving.service import ServingConfig, ServingService
+from llmops.serving.service import ServingService
 
 pytestmark = pytest.mark.slow
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
+from llmops.serving.config import ServingConfig
 from llmops.serving.domain import (
     ChatMessage,
     Completion,
@@ -32,7 +33,7 @@ from llmops.serving.engines.base import Engine
 from llmops.serving.engines.fake import FakeEngine
 from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
 from llmops.serving.resolver import LocalPathResolver
-from llmops.serving.service import ServingConfig, ServingService
+from llmops.serving.service import ServingService
 from tests.integration.serving.conftest import borrowing_factory
 
 PROMPT = "def forward(self, x):\n    "

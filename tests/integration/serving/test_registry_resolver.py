@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from llmops.common.artifacts.client import upload_directory
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as rpb
+from llmops.serving.config import ServingConfig
 from llmops.serving.domain import (
     EngineKind,
     GenerationRequest,
@@ -33,7 +34,7 @@ from llmops.serving.domain import (
 )
 from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
 from llmops.serving.resolver import COMPLETE_MARKER, RegistryResolver
-from llmops.serving.service import ServingConfig, ServingService
+from llmops.serving.service import ServingService
 from tests.integration.registry.conftest import start_registry, stop_registry
 from tests.integration.serving.test_grpc_load import Fakes
 

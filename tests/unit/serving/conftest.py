@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from llmops.serving.config import ServingConfig
 from llmops.serving.domain import (
     EngineKind,
     EngineOptions,
@@ -20,7 +21,7 @@ from llmops.serving.domain import (
 from llmops.serving.engines.fake import FakeEngine
 from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
 from llmops.serving.resolver import ModelResolver
-from llmops.serving.service import ServingConfig, ServingService
+from llmops.serving.service import ServingService
 
 
 class StaticResolver(ModelResolver):
