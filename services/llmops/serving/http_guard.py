@@ -190,7 +190,7 @@ def parse_body(raw: bytes, model: type[Body]) -> Body:
         return model.model_validate(value, strict=True)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        param = _param(value, first["loc"])
+        param = _param(value, first["loc"], named=first["type"] in ("missing", "extra_forbidden"))
         raise InvalidArgument(_shown(str(first["msg"]), first.get("input")), field=param or None) from None
 
 
@@ -235,16 +235,17 @@ def _check_string(text: str, path: tuple[str | int, ...]) -> None:
         ) from None
 
 
-def _param(value: object, loc: tuple[str | int, ...]) -> str:
-    """The part of pydantic's error location that is a path into the body (not union member tags)."""
+def _param(value: object, loc: tuple[str | int, ...], *, named: bool) -> str:
+    """The part of pydantic's error location that is a path into the body (not union member tags);
+    ``named``: the last part is a field that is missing or unknown, named too."""
     path: list[str | int] = []
     for part in loc:
         inside = (isinstance(value, dict) and part in value) or (
             isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value)
         )
         if not inside:
-            if not path or isinstance(value, dict):
-                path.append(part)  # a missing or unknown field: name it
+            if not path or (named and part == loc[-1] and isinstance(value, dict)):
+                path.append(part)  # the missing field, or the top-level one
             break
         value = value[part]  # type: ignore[index]
         path.append(part)
