@@ -18,6 +18,9 @@ from typing import Any, TypeVar
 from .common import pipeline_path, write_json
 
 T = TypeVar("T")
+#: Watches of one job before a stage gives up (a long quiet stream can be dropped, e.g. by the
+#: server's HTTP/2 ping policy on a busy machine; the job itself runs on).
+WATCH_ATTEMPTS = 5
 STACK_FILE = pipeline_path("reports/stack.json")
 
 
@@ -99,10 +102,18 @@ def run_job(stage: str, client_type: Any, service: str, request: Any, follow: An
     None (with the reason on stderr) unless it succeeded."""
     import sys
 
+    from llmops.common.errors import Unavailable
     from llmops.proto.common.v1 import job_pb2
 
     async def work(client: Any) -> Any:
         submitted = await client.unary(client.stub.SubmitJob, request)
+        for _ in range(WATCH_ATTEMPTS - 1):
+            try:
+                return await follow(client, submitted.job.id)
+            except Unavailable as exc:  # the job runs on: a broken watch is not a failed job
+                print(
+                    f"{stage}: the watch of {submitted.job.id} broke ({exc}); watching again", file=sys.stderr
+                )
         return await follow(client, submitted.job.id)
 
     job = call(client_type, service, work, timeout=None)
