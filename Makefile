@@ -10,6 +10,7 @@ CONSTRAINTS := constraints.txt
 STAMP := $(VENV)/.installed
 TOOLS := tools/bin
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
@@ -54,11 +55,12 @@ proto-check: $(STAMP) ## Fail when services/llmops/proto/ drifts from protos/
 	$(PY) scripts/gen_protos.py --check
 
 .PHONY: lint
-lint: $(STAMP) ## ruff and mypy on services/llmops/ (and loadtests/)
+lint: $(STAMP) ## ruff and mypy on services/llmops/ (and loadtests/, benchmarks/)
 	$(VENV)/bin/ruff check services pipelines tests scripts benchmarks loadtests
 	$(VENV)/bin/ruff format --check services pipelines tests scripts benchmarks loadtests
 	$(VENV)/bin/mypy -p llmops
 	$(VENV)/bin/mypy loadtests
+	$(VENV)/bin/mypy benchmarks
 
 .PHONY: fmt
 fmt: $(STAMP) ## Format and auto-fix with ruff
@@ -80,6 +82,10 @@ test-unit: $(STAMP) ## Unit tests only (no sockets, no Ray)
 .PHONY: test-integration
 test-integration: setup ## Integration tests (real servers on 127.0.0.1)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+.PHONY: test-gpu
+test-gpu: ## Install the gpu extra, run every GPU test (QLoRA, vLLM on CUDA, TensorRT-LLM), print what ran and what was skipped and why (GPU machine: in .venv-gpu, CUDA builds)
+	@PYTHON=$(PYTHON) PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/test_gpu.sh
 
 .PHONY: faults
 faults: setup ## Fault tests only (kill Redis under load, restart the registry mid-transfer, SIGTERM serving mid-stream, kill a training worker), with their counts
@@ -108,20 +114,20 @@ demo: setup ## The whole loop on the embedded stack: data -> fine-tune -> INT8 -
 	$(VENV)/bin/llmops demo $(if $(FAST),--fast)
 
 .PHONY: bench
-bench: setup ## Benchmarks: print ratios against baselines measured in the same run
-	$(PY) benchmarks/run.py
+bench: setup ## Every benchmark (quick workloads; BENCH_ARGS=--full): RESULT lines, fails when a goal is missed
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 .PHONY: bench-serving
 bench-serving: setup ## Serving: engine vs our gRPC vs OpenAI HTTP at concurrency 1/8/32, vLLM vs transformers
-	$(PY) benchmarks/serving/run.py
+	$(PY) -m benchmarks.serving.run
 
 .PHONY: bench-training
 bench-training: setup ## Training: LoRA tokens/s through a job vs the same loop in-process, submit-to-first-step
-	$(PY) benchmarks/training/run.py
+	$(PY) -m benchmarks.training.run
 
 .PHONY: bench-serving-ray
 bench-serving-ray: setup ## What Ray Serve's gRPC proxy adds per call vs a replica's own gRPC server
-	$(PY) benchmarks/serving/ray_overhead.py
+	$(PY) -m benchmarks.serving.ray_overhead
 
 ##@ Load tests
 

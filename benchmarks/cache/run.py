@@ -160,8 +160,8 @@ async def serving_paths(settings: Settings, cleanup: contextlib.AsyncExitStack) 
     stored = request(PROMPT)
     fresh = itertools.count()
 
-    async def hit() -> Any:
-        response = await client.unary(client.stub.Generate, stored)
+    async def hit() -> Any:  # a bare stub call, as the plain echo is called
+        response = await client.stub.Generate(stored, timeout=120)
         assert response.cached, "expected a serving cache hit"
         return response
 

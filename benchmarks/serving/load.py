@@ -85,7 +85,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         results = await asyncio.gather(*(one(i) for i in range(args.requests)))
         wall = time.perf_counter() - start
-        await channel.close()
+        await channel.close(None)
     else:
         import httpx
 

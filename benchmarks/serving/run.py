@@ -1,38 +1,46 @@
-"""Serving benchmark (`make bench-serving`): what our gRPC and HTTP paths add to the engine.
+"""Serving benchmark (`make bench-serving`): our paths against the engine and vLLM's own server.
 
-With the tiny model on vLLM, at concurrency 1, 8 and 32, one run measures tokens/s, TTFT p50/p99 and
-ITL p50/p99 for (a) the engine called in-process, (b) our gRPC streaming path and (c) our OpenAI HTTP
-path (clients in a separate process, as real clients are), then the transformers engine against vLLM
-at concurrency 32 (in-process). Every request asks for ``--max-tokens`` tokens (``ignore_eos``,
-greedy). The ratios print on the last lines; the whole result goes to ``benchmarks/results/``.
+With the tiny model on vLLM (float32, 1 GiB of KV cache, 1024 context, 64 sequences on both sides), at
+each concurrency (quick: 1 and 8; full: 1, 8 and 32) one run measures tokens/s, TTFT p50/p99 and ITL
+p50/p99 for:
 
-Goals (from the serving issue): (b)/(a) tokens/s >= 0.95 at concurrency 32; TTFT added by (b) <= 2 ms
-at p50 (concurrency 1); vLLM >= 1.3x transformers at concurrency 32.
+  engine       our vLLM engine called in-process (no service, no transport): the floor;
+  grpc         our gRPC stream (GenerateStream) through the serving server;
+  http         our OpenAI HTTP API (/v1/completions, streamed);
+  vllm-openai  vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``, same model,
+               dtype, KV cache size, context and batch): what a user would run instead of us.
+
+Every client except the engine's runs in its own process (``load.py``). Each round measures every path
+in a rotated order (``--rounds``, at least 3), and each number is the median of the rounds. Every
+request asks for ``--max-tokens`` tokens (``ignore_eos``, greedy). ``--full`` adds the transformers
+engine against vLLM at concurrency 32 (in-process). The whole result goes to ``benchmarks/results/``.
+
+Goals (RESULT lines): our gRPC stream's tokens/s at concurrency 8 >= 0.9x vLLM's own OpenAI server's,
+and our gRPC stream's TTFT p50 at concurrency 1 <= vLLM's own server's (ratio <= 1.0).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import signal
+import socket
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.gate import Goal, alternating, finish, median, percentile, quick_default
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
-LEVELS = {1: 8, 8: 32, 32: 64}  # concurrency -> requests
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+PATHS = ["engine", "grpc", "http", "vllm-openai"]
+MAX_MODEL_LEN, MAX_NUM_SEQS = 1024, 64
 
 
 def summarize(wall: float, requests: list[dict[str, Any]]) -> dict[str, float]:
@@ -53,9 +61,7 @@ def summarize(wall: float, requests: list[dict[str, Any]]) -> dict[str, float]:
 
 async def in_process(engine: Any, concurrency: int, count: int, max_tokens: int) -> dict[str, float]:
     """(a): the engine's own async API, no service, no transport."""
-    sys.path.insert(0, str(HERE))
-    from load import prompt
-
+    from benchmarks.serving.load import prompt
     from llmops.serving.domain import EngineRequest, SamplingParams
     from llmops.serving.validation import to_decoding
 
@@ -95,9 +101,9 @@ async def remote(
 ) -> dict[str, float]:
     """(b) and (c): the load generator in its own process, through our servers."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(HERE / "load.py"), "--path", path, "--address", address, "--model", model,
+        sys.executable, "-m", "benchmarks.serving.load", "--path", path, "--address", address, "--model", model,
         "--concurrency", str(concurrency), "--requests", str(count), "--max-tokens", str(max_tokens),
-        stdout=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, cwd=HERE.parent.parent,
     )  # fmt: skip
     out, _ = await process.communicate()
     if process.returncode != 0:
@@ -108,13 +114,65 @@ async def remote(
 
 def table(rows: list[tuple[str, int, dict[str, float]]]) -> None:
     print(
-        f"{'path':<28}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}  (ms)"
+        f"{'path':<22}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}  (ms)"
     )
     for name, concurrency, r in rows:
         print(
-            f"{name:<28}{concurrency:>5}{r['tokens_per_s']:>9.1f}{r['ttft_p50_ms']:>10.2f}{r['ttft_p99_ms']:>10.2f}"
+            f"{name:<22}{concurrency:>5}{r['tokens_per_s']:>9.1f}{r['ttft_p50_ms']:>10.2f}{r['ttft_p99_ms']:>10.2f}"
             f"{r['itl_p50_ms']:>9.2f}{r['itl_p99_ms']:>9.2f}"
         )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def start_vllm_openai(
+    model: Path, name: str, kv_bytes: int, log: Path
+) -> tuple[asyncio.subprocess.Process, str]:
+    """vLLM's own OpenAI server on the model, configured as our engine is; waits until it answers."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, kv_bytes >> 30))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
+        "--kv-cache-memory-bytes", str(kv_bytes), "--disable-uvicorn-access-log",
+        "--uvicorn-log-level", "warning",
+        stdout=log.open("wb"), stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    async with httpx.AsyncClient(timeout=5) as client:
+        while time.monotonic() < deadline:
+            if process.returncode is not None:
+                raise RuntimeError(f"vLLM's OpenAI server exited ({process.returncode}); see {log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(url + "/v1/models")).status_code == 200:
+                    return process, url
+            await asyncio.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"vLLM's OpenAI server did not answer within 600 s; see {log}")
+
+
+async def stop_process(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: median(r[key] for r in runs) for key in runs[0]}
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -128,13 +186,21 @@ async def main(args: argparse.Namespace) -> int:
     from llmops.serving.domain import EngineKind, EngineOptions, LoadRequest, ModelSource
 
     model = build_tiny_model()
-    env = {"LLMOPS_SERVING_HTTP_PORT": "0", "LLMOPS_GRACE_SECONDS": "5"}
+    env = {"LLMOPS_SERVING_HTTP_PORT": "0", "LLMOPS_GRACE_SECONDS": "5", "LLMOPS_LOG_LEVEL": "WARNING"}
     settings = Settings.load(env=env)
     registry = CollectorRegistry()
     app = ServingApp(settings, registry, http_host="127.0.0.1")
     server, port = await create_server("127.0.0.1:0", app.bindings(), settings, registry=registry)
     await app.start()
-    options = EngineOptions(kv_cache_bytes=1 << 30, max_model_len=1024, max_num_seqs=64)
+    kv_bytes = 1 << 30
+    options = EngineOptions(
+        dtype="float32", kv_cache_bytes=kv_bytes, max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = RESULTS / "vllm-openai-server.log"
+    started = time.perf_counter()
+    vllm_server, vllm_url = await start_vllm_openai(model.path, "tiny-vllm", kv_bytes, log)
+    server_start = time.perf_counter() - started
     started = time.perf_counter()
     await app.service.load_model(
         LoadRequest(
@@ -145,85 +211,99 @@ async def main(args: argparse.Namespace) -> int:
         )
     )
     vllm_start = time.perf_counter() - started
-    started = time.perf_counter()
-    await app.service.load_model(
-        LoadRequest(
-            ModelSource(local_path=str(model.path)), served_name="tiny-hf", engine=EngineKind.TRANSFORMERS
-        )
-    )
-    hf_start = time.perf_counter() - started
     vllm = app.service.engine_of("tiny-vllm")
-    hf = app.service.engine_of("tiny-hf")
-    assert vllm is not None and hf is not None
+    assert vllm is not None
+    levels = {1: 8, 8: 32} if args.quick else {1: 8, 8: 32, 32: 64}
     rows: list[tuple[str, int, dict[str, float]]] = []
     results: dict[str, Any] = {}
+    grpc_address, http_address = f"127.0.0.1:{port}", f"http://127.0.0.1:{app.http_port}"
     try:
-        for concurrency, count in LEVELS.items():
-            if args.quick and concurrency == 8:
-                continue
-            n = max(concurrency, count // (4 if args.quick else 1))
-            measured = {
-                "a_in_process": await in_process(vllm, concurrency, n, args.max_tokens),
-                "b_grpc": await remote("grpc", f"127.0.0.1:{port}", "tiny-vllm", concurrency, n, args.max_tokens),
-                "c_http": await remote("http", f"http://127.0.0.1:{app.http_port}", "tiny-vllm", concurrency, n, args.max_tokens),
-            }  # fmt: skip
-            results[f"vllm_c{concurrency}"] = measured
-            rows += [(f"vllm {name}", concurrency, r) for name, r in measured.items()]
-        transformers = await in_process(hf, 32, 32 if args.quick else 64, args.max_tokens)
-        results["transformers_c32"] = {"a_in_process": transformers}
-        rows.append(("transformers a_in_process", 32, transformers))
+        for concurrency, count in levels.items():
+            n = max(concurrency, count // (2 if args.quick else 1))
+
+            async def measure(path: str, c: int = concurrency, n: int = n) -> dict[str, float]:
+                if path == "engine":
+                    return await in_process(vllm, c, n, args.max_tokens)
+                if path == "grpc":
+                    return await remote("grpc", grpc_address, "tiny-vllm", c, n, args.max_tokens)
+                if path == "http":
+                    return await remote("http", http_address, "tiny-vllm", c, n, args.max_tokens)
+                return await remote("http", vllm_url, "tiny-vllm", c, n, args.max_tokens)
+
+            runs: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}
+            for order in alternating(PATHS, args.rounds):
+                for path in order:
+                    runs[path].append(await measure(path))
+            measured = {path: medians(r) for path, r in runs.items()}
+            results[f"c{concurrency}"] = {"medians": measured, "rounds": runs}
+            rows += [(path, concurrency, r) for path, r in measured.items()]
+        if not args.quick:
+            started = time.perf_counter()
+            await app.service.load_model(
+                LoadRequest(
+                    ModelSource(local_path=str(model.path)),
+                    served_name="tiny-hf",
+                    engine=EngineKind.TRANSFORMERS,
+                )
+            )
+            hf = app.service.engine_of("tiny-hf")
+            assert hf is not None
+            engines = {"vllm": vllm, "transformers": hf}
+            runs = {name: [] for name in engines}
+            for order in alternating(list(engines), args.rounds):
+                for name in order:
+                    runs[name].append(await in_process(engines[name], 32, 64, args.max_tokens))
+            results["engines_c32"] = {name: medians(r) for name, r in runs.items()}
+            rows += [(f"{name} engine", 32, r) for name, r in results["engines_c32"].items()]
     finally:
+        await stop_process(vllm_server)
         await server.stop(0)
         await app.close()
-    c32, c1 = results["vllm_c32"], results["vllm_c1"]
+    c8, c1 = results["c8"]["medians"], results["c1"]["medians"]
     ratios = {
-        "grpc_over_in_process_tokens_per_s_c32": c32["b_grpc"]["tokens_per_s"]
-        / c32["a_in_process"]["tokens_per_s"],
-        "http_over_in_process_tokens_per_s_c32": c32["c_http"]["tokens_per_s"]
-        / c32["a_in_process"]["tokens_per_s"],
-        "grpc_added_ttft_p50_ms_c1": c1["b_grpc"]["ttft_p50_ms"] - c1["a_in_process"]["ttft_p50_ms"],
-        "http_added_ttft_p50_ms_c1": c1["c_http"]["ttft_p50_ms"] - c1["a_in_process"]["ttft_p50_ms"],
-        "vllm_over_transformers_tokens_per_s_c32": c32["a_in_process"]["tokens_per_s"]
-        / transformers["tokens_per_s"],
+        "grpc_over_vllm_openai_tokens_per_s_c8": c8["grpc"]["tokens_per_s"]
+        / c8["vllm-openai"]["tokens_per_s"],
+        "http_over_vllm_openai_tokens_per_s_c8": c8["http"]["tokens_per_s"]
+        / c8["vllm-openai"]["tokens_per_s"],
+        "grpc_over_engine_tokens_per_s_c8": c8["grpc"]["tokens_per_s"] / c8["engine"]["tokens_per_s"],
+        "grpc_over_vllm_openai_ttft_p50_c1": c1["grpc"]["ttft_p50_ms"] / c1["vllm-openai"]["ttft_p50_ms"],
+        "grpc_added_ttft_p50_ms_c1": c1["grpc"]["ttft_p50_ms"] - c1["engine"]["ttft_p50_ms"],
     }
     record = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "workload": {
-            "model": "tiny Llama (12.6M parameters)",
-            "max_tokens": args.max_tokens,
-            "levels": LEVELS,
-            "quick": args.quick,
-        },
-        "start_seconds": {"vllm": vllm_start, "transformers": hf_start},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "workload": {"model": "tiny Llama (12.6M parameters)", "max_tokens": args.max_tokens, "levels": levels,
+                     "rounds": args.rounds, "quick": args.quick},
+        "start_seconds": {"vllm_engine": vllm_start, "vllm_openai_server": server_start},
         "results": results,
         "ratios": ratios,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    }  # fmt: skip
     out = RESULTS / f"serving-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps(record, indent=2))
     print(
-        f"\nvLLM start {vllm_start:.1f} s, transformers start {hf_start:.1f} s; results in {out.relative_to(HERE.parent.parent)}\n"
+        f"vLLM start: our engine {vllm_start:.1f} s, vLLM's OpenAI server {server_start:.1f} s; medians of "
+        f"{args.rounds} rounds; results in {out.relative_to(HERE.parent.parent)}"
     )
     table(rows)
-    goal_tput, goal_ttft, goal_engine = 0.95, 2.0, 1.3
-    print()
     print(
-        f"grpc/in-process tokens/s @32 = {ratios['grpc_over_in_process_tokens_per_s_c32']:.3f} (goal >= {goal_tput})"
+        f"grpc/engine tokens/s @8 = {ratios['grpc_over_engine_tokens_per_s_c8']:.3f}; "
+        f"http/vllm-openai tokens/s @8 = {ratios['http_over_vllm_openai_tokens_per_s_c8']:.3f}; "
+        f"TTFT added by grpc over the engine p50 @1 = {ratios['grpc_added_ttft_p50_ms_c1']:+.2f} ms"
     )
-    print(f"http/in-process tokens/s @32 = {ratios['http_over_in_process_tokens_per_s_c32']:.3f}")
-    print(
-        f"TTFT added by grpc p50 @1    = {ratios['grpc_added_ttft_p50_ms_c1']:+.2f} ms (goal <= {goal_ttft} ms)"
+    return finish(
+        Goal(
+            "serving_grpc_over_vllm_openai_tokens_per_s_c8",
+            ratios["grpc_over_vllm_openai_tokens_per_s_c8"],
+            ">=",
+            0.9,
+        ),
+        Goal(
+            "serving_grpc_over_vllm_openai_ttft_p50_c1",
+            ratios["grpc_over_vllm_openai_ttft_p50_c1"],
+            "<=",
+            1.0,
+        ),
     )
-    print(f"TTFT added by http p50 @1    = {ratios['http_added_ttft_p50_ms_c1']:+.2f} ms")
-    print(
-        f"vllm/transformers tokens/s @32 = {ratios['vllm_over_transformers_tokens_per_s_c32']:.2f} (goal >= {goal_engine})"
-    )
-    return 0
 
 
 if __name__ == "__main__":
@@ -231,7 +311,8 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--quick", action="store_true", help="Fewer requests and no concurrency 8 (a smoke run)"
+        "--quick", action="store_true", default=quick_default(), help="concurrency 1 and 8, fewer requests"
     )
     sys.exit(asyncio.run(main(parser.parse_args())))
