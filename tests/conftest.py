@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,13 +65,42 @@ def require_tool(name: str) -> str:
     return path
 
 
+def _start_ray(ray: Any, attempts: int = 3, **options: Any) -> None:
+    """``ray.init``, started again when its node did not register in time: Ray waits a fixed 30 s
+    for its raylet, which a busy 2-core machine can miss; any other failure is raised at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as exc:
+            if attempt == attempts or "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            _kill_children_mentioning(str(options["_temp_dir"]))  # what the failed start left running
+
+
+def _kill_children_mentioning(text: str) -> None:
+    """SIGKILL this process's children whose command line holds ``text`` (a failed Ray start's
+    GCS and raylet: the runtime never knew it had them, so ``ray.shutdown`` does not stop them)."""
+    me = str(os.getpid())
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError):
+            if (
+                entry.name.isdigit()
+                and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == me
+                and text in (entry / "cmdline").read_bytes().decode(errors="replace")
+            ):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def ray_runtime() -> Iterator[Path]:
     """One local Ray runtime for the whole test session (its temp folder): training's Ray runner
     and Ray Serve share it instead of each starting their own."""
     ray = pytest.importorskip("ray")
     with tempfile.TemporaryDirectory(prefix="llmops-ray-", dir="/tmp") as temp:
-        ray.init(
+        _start_ray(
+            ray,
             num_cpus=2,
             include_dashboard=False,
             _temp_dir=temp,

@@ -47,6 +47,7 @@ from llmops.common.artifacts.client import (
 )
 from llmops.common.clients import RegistryClient
 from llmops.common.errors import NotFound
+from llmops.common.process import create_subprocess_exec
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
 from tests.faults.ledger import FaultCounts, record
@@ -82,7 +83,9 @@ class RegistryProcess:
     def staging_dir(self) -> Path:
         return self.root / "data" / "registry" / "staging"
 
-    async def start(self, timeout: float = 60.0) -> None:
+    async def start(self, timeout: float = 600.0) -> None:
+        """Start it and wait for its "listening" line (it exits without one on failure; the
+        ``timeout`` only catches a hang)."""
         env = {
             **os.environ,
             "LLMOPS_DATA_DIR": str(self.root / "data"),
@@ -91,7 +94,7 @@ class RegistryProcess:
             "LLMOPS_HEALTH_POLL_SECONDS": "0.2",
         }
         command = [sys.executable, "-m", "llmops.cli", "serve", "registry", "--host", "127.0.0.1"]
-        self.process = await asyncio.create_subprocess_exec(
+        self.process = await create_subprocess_exec(  # tied: it dies with the test run
             *command, "--port", str(self.port), "--metrics-port", "0",
             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip

@@ -17,6 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from llmops.common.process import popen
+
 
 class RedisServerError(RuntimeError):
     """redis-server is missing or did not start."""
@@ -86,7 +88,8 @@ class RedisServer:
             "--daemonize", "no",
             *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Tied: it dies with this process (a test run, a benchmark), however that ends.
+        self.process = popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:  # exited: most likely the port was taken meanwhile

@@ -64,7 +64,7 @@ def up(
     settings = _settings(data_dir)
     env = {"LLMOPS_SERVING_ENGINE": engine} if engine else {}
     options = options_from_settings(
-        settings, free_ports=free_ports, env=env, prometheus=prometheus, mlflow_ui=mlflow_ui
+        settings, free_ports=free_ports, env=env, prometheus=prometheus, mlflow_ui=mlflow_ui, detached=True
     )
     with err.status("starting the stack...") as spinner:
         stack = LocalStack(options, progress=lambda line: spinner.update(line))

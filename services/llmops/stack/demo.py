@@ -23,13 +23,13 @@ import asyncio
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmops.common.process import run
 from llmops.stack.stack import LocalStack, StackOptions, StackState
 
 Say = Callable[[str], None]
@@ -122,9 +122,9 @@ def _run_pipeline(state: StackState, options: DemoOptions, base: dict[str, Any],
         "dvc repro: ingest -> clean -> split -> build -> train -> quantize -> evaluate -> speed -> register"
         " -> promote"
     )
-    subprocess.run([*dvc, "repro"], cwd=pipeline, env=env, check=True)
+    run([*dvc, "repro"], group=True, cwd=pipeline, env=env, check=True)
     say("dvc push: the data versions go to the DVC remote")
-    subprocess.run([*dvc, "push", "-q"], cwd=pipeline, env=env, check=True)
+    run([*dvc, "push", "-q"], group=True, cwd=pipeline, env=env, check=True)
 
 
 async def _serve_and_ask(
@@ -242,6 +242,7 @@ def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
             prometheus=options.prometheus,
             scrape_interval=options.scrape_interval,
             mlflow_ui=options.mlflow_ui,
+            detached=options.keep_running,  # otherwise the stack dies with the demo, however it ends
         ),
         progress=say,
     )

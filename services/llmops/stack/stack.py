@@ -9,6 +9,11 @@ and learns the real addresses of those it calls through ``LLMOPS_*_ADDRESS``. Wh
 written to ``<data_dir>/stack.json``: a second ``up`` finds the first still running and says so,
 ``status`` checks each part, ``down`` stops them in reverse order (SIGTERM, then SIGKILL after the
 grace period).
+
+A stack is tied to the process that starts it unless it is ``detached``: tests and ``llmops demo``
+start it tied, so every part, and every process a part starts (its process group: Ray, vLLM's
+EngineCore), is killed when the starter dies, however it dies (:mod:`llmops.common.process`);
+``llmops up`` starts it detached, to outlive the command until ``llmops down``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmops.common.process import forget, popen, watch
 from llmops.stack.dashboards import RULES, local_rules
 
 STATE_FILE = "stack.json"
@@ -87,6 +93,8 @@ class StackOptions:
     mlflow_ui: bool = True
     start_timeout: float = 180.0
     grace_seconds: float = 15.0
+    #: Outlive the starting process (``llmops up``); otherwise every part dies with it.
+    detached: bool = False
 
 
 def options_from_settings(settings: Any, *, free_ports: bool = False, **fields: Any) -> StackOptions:
@@ -178,16 +186,20 @@ class LocalStack:
     ) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.data_dir / "logs" / f"{name}.log"
         handle = log.open("ab")
-        process = subprocess.Popen(
-            list(args),
+        tied = not self.options.detached
+        process = popen(
+            args,
+            tied=tied,
             stdin=subprocess.DEVNULL,
             stdout=handle,
             stderr=subprocess.STDOUT,
             env={**os.environ, **env},
             cwd=os.getcwd(),
-            start_new_session=True,  # outlives `llmops up`; `down` signals it
+            start_new_session=True,  # its own process group, which `down` signals
         )
         handle.close()
+        if tied:  # what the part starts (its group) goes too when we die
+            watch(process.pid, group=True)
         return process, log
 
     def _start_redis(self) -> dict[str, str]:
@@ -314,6 +326,7 @@ class LocalStack:
                     os.killpg(part.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(part.pid, os.WNOHANG)
+            forget(part.pid)
 
 
 def status(state: StackState) -> list[dict[str, Any]]:

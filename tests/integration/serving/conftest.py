@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from llmops.common.process import create_subprocess_exec
 from llmops.common.tiny_model import build_tiny_model
 from llmops.serving.domain import (
     ChatMessage,
@@ -260,7 +261,7 @@ async def serving_process(
         "LLMOPS_SERVING_ENGINE_OPTIONS": '{"max_model_len": 1024}',
         **env,
     }
-    process = await asyncio.create_subprocess_exec(
+    process = await create_subprocess_exec(  # tied: it dies with the test run, however that ends
         *[sys.executable, "-m", "llmops.cli", "serve", "serving", "--port", "0", "--metrics-port", "0"],
         env=variables,
         stdout=subprocess.PIPE,
@@ -268,7 +269,9 @@ async def serving_process(
     )
     try:
         assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()
+        # It prints its line once the model is loaded, or exits (the line is then empty): the bound only
+        # catches a hang, and is wide, since a busy 2-core machine may take minutes to import and load.
+        line = (await asyncio.wait_for(process.stdout.readline(), 600)).decode()
         match = re.search(r"grpc=(\d+)", line)
         assert match, f"no ports announced: {line!r}"
         yield process, f"127.0.0.1:{match.group(1)}"

@@ -69,6 +69,8 @@ def _resumed_at(found: list[job_pb2.JobEvent]) -> int:
 
 
 @pytest.mark.faults
+# A hang guard only: the allowances inside are measured, and a busy machine is slow.
+@pytest.mark.timeout(1800)
 async def test_a_killed_worker_is_replaced_and_resumes_from_its_checkpoint(stack: Stack) -> None:
     submitted = time.monotonic()
     job = await submit(stack.client, spec(max_steps=30, checkpoint_every_steps=5))

@@ -30,6 +30,7 @@ from typing import Any
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from llmops.common.formats import own_quant_method
+from llmops.common.process import forget, watch_multiprocessing_children
 from llmops.serving.domain import (
     CompletionDelta,
     Decoding,
@@ -184,6 +185,7 @@ class VLLMEngine(HFTokenizerEngine):
     def __init__(self, model_path: Path, served_name: str, options: EngineOptions) -> None:
         super().__init__(model_path, served_name, options)
         self._engine: Any = None
+        self._children: list[int] = []
         self._lora_ids = itertools.count(1)
         self._adapters: dict[str, Any] = {}
 
@@ -207,11 +209,18 @@ class VLLMEngine(HFTokenizerEngine):
         args = engine_args(self.model_path, self.served_name, self.options)
         self._tokenizer = await asyncio.to_thread(HFTokenizer, self.model_path)
         self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        # vLLM's EngineCore does not watch for its parent's death (a SIGKILLed serving process left
+        # it and its worker running): the reaper kills it when this process ends, however it ends.
+        # The worker follows its EngineCore (vLLM's death pipe).
+        self._children = watch_multiprocessing_children()
 
     async def shutdown(self) -> None:
         engine, self._engine = self._engine, None
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
+        for pid in self._children:
+            forget(pid)
+        self._children = []
 
     async def health(self) -> bool:
         if self._engine is None or self._engine.errored:
