@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 
+from llmops.common.access import Access
 from llmops.common.clients import ClientSecurity, configure_clients
 from llmops.common.server import LLMOpsServer, ServiceBinding, create_server
 from llmops.common.settings import SERVICE_NAMES, ServiceName, Settings
@@ -32,6 +33,11 @@ class ServiceApp(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources after the server has drained."""
+
+    def access(self) -> Access | None:
+        """The API keys and rate limiter the app already uses (for an API of its own), which the
+        gRPC runtime then shares; ``None``: the runtime builds its own."""
+        return None
 
 
 AppFactory = Callable[[Settings, CollectorRegistry], ServiceApp]
@@ -68,7 +74,12 @@ async def start_app(
     registry = CollectorRegistry()
     app = factory(settings, registry)
     server, _ = await create_server(
-        f"{host}:{port}", app.bindings(), settings, registry=registry, metrics_port=metrics_port
+        f"{host}:{port}",
+        app.bindings(),
+        settings,
+        registry=registry,
+        metrics_port=metrics_port,
+        access=app.access(),
     )
     try:
         await app.start()

@@ -34,10 +34,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from llmops.common.access import Access
 from llmops.common.auth import Authenticator, Identity, acting_as
 from llmops.common.errors import InvalidArgument, status_for
 from llmops.common.metrics import GrpcServerMetrics, MetricsHttpServer, serve_metrics
-from llmops.common.ratelimit import RateLimiter, limiter_from_settings
+from llmops.common.ratelimit import RateLimiter
 from llmops.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -289,6 +290,7 @@ class LLMOpsServer:
         settings: Settings,
         registry: CollectorRegistry,
         metrics_port: int | None,
+        owned_access: Access | None = None,
     ) -> None:
         self.grpc_server = grpc_server
         self.port = port
@@ -297,6 +299,7 @@ class LLMOpsServer:
         self.settings = settings
         self.registry = registry
         self._metrics_port = metrics_port
+        self._owned_access = owned_access
         self.metrics_server: MetricsHttpServer | None = None
         self._readiness_task: asyncio.Task[None] | None = None
         self._stopping: asyncio.Future[None] | None = None
@@ -368,6 +371,8 @@ class LLMOpsServer:
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
             self.metrics_server = None
+        if self._owned_access is not None:  # the limiter's Redis client
+            await self._owned_access.close()
 
     def install_signal_handlers(self) -> None:
         """Drain on SIGTERM or SIGINT (Kubernetes sends SIGTERM before it kills a pod)."""
@@ -392,6 +397,7 @@ async def create_server(
     *,
     registry: CollectorRegistry | None = None,
     metrics_port: int | None = None,
+    access: Access | None = None,
 ) -> tuple[LLMOpsServer, int]:
     """Bind and start a server hosting ``bindings`` on ``address`` (``host:0`` picks a free port).
 
@@ -401,6 +407,9 @@ async def create_server(
         settings: message limits, concurrency, grace period, health polling.
         registry: where metrics are registered (a fresh registry when omitted).
         metrics_port: port of the /metrics endpoint (0 picks a free one; ``None`` serves none).
+        access: the process's API keys and rate limiter, when the app already uses them (its HTTP
+            API); the caller closes it. ``None``: the server builds its own from ``settings`` and
+            closes it when it stops.
 
     Returns:
         The started server and the port it bound.
@@ -412,10 +421,11 @@ async def create_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    authenticator = Authenticator(settings.api_keys_file)
-    limiter = limiter_from_settings(settings) if authenticator.enabled else None
+    owned_access = None
+    if access is None:
+        access = owned_access = Access.from_settings(settings)
     grpc_server = grpc.aio.server(
-        interceptors=[_RuntimeInterceptor(metrics, authenticator, limiter)],
+        interceptors=[_RuntimeInterceptor(metrics, access.authenticator, access.limiter)],
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -433,7 +443,9 @@ async def create_server(
         port = grpc_server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind gRPC server to {address}")
-    server = LLMOpsServer(grpc_server, port, bindings, health_servicer, settings, registry, metrics_port)
+    server = LLMOpsServer(
+        grpc_server, port, bindings, health_servicer, settings, registry, metrics_port, owned_access
+    )
     await server.start()
     log.info("serving %s on port %d", ", ".join(b.name for b in bindings) or "health only", port)
     return server, port

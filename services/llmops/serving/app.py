@@ -21,10 +21,10 @@ import uvicorn
 from fastapi import Request
 from prometheus_client import CollectorRegistry
 
+from llmops.common.access import Access
 from llmops.common.app import ServiceApp
-from llmops.common.auth import Authenticator, Identity
+from llmops.common.auth import Identity
 from llmops.common.errors import InvalidArgument
-from llmops.common.ratelimit import RateLimiter, limiter_from_settings
 from llmops.common.response_cache.cache import ResponseCache
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import Settings
@@ -88,12 +88,13 @@ def startup_load_request(settings: Settings) -> LoadRequest | None:
     )
 
 
-def http_auth(settings: Settings, limiter: RateLimiter | None) -> AuthHook | None:
-    """The OpenAI API's check of ``Authorization: Bearer <key>``, as gRPC's: ``/v1/models`` is
-    ListModels, the rest is Generate; each request takes one from the tenant's request budget."""
-    if settings.api_keys_file is None:
+def http_auth(access: Access) -> AuthHook | None:
+    """The OpenAI API's check of ``Authorization: Bearer <key>``, as gRPC's (the same keys and
+    limiter): ``/v1/models`` is ListModels, the rest is Generate; each request takes one from the
+    tenant's request budget."""
+    authenticator, limiter = access.authenticator, access.limiter
+    if not authenticator.enabled:
         return None
-    authenticator = Authenticator(settings.api_keys_file)
 
     async def check(request: Request) -> Identity | None:
         method = "ListModels" if request.url.path.rstrip("/") == "/v1/models" else "Generate"
@@ -142,7 +143,8 @@ class ServingApp(ServiceApp):
             from llmops.common.response_cache.build import build_response_cache
 
             self.cache = build_response_cache(settings, registry)
-        limiter = limiter_from_settings(settings) if settings.api_keys_file is not None else None
+        # one Authenticator and one limiter (one Redis client) for gRPC and HTTP alike
+        self._access = Access.from_settings(settings)
         self.service = ServingService(
             engine_factory,
             resolver or default_resolver(settings),
@@ -150,13 +152,11 @@ class ServingApp(ServiceApp):
             shim,
             config,
             cache=self.cache,
-            limiter=limiter,
+            limiter=self._access.limiter,
         )
         registry.register(EngineMetricsBridge(shim, self.service.refresh_engine_gauges))
         self.servicer = ServingServicer(self.service)
-        self.http = create_http_app(
-            self.service, auth=auth if auth is not None else http_auth(settings, limiter)
-        )
+        self.http = create_http_app(self.service, auth=auth if auth is not None else http_auth(self._access))
         self._http_host = http_host or settings.host
         self._http_server: _QuietServer | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -218,11 +218,15 @@ class ServingApp(ServiceApp):
                 await self._http_task
         self._http_server = self._http_task = None
 
+    def access(self) -> Access:
+        return self._access
+
     async def close(self) -> None:
         await self.stop_http()
         await self.service.close()
         if self.cache is not None:
             await self.cache.backend.close()
+        await self._access.close()
 
 
 def build_app(settings: Settings, registry: CollectorRegistry) -> ServiceApp:

@@ -88,6 +88,7 @@ class ServingDeployment:
             self.settings,
             registry=registry,
             metrics_port=s.metrics_port,
+            access=self.app.access(),
         )
         await self.app.start()
         await self.server.refresh_readiness()
