@@ -2,6 +2,10 @@
 engine on the tiny model (a 128-token context, ``max_tokens`` capped at 16, so a fuzzed generation
 stays cheap), one model loaded as ``tiny-fuzz``; a keep-alive connection to it; the hypothesis
 budget (fixed and derandomized in ``make test``, random-seeded in ``make fuzz``).
+
+``LLMOPS_FUZZ_HTTP_ENGINE=fake`` puts the in-process fake engine (a character-level model, same
+sampling code, no torch model) behind the same app instead: a big budget then spends its time on
+the HTTP layer under test rather than on the tiny model's forward passes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from hypothesis import HealthCheck, Phase, seed, settings
 
 from llmops.common.tiny_model import build_tiny_model
 from llmops.serving.domain import EngineKind, EngineOptions, LoadRequest, ModelSource
+from llmops.serving.engines.base import Engine
 from tests.fuzz.harness import EXAMPLES_ENV
 from tests.fuzz.http_wire import Connection, Dropped, ErrorLog, HttpTally, Reply, json_request, problem_with
 from tests.fuzz.openai_bodies import MODEL
@@ -30,13 +35,14 @@ from tests.integration.serving.conftest import (
 )
 
 SEED_ENV = "LLMOPS_FUZZ_SEED"
+ENGINE_ENV = "LLMOPS_FUZZ_HTTP_ENGINE"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def http_budget(default: int) -> Callable[[F], F]:
-    """``default`` examples, derandomized (``make test``); with ``LLMOPS_FUZZ_EXAMPLES`` that many,
-    from a random seed (or ``LLMOPS_FUZZ_SEED``) that the session summary prints."""
-    examples = int(os.environ.get(EXAMPLES_ENV, "0") or 0)
+def http_budget(default: int, share: float = 1.0) -> Callable[[F], F]:
+    """``default`` examples, derandomized (``make test``); with ``LLMOPS_FUZZ_EXAMPLES`` that many
+    times ``share``, from a random seed (or ``LLMOPS_FUZZ_SEED``) that the session summary prints."""
+    examples = int(int(os.environ.get(EXAMPLES_ENV, "0") or 0) * share)
     common: dict[str, Any] = {
         "database": None,
         "deadline": None,
@@ -121,10 +127,15 @@ class HttpTarget:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def http_target() -> AsyncIterator[HttpTarget]:
+    from llmops.serving.engines.fake import FakeEngine
     from llmops.serving.engines.transformers_engine import TransformersEngine
 
     path = build_tiny_model().path
-    engine = TransformersEngine(path, MODEL, EngineOptions(max_model_len=128))
+    engine: Engine
+    if os.environ.get(ENGINE_ENV, "transformers") == "fake":
+        engine = FakeEngine(path, MODEL, EngineOptions(max_model_len=128))
+    else:
+        engine = TransformersEngine(path, MODEL, EngineOptions(max_model_len=128))
     await engine.start()
     stack = await start_stack(
         borrowing_factory({EngineKind.TRANSFORMERS: engine}),

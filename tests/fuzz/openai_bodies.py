@@ -195,9 +195,13 @@ ODD_JSON = st.sampled_from(
 
 def bodies(valid: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[bytes]:
     """The bytes of one request body: valid, mutated or damaged (see the module doc)."""
-    as_json = st.one_of(valid, mutated(valid), mutated(valid))
-    return st.one_of(
-        st.tuples(as_json, st.booleans()).map(lambda pair: encode(*pair)),
+    as_json = st.tuples(st.one_of(valid, valid, mutated(valid)), st.booleans()).map(
+        lambda pair: encode(*pair)
+    )
+    return st.one_of(  # about 4 in 10 bodies are valid requests, 2 in 10 mutated ones
+        as_json,
+        as_json,
+        as_json,
         damaged(valid),
         st.binary(max_size=200),
         NESTED,
