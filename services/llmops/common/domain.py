@@ -1,13 +1,49 @@
-"""Request types shared by serving and the response cache: what a client asks a model for.
+"""Types the services share: which model version a request names, and what it asks the model for.
 
-Plain frozen dataclasses mirroring ``llmops.common.v1`` (``Prompt``, ``SamplingParams``), so the cache
-key and the engine see the same request; no proto types here.
+Plain frozen dataclasses mirroring ``llmops.common.v1`` (``ModelRef``, ``Prompt``, ``SamplingParams``):
+the registry, serving and the response cache read a model reference the same way, and the cache key
+and the engine see the same request; no proto types here (:mod:`llmops.common.convert` converts).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+
+from llmops.common.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A version of a model: exact (``version``), through an alias, or the latest READY one."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.version is not None and self.alias is not None:
+            raise InvalidArgument("a model reference names a version or an alias, not both")
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}:{self.version}"
+        if self.alias is not None:
+            return f"{self.name}@{self.alias}"
+        return self.name
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        """``name``, ``name:3`` or ``name@champion``."""
+        if "@" in text:
+            name, _, alias = text.partition("@")
+            return cls(name, alias=alias)
+        if ":" in text:
+            name, _, version = text.rpartition(":")
+            if not version.isdigit():
+                raise InvalidArgument(f"bad model reference {text!r}: expected name, name:N or name@alias")
+            return cls(name, version=int(version))
+        return cls(text)
 
 
 @dataclass(frozen=True)

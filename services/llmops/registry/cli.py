@@ -26,10 +26,11 @@ from rich.table import Table
 
 from llmops.common.cli_support import resolve_address, run_with_client
 from llmops.common.clients import RegistryClient
+from llmops.common.convert import model_ref_to_proto
 from llmops.common.errors import LLMOpsError
 from llmops.proto.common.v1 import dataset_pb2, model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
-from llmops.registry.convert import FORMAT_TO_PROTO, ref_to_proto
+from llmops.registry.convert import FORMAT_TO_PROTO
 from llmops.registry.domain import ModelFormat, ModelRef
 
 T = TypeVar("T")
@@ -60,7 +61,7 @@ def _run(address: str | None, work: Callable[[RegistryClient], Awaitable[T]]) ->
 
 def _ref(text: str) -> model_pb2.ModelRef:
     try:
-        return ref_to_proto(ModelRef.parse(text))
+        return model_ref_to_proto(ModelRef.parse(text))
     except LLMOpsError as exc:
         raise typer.BadParameter(exc.message) from None
 

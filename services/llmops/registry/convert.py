@@ -6,6 +6,7 @@ from datetime import datetime
 
 from google.protobuf import timestamp_pb2
 
+from llmops.common.convert import model_ref_from_proto, model_ref_to_proto
 from llmops.common.errors import InvalidArgument
 from llmops.proto.common.v1 import dataset_pb2, job_pb2, model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
@@ -18,7 +19,6 @@ from llmops.registry.domain import (
     ManifestFile,
     Model,
     ModelFormat,
-    ModelRef,
     ModelVersion,
     UploadSummary,
     VersionSpec,
@@ -55,23 +55,6 @@ def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     return out
 
 
-def ref_from_proto(ref: model_pb2.ModelRef) -> ModelRef:
-    selector = ref.WhichOneof("selector")
-    if selector == "version":
-        return ModelRef(ref.name, version=ref.version)
-    if selector == "alias":
-        return ModelRef(ref.name, alias=ref.alias)
-    return ModelRef(ref.name)
-
-
-def ref_to_proto(ref: ModelRef) -> model_pb2.ModelRef:
-    if ref.version is not None:
-        return model_pb2.ModelRef(name=ref.name, version=ref.version)
-    if ref.alias is not None:
-        return model_pb2.ModelRef(name=ref.name, alias=ref.alias)
-    return model_pb2.ModelRef(name=ref.name)
-
-
 def model_to_proto(model: Model) -> pb.Model:
     return pb.Model(
         name=model.name,
@@ -98,7 +81,7 @@ def lineage_to_proto(lineage: Lineage) -> pb.Lineage:
         job_kind=JOB_KIND_TO_PROTO[lineage.job_kind],
     )
     if lineage.parent is not None:
-        out.parent.CopyFrom(ref_to_proto(lineage.parent))
+        out.parent.CopyFrom(model_ref_to_proto(lineage.parent))
     if lineage.dataset is not None:
         out.dataset.CopyFrom(
             dataset_pb2.DatasetRef(
@@ -113,7 +96,7 @@ def lineage_from_proto(lineage: pb.Lineage) -> Lineage:
         raise InvalidArgument("unknown job kind", field="metadata.lineage.job_kind")
     dataset = lineage.dataset if lineage.HasField("dataset") else None
     return Lineage(
-        parent=ref_from_proto(lineage.parent) if lineage.HasField("parent") else None,
+        parent=model_ref_from_proto(lineage.parent) if lineage.HasField("parent") else None,
         dataset=DatasetRef(dataset.path, dataset.revision, dataset.repo) if dataset is not None else None,
         dataset_commit=lineage.dataset_commit,
         mlflow_run_id=lineage.mlflow_run_id,
@@ -143,7 +126,7 @@ def version_to_proto(version: ModelVersion) -> pb.ModelVersion:
         aliases=list(version.aliases),
     )
     if version.adapter_base is not None:
-        out.adapter_base.CopyFrom(ref_to_proto(version.adapter_base))
+        out.adapter_base.CopyFrom(model_ref_to_proto(version.adapter_base))
     return out
 
 
@@ -167,7 +150,7 @@ def spec_from_proto(meta: pb.VersionMetadata) -> VersionSpec:
         format=FORMAT_FROM_PROTO.get(meta.format),
         create_model=meta.create_model,
         base_model=meta.base_model,
-        adapter_base=ref_from_proto(meta.adapter_base) if meta.HasField("adapter_base") else None,
+        adapter_base=model_ref_from_proto(meta.adapter_base) if meta.HasField("adapter_base") else None,
         lineage=lineage_from_proto(meta.lineage),
         parameter_count=meta.parameter_count,
         metrics=dict(meta.metrics),

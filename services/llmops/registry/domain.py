@@ -20,6 +20,7 @@ from llmops.common.artifacts.domain import ManifestFile as ManifestFile
 from llmops.common.artifacts.domain import UploadPart as UploadPart
 from llmops.common.artifacts.domain import UploadSummary as UploadSummary
 from llmops.common.datasets import DatasetRef as DatasetRef  # re-exported: lineage names the data
+from llmops.common.domain import ModelRef as ModelRef  # re-exported: a version's address
 from llmops.common.errors import InvalidArgument
 
 T = TypeVar("T")
@@ -95,39 +96,6 @@ def check_alias_name(alias: str, field_name: str = "alias") -> str:
     if _RESERVED_ALIAS.match(alias):
         raise InvalidArgument(f"alias {alias!r} is reserved", field=field_name)
     return alias
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A version of a model: exact (``version``), through an alias, or the latest READY one."""
-
-    name: str
-    version: int | None = None
-    alias: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.version is not None and self.alias is not None:
-            raise InvalidArgument("a model reference names a version or an alias, not both")
-
-    def __str__(self) -> str:
-        if self.version is not None:
-            return f"{self.name}:{self.version}"
-        if self.alias is not None:
-            return f"{self.name}@{self.alias}"
-        return self.name
-
-    @classmethod
-    def parse(cls, text: str) -> ModelRef:
-        """``name``, ``name:3`` or ``name@champion``."""
-        if "@" in text:
-            name, _, alias = text.partition("@")
-            return cls(name, alias=alias)
-        if ":" in text:
-            name, _, version = text.rpartition(":")
-            if not version.isdigit():
-                raise InvalidArgument(f"bad model reference {text!r}: expected name, name:N or name@alias")
-            return cls(name, version=int(version))
-        return cls(text)
 
 
 @dataclass(frozen=True)

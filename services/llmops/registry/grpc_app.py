@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from llmops.common.convert import model_ref_from_proto
 from llmops.common.errors import InvalidArgument
 from llmops.common.identity import Context, caller_identity
 from llmops.proto.common.v1 import model_pb2
@@ -71,7 +72,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return pb.RegisterVersionResponse(version=convert.version_to_proto(version))
 
     async def GetVersion(self, request: pb.GetVersionRequest, context: Context) -> pb.GetVersionResponse:
-        version = await self.service.get_version(convert.ref_from_proto(request.model))
+        version = await self.service.get_version(model_ref_from_proto(request.model))
         return pb.GetVersionResponse(version=convert.version_to_proto(version))
 
     async def ListVersions(
@@ -137,7 +138,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self, request: pb.DownloadArtifactRequest, context: Context
     ) -> AsyncIterator[pb.DownloadArtifactResponse]:
         domain_request = DownloadRequest(
-            ref=convert.ref_from_proto(request.model),
+            ref=model_ref_from_proto(request.model),
             paths=tuple(request.paths),
             chunk_size_bytes=request.chunk_size_bytes,
             resume_path=request.resume_path,
@@ -157,7 +158,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             )
 
     async def GetLineage(self, request: pb.GetLineageRequest, context: Context) -> pb.GetLineageResponse:
-        chain = await self.service.lineage(convert.ref_from_proto(request.model), request.max_depth)
+        chain = await self.service.lineage(model_ref_from_proto(request.model), request.max_depth)
         return pb.GetLineageResponse(
             versions=[convert.version_to_proto(v) for v in chain.versions], truncated=chain.truncated
         )

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmops.common.clients import ServingClient
+from llmops.common.convert import model_ref_to_proto
 from llmops.common.errors import LLMOpsError
 from llmops.proto.common.v1 import generation_pb2, model_pb2, sampling_pb2
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
@@ -73,13 +74,7 @@ def _run(address: str | None, work: Callable[[ServingClient], Awaitable[T]], tim
 
 
 def _ref(text: str) -> model_pb2.ModelRef:
-    ref = ModelRef.parse(text)
-    message = model_pb2.ModelRef(name=ref.name)
-    if ref.version is not None:
-        message.version = ref.version
-    elif ref.alias is not None:
-        message.alias = ref.alias
-    return message
+    return model_ref_to_proto(ModelRef.parse(text))
 
 
 def _selector(model: str | None) -> pb.ModelSelector:

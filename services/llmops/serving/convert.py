@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from google.protobuf import timestamp_pb2
 
+from llmops.common.convert import model_ref_from_proto
 from llmops.common.errors import InvalidArgument
 from llmops.proto.common.v1 import compute_pb2, generation_pb2, model_pb2, sampling_pb2, usage_pb2
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
@@ -65,14 +66,9 @@ DEVICES = {compute_pb2.DEVICE_UNSPECIFIED: "", compute_pb2.DEVICE_CPU: "cpu", co
 
 
 def model_ref(ref: model_pb2.ModelRef) -> ModelRef:
-    which = ref.WhichOneof("selector")
     if not ref.name:
         raise InvalidArgument("must not be empty", field="model_ref.name")
-    return ModelRef(
-        ref.name,
-        version=ref.version if which == "version" else None,
-        alias=ref.alias if which == "alias" else None,
-    )
+    return model_ref_from_proto(ref)
 
 
 def selector(message: pb.ModelSelector) -> ModelSelector:

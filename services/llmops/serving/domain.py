@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from llmops.common.domain import ChatMessage as ChatMessage  # re-exported: shared request types
+from llmops.common.domain import ModelRef as ModelRef
 from llmops.common.domain import Prompt as Prompt
 from llmops.common.domain import SamplingParams as SamplingParams
 
@@ -57,33 +58,6 @@ class ModelState(enum.Enum):
     READY = "ready"
     UNLOADING = "unloading"
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A registry version: exact, through an alias, or the latest READY one when neither is set."""
-
-    name: str
-    version: int | None = None
-    alias: str | None = None
-
-    def __str__(self) -> str:
-        if self.version is not None:
-            return f"{self.name}:{self.version}"
-        if self.alias is not None:
-            return f"{self.name}@{self.alias}"
-        return self.name
-
-    @classmethod
-    def parse(cls, text: str) -> ModelRef:
-        """``name``, ``name:3`` or ``name@champion``."""
-        if "@" in text:
-            name, _, alias = text.partition("@")
-            return cls(name, alias=alias)
-        name, sep, version = text.rpartition(":")
-        if sep and version.isdigit():
-            return cls(name, version=int(version))
-        return cls(text)
 
 
 @dataclass(frozen=True)
