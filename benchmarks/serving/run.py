@@ -177,6 +177,8 @@ def medians(runs: list[dict[str, float]]) -> dict[str, float]:
 
 async def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # quiet: the table and RESULT lines
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from prometheus_client import CollectorRegistry
 
     from llmops.common.server import create_server

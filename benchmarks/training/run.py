@@ -56,6 +56,7 @@ from benchmarks.gate import Goal, alternating, finish, median, quick_default
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
 GOAL = 0.9  # the whole job's tokens/s over the same loop in-process
+PHASES = {"worker_up": "worker up", "loading": "body starts", "first_step": "load + first step"}
 FIRST_STEP_GOAL = 2.0  # seconds from SubmitJob to the first step, Ray runtime warm
 BATCH, LR, LORA_R, LORA_ALPHA, LORA_DROPOUT, SEED = 8, 2e-4, 8, 16, 0.05, 42
 console = Console()
@@ -257,6 +258,10 @@ class Watched:
     final_state: str = ""
     error: str = ""
     logs: list[Log] = field(default_factory=list)
+    #: Where SubmitJob -> first step goes (wall clock, the worker's events' own times): the worker up
+    #: (actor process started, its body imported), the body loading (imports, tokenizer, data, model),
+    #: the trainer built and its first step.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def job_settings(data_dir: Path, data_repo: Path) -> Any:
@@ -278,6 +283,7 @@ def job_settings(data_dir: Path, data_repo: Path) -> Any:
                 "data_repo": str(data_repo),
                 "poll_seconds": 0.2,
                 "default_cpus": os.cpu_count() or 1,
+                "warm_worker": True,
             },
         }
     )
@@ -314,6 +320,7 @@ async def follow(client: Any, workload: Workload, dataset: str, timeout: float) 
     from llmops.proto.training.v1 import training_service_pb2 as pb
 
     seen = Watched(submitted=time.perf_counter())
+    submitted_wall = time.time()
     response = await client.unary(
         client.stub.SubmitJob, pb.SubmitJobRequest(spec=job_spec(workload, dataset))
     )
@@ -323,9 +330,15 @@ async def follow(client: Any, workload: Workload, dataset: str, timeout: float) 
         async for message in client.stream(client.stub.WatchJob, request, timeout=None):
             now, event = time.perf_counter(), message.event
             kind = event.WhichOneof("payload")
+            at_wall = event.time.ToNanoseconds() / 1e9
             if kind == "started" and seen.started is None:
                 seen.started = now
+                seen.phases["worker_up"] = at_wall - submitted_wall
+            elif kind == "step" and event.step.phase == "load" and "loading" not in seen.phases:
+                seen.phases["loading"] = at_wall - submitted_wall
             elif kind == "step" and event.step.phase == "train" and event.step.step >= 1:
+                if seen.first_step is None:
+                    seen.phases["first_step"] = at_wall - submitted_wall
                 seen.first_step = seen.first_step or now
                 if event.step.tokens_per_second > 0:  # a log (not the train-begin event)
                     at = event.time.ToNanoseconds() / 1e9  # the server's clock, when it emitted it
@@ -408,6 +421,7 @@ class JobService:
             "window_seconds": window[-1].time - window[0].time,
             "submit_to_started_s": seen.started - seen.submitted,
             "submit_to_first_step_s": seen.first_step - seen.submitted,
+            "phases": seen.phases,
             "wall_s": seen.ended - seen.submitted,
             "logs": [vars(log) | {"time": log.time - window[0].time} for log in seen.logs],
         }
@@ -450,6 +464,11 @@ def report(record: dict[str, Any]) -> None:
         f"{job['submit_to_first_step_s']:.2f}",
         f"{ratios['first_step']:.2f}",
     )
+    phases, previous, parts = job["phases"], 0.0, []
+    for key, label in PHASES.items():
+        parts.append(f"{label} {phases[key] - previous:.2f}")
+        previous = phases[key]
+    table.add_row("  submit -> first step, by phase (s)", "", "; ".join(parts), "")
     table.add_row("wall time (s)", f"{direct['wall_s']:.1f}", f"{job['wall_s']:.1f}", f"{ratios['wall']:.2f}")
     table.add_row("  per round: direct", " / ".join(f"{w:.1f}" for w in direct["walls"]), "", "")
     table.add_row("  per round: job", "", " / ".join(f"{w:.1f}" for w in job["walls"]), "")
@@ -549,6 +568,7 @@ def summarize(
         "wall_s": median(j["wall_s"] for j in jobs),
         "walls": [j["wall_s"] for j in jobs],
         "first_steps": [j["submit_to_first_step_s"] for j in jobs],
+        "phases": {k: median(j["phases"].get(k, float("nan")) for j in jobs) for k in PHASES},
     }
     ratios = {
         "whole_tokens_per_s": job["whole_tokens_per_s"] / direct["whole_tokens_per_s"],

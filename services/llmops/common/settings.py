@@ -138,6 +138,14 @@ class TrainingSection(JobServiceSection):
     max_concurrent_jobs: int = Field(
         default=1, ge=1, le=256, description="Jobs on workers at once; the rest wait."
     )
+    warm_worker: bool = Field(
+        default=False,
+        description=(
+            "Ray runner: keep one spare worker process up with the training libraries imported, so a "
+            "CPU job starts in it without waiting seconds for a new process (it holds no CPUs while "
+            "idle; the job's CPUs are reserved when it takes one). Costs one idle process's memory."
+        ),
+    )
     max_queued_jobs: int = Field(
         default=32, ge=1, description="Waiting jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED."
     )

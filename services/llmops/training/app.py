@@ -59,6 +59,7 @@ def build_runner(settings: Settings) -> JobRunner:
         settings.ray_address,
         default_cpus=section.default_cpus,
         temp_dir=str(settings.ray_temp_dir) if settings.ray_temp_dir else None,
+        warm=section.warm_worker,
     )
 
 

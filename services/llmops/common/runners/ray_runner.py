@@ -7,6 +7,14 @@ per attempt, so an actor still waiting for resources does not pile up calls. Whe
 process dies (killed, OOM, node lost) ``run`` raises ``RayActorError`` and the attempt ends
 ``lost``; killing an attempt kills its actor, which frees its CPUs and GPUs at once.
 
+With ``warm``, the runner keeps one spare actor up with the body imported (and the body module's
+``preload()`` run, when it has one): a job that asks for CPUs only takes it instead of waiting for a
+new process to start and import torch and the training libraries (seconds). The spare holds no CPUs
+while it waits (it is created with ``num_cpus=0``); the job's CPUs are reserved by a placement group
+that its ``run`` call waits for, so jobs still queue for CPUs as before, and the worker's torch
+threads are set to the job's CPUs (Ray would have set them from the actor's ``num_cpus``). A new spare
+is started when the previous one is taken; the spare is killed when the runner shuts down.
+
 With no address a local Ray runtime is started (no dashboard, its own temp folder, workers at
 niceness 0); with an address (``ray://`` or ``host:port``, or ``auto`` inside a KubeRay pod) the
 service joins that cluster. A runtime this module started is shared by every runner of the process
@@ -16,9 +24,11 @@ else (a test session's) is left alone.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -43,14 +53,27 @@ _DRAIN_SECONDS = 10.0
 class WorkerActor:
     """The Ray actor class (wrapped with ``ray.remote`` at start); holds one :class:`WorkerCore`."""
 
-    def __init__(self, body: str, job_id: str = "") -> None:
+    def __init__(self, body: str, job_id: str = "", preload: bool = False) -> None:
         self._name = f"{body.rpartition(':')[2]}[{job_id}]" if job_id else body
         self._core = WorkerCore(load_body(body))
+        if preload:  # a spare: import now what the body imports when it runs
+            warm = getattr(importlib.import_module(body.partition(":")[0]), "preload", None)
+            if callable(warm):
+                warm()
 
     def __repr__(self) -> str:  # what Ray's logs and state API call the actor
         return self._name
 
-    def run(self, plan: dict[str, Any]) -> dict[str, Any]:
+    def ready(self) -> bool:
+        return True
+
+    def run(self, plan: dict[str, Any], reserved: Any = None, threads: int = 0) -> dict[str, Any]:
+        """Run the body; ``reserved`` (a spare's placement group, resolved by Ray before this call
+        runs) and ``threads`` (the job's CPUs: torch's threads) are set when a spare took the job."""
+        del reserved  # Ray resolved it: the job's CPUs are reserved
+        torch = sys.modules.get("torch")
+        if threads and torch is not None:
+            torch.set_num_threads(threads)
         return self._core.run(plan)
 
     def events(self, since: int, wait: float) -> list[dict[str, Any]]:
@@ -64,10 +87,14 @@ class WorkerActor:
 
 
 class RayAttempt(Attempt):
-    def __init__(self, ray: Any, actor: Any, plan: Mapping[str, Any]) -> None:
+    def __init__(
+        self, ray: Any, actor: Any, plan: Mapping[str, Any], *, group: Any = None, threads: int = 0
+    ) -> None:
         self._ray: Any = ray
         self._actor = actor
-        self._run = actor.run.remote(dict(plan))
+        self._group = group  # the placement group holding a spare's CPUs for this job
+        reserved = None if group is None else group.ready()
+        self._run = actor.run.remote(dict(plan), reserved, threads)
         self._pending: Any = None
         self._cursor = 0
 
@@ -116,6 +143,14 @@ class RayAttempt(Attempt):
             self._ray.kill(self._actor, no_restart=True)
         except Exception:
             log.debug("kill of a gone actor", exc_info=True)
+        if self._group is not None:
+            group, self._group = self._group, None
+            try:
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(group)
+            except Exception:
+                log.debug("removal of a gone placement group", exc_info=True)
 
     def pid(self, timeout: float = 30.0) -> int:
         """The worker process id (for operators and fault-injection tests)."""
@@ -146,6 +181,7 @@ class RayRunner(JobRunner):
         default_cpus: float = 1.0,
         temp_dir: str | None = None,
         namespace: str = "llmops",
+        warm: bool = False,
     ) -> None:
         try:
             import ray
@@ -164,8 +200,53 @@ class RayRunner(JobRunner):
                 _Runtime.users += 1
                 self._generation = _Runtime.generation
         self._actor_class = ray.remote(WorkerActor)
+        self._warm = warm
+        self._spare: Any = None
+        self._spare_lock = threading.Lock()
+        if warm:
+            self._start_spare()
+
+    def _start_spare(self) -> None:
+        with self._spare_lock:
+            if self._spare is None and self._generation is not None:
+                options = {"num_cpus": 0, "max_concurrency": 4, "max_restarts": 0}
+                self._spare = self._actor_class.options(**options).remote(self._body, "", True)
+
+    def _take_spare_for(self, cpus: float, plan: Mapping[str, Any]) -> RayAttempt | None:
+        """The spare, placed on a new placement group of ``cpus`` CPUs; None when there is none ready."""
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        try:  # a spare still starting would make the job wait for it: start a fresh actor instead
+            ready, _ = self._ray.wait([spare.ready.remote()], timeout=0.05)
+        except Exception:
+            ready = []
+        if not ready:
+            with self._spare_lock:
+                if self._spare is None:
+                    self._spare = spare  # keep it warming for the next job
+                    return None
+            self._kill_quietly(spare)
+            return None
+        from ray.util.placement_group import placement_group
+
+        group = placement_group([{"CPU": cpus}])
+        return RayAttempt(self._ray, spare, plan, group=group, threads=max(1, int(cpus)))
+
+    def _kill_quietly(self, actor: Any) -> None:
+        try:
+            self._ray.kill(actor, no_restart=True)
+        except Exception:
+            log.debug("kill of a gone actor", exc_info=True)
 
     def start(self, job_id: str, plan: Mapping[str, Any], resources: Resources) -> RayAttempt:
+        cpus = resources.cpus or self._default_cpus
+        if self._warm and not (resources.gpus or resources.memory_bytes or resources.accelerator_type):
+            attempt = self._take_spare_for(cpus, plan)
+            if attempt is not None:
+                self._start_spare()
+                return attempt
         options: dict[str, Any] = {
             "num_cpus": resources.cpus or self._default_cpus,
             "num_gpus": resources.gpus,
@@ -184,6 +265,10 @@ class RayRunner(JobRunner):
         return gpus > 0, gpus > 0  # Ampere and newer (what clusters run jobs on) do BF16
 
     def shutdown(self) -> None:
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and self._ray.is_initialized():
+            self._kill_quietly(spare)
         with _Runtime.lock:
             if self._generation != _Runtime.generation or not _Runtime.connected:
                 return

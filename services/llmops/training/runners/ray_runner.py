@@ -21,9 +21,15 @@ class RayRunner(PlanRunner):
         body: str = DEFAULT_BODY,
         temp_dir: str | None = None,
         namespace: str = "llmops-training",
+        warm: bool = False,
     ) -> None:
         super().__init__(
             ray_runner.RayRunner(
-                address, body=body, default_cpus=default_cpus, temp_dir=temp_dir, namespace=namespace
+                address,
+                body=body,
+                default_cpus=default_cpus,
+                temp_dir=temp_dir,
+                namespace=namespace,
+                warm=warm,
             )
         )
