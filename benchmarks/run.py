@@ -2,7 +2,8 @@
 
 Each benchmark measures its own baseline in the same run and ends with RESULT lines (see
 ``benchmarks/gate.py``). This prints each benchmark's output as it comes, then a summary of every
-RESULT line. By default every benchmark runs its quick workload (still at least 3 alternating
+RESULT line (each benchmark's stderr goes to ``benchmarks/results/<name>.stderr.log``, shown when
+it breaks). By default every benchmark runs its quick workload (still at least 3 alternating
 rounds, medians); ``--full`` runs the full ones. ``--only cache,training`` picks some.
 """
 
@@ -30,25 +31,30 @@ BENCHMARKS = {
 }
 
 
-def run_one(module: str, env: dict[str, str], timeout: float) -> tuple[int, list[str], float]:
-    """Run one benchmark, echoing its output; its exit code, RESULT lines and seconds."""
+def run_one(module: str, env: dict[str, str], timeout: float, log: Path) -> tuple[int, list[str], float]:
+    """Run one benchmark, echoing its output (its stderr, the libraries' chatter, goes to ``log``);
+    its exit code, RESULT lines and seconds."""
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    results: list[str] = []
-    try:
-        for line in proc.stdout:
-            print(line, end="", flush=True)
-            if line.startswith("RESULT "):
-                results.append(line.strip())
-        code = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - started)))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-        code = 124
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        results: list[str] = []
+        try:
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                if line.startswith("RESULT "):
+                    results.append(line.strip())
+            code = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - started)))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            code = 124
+    if code not in (0, 1) or not results:  # it broke: show why
+        print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:]), flush=True)
     return code, results, time.perf_counter() - started
 
 
@@ -66,7 +72,8 @@ def main() -> int:
     summary: list[tuple[str, int, list[str], float]] = []
     for name in names:
         print(f"== {name} ({BENCHMARKS[name]})", flush=True)
-        code, results, seconds = run_one(BENCHMARKS[name], env, args.timeout)
+        log = ROOT / "benchmarks" / "results" / f"{name}.stderr.log"
+        code, results, seconds = run_one(BENCHMARKS[name], env, args.timeout, log)
         summary.append((name, code, results, seconds))
     print("\n== summary")
     failed = 0
