@@ -16,7 +16,8 @@ before, with the same completions, prompt details and usage (``cached`` set, the
 own); identical misses at the same time generate once (single flight). Only complete answers are
 stored (never ABORT, never a cancelled stream). Sampling without a seed, models or adapters loaded
 from a local path and ``CacheControl`` opt-outs skip the lookup and/or the store. A cache that is
-down never fails a request: it is answered from the engine.
+down never fails a request: it is answered from the engine. What is keyed, stored and replayed is
+:mod:`llmops.serving.cached`; the model table (load, unload, adapters) is :mod:`llmops.serving.lifecycle`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
-from llmops.common.auth import Identity, current_identity, current_tenant
+from llmops.common.auth import Identity, current_identity
 from llmops.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -42,12 +43,9 @@ from llmops.common.errors import (
 from llmops.common.ratelimit import RateLimiter
 from llmops.common.response_cache.cache import ResponseCache
 from llmops.common.response_cache.domain import CacheKey, LookupOutcome
-from llmops.common.response_cache.keys import make_key
-from llmops.proto.common.v1 import generation_pb2
-from llmops.serving import convert
+from llmops.serving.cached import Assembler, ResultCodec, cache_key, replay
 from llmops.serving.config import EngineFactory, ServingConfig
 from llmops.serving.domain import (
-    Completion,
     CompletionDelta,
     EngineRequest,
     FinishReason,
@@ -60,7 +58,6 @@ from llmops.serving.domain import (
     ModelSelector,
     ModelSource,
     ModelState,
-    SamplingParams,
     StreamEnd,
     StreamEvent,
     TokenizeRequest,
@@ -131,7 +128,7 @@ class ServingService(ModelLifecycle):
         key = self._cache_key(request, admitted)
         if self.cache is None or key is None:
             return await self._generate(await self._tokenized(request, admitted))
-        codec = _ResultCodec(admitted)
+        codec = ResultCodec(admitted.request_id, admitted.entry)
         if request.cache_bypass or not key.cacheable:
             prepared = await self._tokenized(request, admitted)
             self.cache.metrics.count(LookupOutcome.BYPASS)
@@ -156,7 +153,7 @@ class ServingService(ModelLifecycle):
             return result
 
     async def _generate(self, prepared: _Prepared) -> GenerationResult:
-        assembler = _Assembler()
+        assembler = Assembler()
         async for event in self._run(prepared):
             assembler.add(event)
         return assembler.result(prepared.request_id)
@@ -182,13 +179,13 @@ class ServingService(ModelLifecycle):
     async def _cached_stream(
         self, request: GenerationRequest, admitted: _Admitted, cache: ResponseCache, key: CacheKey
     ) -> AsyncGenerator[StreamEvent, None]:
-        codec = _ResultCodec(admitted)
+        codec = ResultCodec(admitted.request_id, admitted.entry)
         store = key.cacheable and not request.cache_no_store
         if request.cache_bypass or not key.cacheable:
             assert isinstance(admitted, _Prepared)  # tokenized before the stream started
             prepared = admitted
             cache.metrics.count(LookupOutcome.BYPASS)
-            bypassed = _Assembler()
+            bypassed = Assembler()
             async with contextlib.aclosing(self._run(prepared)) as events:
                 async for event in events:
                     bypassed.add(event)
@@ -199,7 +196,7 @@ class ServingService(ModelLifecycle):
         if request.cache_no_store:
             cached = await self._lookup(key, codec)
             if cached is not None and await self._check_hit(request, admitted, cached):
-                for event in _replay(cached):
+                for event in replay(cached):
                     yield event
                 return
             prepared = await self._tokenized(request, admitted)
@@ -213,41 +210,22 @@ class ServingService(ModelLifecycle):
                 and flight.value is not None
                 and await self._check_hit(request, admitted, flight.value)
             ):
-                for event in _replay(flight.value):
+                for event in replay(flight.value):
                     yield event
                 return
             prepared = await self._tokenized(request, admitted)
-            assembler = _Assembler()
+            assembler = Assembler()
             async with contextlib.aclosing(self._run(prepared)) as events:
                 async for event in events:
                     assembler.add(event)
                     yield event
             await flight.store(assembler.result(prepared.request_id))
 
-    def _cache_key(self, request: GenerationRequest, prepared: _Admitted) -> CacheKey | None:
-        """The request's cache key; ``None`` when the cache does not apply at all (no cache, a model
-        or adapter loaded from a local path, or both opt-outs set). Non-deterministic requests get a
-        bypass key (counted as bypass)."""
-        if self.cache is None or (request.cache_bypass and request.cache_no_store):
+    def _cache_key(self, request: GenerationRequest, admitted: _Admitted) -> CacheKey | None:
+        """The request's cache key (see :func:`~llmops.serving.cached.cache_key`); ``None`` without a cache."""
+        if self.cache is None:
             return None
-        model = prepared.entry.info.model
-        if model is None:
-            return None
-        adapter = None
-        if request.adapter:
-            loaded = prepared.entry.adapters.get(request.adapter)
-            adapter = None if loaded is None else loaded.adapter
-            if adapter is None:
-                return None
-        try:
-            # The caller's tenant is part of the key: tenants never see each other's answers.
-            key = make_key(model, request.prompt, request.sampling, tenant=current_tenant(), adapter=adapter)
-        except LLMOpsError as exc:
-            log.warning("no cache key for request %s: %s", prepared.request_id, exc)
-            return None
-        if key.cacheable and not _deterministic(request.sampling):
-            key = CacheKey(key.model, "", key.tenant, key.adapter)
-        return key
+        return cache_key(request, admitted.entry, admitted.request_id)
 
     async def _check_hit(
         self, request: GenerationRequest, admitted: _Admitted, hit: GenerationResult
@@ -268,7 +246,7 @@ class ServingService(ModelLifecycle):
         engine.check_decoding(decoding)
         return True
 
-    async def _lookup(self, key: CacheKey, codec: _ResultCodec) -> GenerationResult | None:
+    async def _lookup(self, key: CacheKey, codec: ResultCodec) -> GenerationResult | None:
         assert self.cache is not None
         found = await self.cache.lookup(key)
         if found.entry is None:
@@ -279,7 +257,7 @@ class ServingService(ModelLifecycle):
             log.warning("undecodable cache entry %s; generating", key.digest, exc_info=True)
             return None
 
-    async def _store(self, key: CacheKey, codec: _ResultCodec, result: GenerationResult) -> None:
+    async def _store(self, key: CacheKey, codec: ResultCodec, result: GenerationResult) -> None:
         assert self.cache is not None
         await self.cache.store(key, codec.encode(result), complete=codec.complete(result))
 
@@ -534,105 +512,4 @@ class ServingService(ModelLifecycle):
         return False
 
 
-class _Assembler:
-    """Builds the whole answer from a stream of events."""
-
-    def __init__(self) -> None:
-        self.completions: dict[int, Completion] = {}
-        self.end: StreamEnd | None = None
-
-    def add(self, event: StreamEvent) -> None:
-        if isinstance(event, StreamEnd):
-            self.end = event
-            return
-        done = self.completions.setdefault(event.index, Completion(event.index, "", [], FinishReason.ABORT))
-        done.text += event.text
-        done.token_ids.extend(event.token_ids)
-        done.logprobs.extend(event.logprobs)
-        if event.finish_reason is not None:
-            done.finish_reason = event.finish_reason
-            done.stop_sequence = event.stop_sequence
-            done.cumulative_logprob = event.cumulative_logprob
-
-    def result(self, request_id: str) -> GenerationResult:
-        end = self.end
-        assert end is not None
-        return GenerationResult(
-            request_id=request_id,
-            served_name=end.served_name,
-            model=end.model,
-            completions=tuple(self.completions[i] for i in sorted(self.completions)),
-            prompt_token_ids=end.prompt_token_ids,
-            usage=end.usage,
-            prompt_logprobs=end.prompt_logprobs,
-        )
-
-
-class _ResultCodec:
-    """A :class:`GenerationResult` as the cache stores it: a serialized ``GeneratedOutput``.
-
-    Decoding answers for this request: its id, the model that serves it, ``cached`` set.
-    """
-
-    def __init__(self, prepared: _Admitted) -> None:
-        self._request_id = prepared.request_id
-        self._served_name = prepared.entry.served_name
-        self._model = prepared.entry.info.model
-
-    def encode(self, value: GenerationResult) -> bytes:
-        return convert.generated_output(value).SerializeToString()
-
-    def decode(self, data: bytes) -> GenerationResult:
-        output = generation_pb2.GeneratedOutput.FromString(data)
-        return GenerationResult(
-            request_id=self._request_id,
-            served_name=self._served_name,
-            model=self._model,
-            completions=tuple(convert.completion_from_pb(c) for c in output.completions),
-            prompt_token_ids=tuple(output.prompt_token_ids),
-            usage=convert.usage_from_pb(output.usage),
-            prompt_logprobs=tuple(convert.logprobs_from_pb(output.prompt_logprobs)),
-            cached=True,
-        )
-
-    def complete(self, value: GenerationResult) -> bool:
-        return bool(value.completions) and all(
-            c.finish_reason is not FinishReason.ABORT for c in value.completions
-        )
-
-
-def _deterministic(s: SamplingParams) -> bool:
-    """What :attr:`Decoding.deterministic` says once ``s`` is checked: greedy (or temperature 0),
-    beam search, or seeded. Read from the request, so a cache lookup needs no tokenized prompt."""
-    return s.greedy or s.temperature == 0 or s.use_beam_search or s.seed is not None
-
-
-def _replay(result: GenerationResult) -> list[StreamEvent]:
-    """A cached answer as a stream: one delta per completion, then the end; all marked cached."""
-    events: list[StreamEvent] = [
-        CompletionDelta(
-            index=c.index,
-            text=c.text,
-            token_ids=list(c.token_ids),
-            logprobs=list(c.logprobs),
-            finish_reason=c.finish_reason,
-            stop_sequence=c.stop_sequence,
-            cumulative_logprob=c.cumulative_logprob,
-            cached=True,
-        )
-        for c in result.completions
-    ]
-    events.append(
-        StreamEnd(
-            served_name=result.served_name,
-            model=result.model,
-            usage=result.usage,
-            prompt_token_ids=result.prompt_token_ids,
-            prompt_logprobs=result.prompt_logprobs,
-            cached=True,
-        )
-    )
-    return events
-
-
-__all__ = ["AlreadyExists", "EngineFactory", "ServingConfig", "ServingService"]
+__all__ = ["AlreadyExists", "ServingService"]
