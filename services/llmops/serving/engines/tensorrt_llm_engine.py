@@ -80,7 +80,11 @@ class TensorRTLLMEngine(HFTokenizerEngine):
 
     async def start(self) -> None:
         if not available():
-            raise FailedPrecondition("TensorRT-LLM is not installed on this server (it needs an NVIDIA GPU)")
+            raise FailedPrecondition(
+                "TensorRT-LLM is not installed on this server: it runs on NVIDIA GPUs only, and its "
+                "wheel comes from NVIDIA's package index (pip install tensorrt-llm on a GPU machine); "
+                "load the model with engine vllm or transformers instead"
+            )
         from tensorrt_llm import LLM  # type: ignore[import-not-found]
 
         o = self.options
