@@ -267,11 +267,47 @@ async def _probe(target: str, service: str, env: dict[str, str]) -> int:
     return process.returncode
 
 
-def test_tls_settings_that_cannot_work_are_refused(pki: dict[str, Path]) -> None:
+async def test_tls_settings_that_cannot_work_are_refused(pki: dict[str, Path]) -> None:
+    # On the session's loop: grpc.aio binds to every event loop that touches it and is made for one
+    # per process (a second loop from asyncio.run here crashed the interpreter later, in GC).
     with pytest.raises(ValueError, match="both tls_cert_file and tls_key_file"):
-        asyncio.run(_server(_settings(tls_cert_file=pki["server_cert"])))
+        await _server(_settings(tls_cert_file=pki["server_cert"]))
     with pytest.raises(ValueError, match="mutual TLS is TLS first"):
-        asyncio.run(_server(_settings(tls_client_ca_file=pki["ca"])))
+        await _server(_settings(tls_client_ca_file=pki["ca"]))
+
+
+async def test_a_refused_or_unbindable_server_leaves_no_grpc_server_behind(
+    pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings that cannot work are refused before a grpc.aio server exists, and a server that
+    cannot bind is stopped before the error reaches the caller: neither is left for the garbage
+    collector to free later, from another event loop (that crashed the interpreter)."""
+    built: list[grpc.aio.Server] = []
+    stopped: list[grpc.aio.Server] = []
+    make_server = grpc.aio.server
+
+    def recording_server(*args: object, **kwargs: object) -> grpc.aio.Server:
+        server = make_server(*args, **kwargs)  # type: ignore[arg-type]
+        stop = server.stop
+
+        async def recording_stop(grace: float | None) -> None:
+            stopped.append(server)
+            await stop(grace)
+
+        server.stop = recording_stop  # type: ignore[method-assign]
+        built.append(server)
+        return server
+
+    monkeypatch.setattr(grpc.aio, "server", recording_server)
+    with pytest.raises(ValueError, match="both tls_cert_file and tls_key_file"):
+        await _server(_settings(tls_cert_file=pki["server_cert"]))
+    assert built == []
+
+    holder, port = await _server(_settings())
+    with pytest.raises((OSError, RuntimeError)):
+        await create_server(f"127.0.0.1:{port}", ProbeApp().bindings(), _settings())
+    assert len(built) == 2 and stopped == [built[1]]  # the unbindable one, stopped where it was built
+    await holder.stop(0)
 
 
 async def test_api_keys_never_reach_the_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

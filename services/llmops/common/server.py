@@ -390,6 +390,18 @@ class LLMOpsServer:
             await self._stopping
 
 
+async def _discard(grpc_server: grpc.aio.Server) -> None:
+    """Shut down a server that failed to come up, in the loop that built it.
+
+    grpc.aio binds its completion queue to each event loop that makes a grpc object and delivers a
+    server's completions to the loop it was made on. Left to the garbage collector, a half-built
+    server is freed at some later moment, from whatever loop runs then (possibly after its own loop
+    was closed); stopping it here ends its life where it began.
+    """
+    with contextlib.suppress(Exception):
+        await grpc_server.stop(None)
+
+
 async def create_server(
     address: str,
     bindings: Sequence[ServiceBinding],
@@ -414,6 +426,10 @@ async def create_server(
     Returns:
         The started server and the port it bound.
     """
+    # Settings that cannot work are refused before any grpc object exists: a grpc.aio server built
+    # and then dropped unstarted is freed later by the garbage collector, from whatever loop and
+    # gRPC generation is current then (see _discard).
+    credentials = server_credentials(settings)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = GrpcServerMetrics(registry)
     options = [
@@ -429,23 +445,28 @@ async def create_server(
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    health_servicer = AsyncHealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    for binding in bindings:
-        binding.add_to_server(binding.servicer, grpc_server)
-    service_names = [b.name for b in bindings]
-    service_names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(service_names, grpc_server)
-    credentials = server_credentials(settings)
-    if credentials is not None:
-        port = grpc_server.add_secure_port(address, credentials)
-    else:
-        port = grpc_server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind gRPC server to {address}")
-    server = LLMOpsServer(
-        grpc_server, port, bindings, health_servicer, settings, registry, metrics_port, owned_access
-    )
-    await server.start()
+    try:
+        health_servicer = AsyncHealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        for binding in bindings:
+            binding.add_to_server(binding.servicer, grpc_server)
+        service_names = [b.name for b in bindings]
+        service_names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(service_names, grpc_server)
+        if credentials is not None:
+            port = grpc_server.add_secure_port(address, credentials)
+        else:
+            port = grpc_server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind gRPC server to {address}")
+        server = LLMOpsServer(
+            grpc_server, port, bindings, health_servicer, settings, registry, metrics_port, owned_access
+        )
+        await server.start()
+    except BaseException:
+        await _discard(grpc_server)
+        if owned_access is not None:
+            await owned_access.close()
+        raise
     log.info("serving %s on port %d", ", ".join(b.name for b in bindings) or "health only", port)
     return server, port
