@@ -73,15 +73,15 @@ fmt: $(STAMP) ## Format and auto-fix with ruff
 test: setup ## Set up what is missing, then run the whole suite (the README's test command)
 	$(MAKE) --no-print-directory proto-check
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -X faulthandler -m pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
 test-unit: $(STAMP) ## Unit tests only (no sockets, no Ray)
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PY) -X faulthandler -m pytest tests/unit $(PYTEST_ARGS)
 
 .PHONY: test-integration
 test-integration: setup ## Integration tests (real servers on 127.0.0.1)
-	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+	$(PY) -X faulthandler -m pytest tests/integration $(PYTEST_ARGS)
 
 .PHONY: test-gpu
 test-gpu: ## Install the gpu extra, run every GPU test (QLoRA, vLLM on CUDA, TensorRT-LLM), print what ran and what was skipped and why (GPU machine: in .venv-gpu, CUDA builds)
@@ -89,14 +89,14 @@ test-gpu: ## Install the gpu extra, run every GPU test (QLoRA, vLLM on CUDA, Ten
 
 .PHONY: faults
 faults: setup ## Fault tests only (kill Redis under load, restart the registry mid-transfer, SIGTERM serving mid-stream, kill a training worker), with their counts
-	$(PY) -m pytest tests/faults tests/integration/training/test_faults.py -m faults $(PYTEST_ARGS)
+	$(PY) -X faulthandler -m pytest tests/faults tests/integration/training/test_faults.py -m faults $(PYTEST_ARGS)
 
 FUZZ_EXAMPLES ?= 1000
 FUZZ_SEED ?=
 
 .PHONY: fuzz
 fuzz: setup ## Fuzz every RPC on real servers, FUZZ_EXAMPLES new inputs per RPC each run (seed printed; FUZZ_SEED=N repeats one); failing inputs kept in build/hypothesis
-	LLMOPS_FUZZ_RANDOM=1 LLMOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/fuzz -m fuzz --timeout 0 \
+	LLMOPS_FUZZ_RANDOM=1 LLMOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -X faulthandler -m pytest tests/fuzz -m fuzz --timeout 0 \
 	  $(if $(FUZZ_SEED),--hypothesis-seed=$(FUZZ_SEED)) $(PYTEST_ARGS)
 
 .PHONY: chart-check
