@@ -50,6 +50,33 @@ async def decode_rate(client: Any, served_name: str, prompt: str, tokens: int) -
     return (total - first[1]) / (last - first[0])
 
 
+async def load(client: Any, request: Any, *, poll: float = 1.0, timeout: float = 1800.0) -> Any:
+    """``LoadModel`` without holding the call open (an engine start takes minutes on a busy CPU):
+    asked with ``no_wait``, then ``ListModels`` polled until the version asked for is READY.
+
+    Raises:
+        RuntimeError: the load failed (with the engine's error), or was not READY in ``timeout`` s.
+    """
+    import asyncio
+
+    from llmops.proto.serving.v1 import serving_service_pb2 as pb
+
+    request.no_wait = True
+    started = (await client.unary(client.stub.LoadModel, request)).model
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = await client.unary(client.stub.ListModels, pb.ListModelsRequest())
+        for model in listed.models:
+            if model.served_name != started.served_name or model.model.version != started.model.version:
+                continue
+            if model.state == pb.LOADED_MODEL_STATE_READY:
+                return model
+            if model.state == pb.LOADED_MODEL_STATE_FAILED:
+                raise RuntimeError(f"loading {model.served_name} failed: {model.error_message}")
+        await asyncio.sleep(poll)
+    raise RuntimeError(f"{started.served_name} was not ready after {timeout:.0f} s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from google.protobuf.duration_pb2 import Duration
 
@@ -72,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for model, engine in variants.items():
                 name, version = model.rsplit(":", 1)
                 print(f"speed: loading {model} on {engine}", flush=True)
-                await client.unary(
-                    client.stub.LoadModel,
+                await load(
+                    client,
                     pb.LoadModelRequest(
                         model_ref=ref(name, version=int(version)),
                         served_name=served[model],

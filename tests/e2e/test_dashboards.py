@@ -27,7 +27,9 @@ from llmops.stack.dashboards import Query, evaluate, instant, queries
 from tests.conftest import require_tool
 from tests.e2e.conftest import REPO, DemoRun
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+#: The session's demo fixture (two runs of the loop, vLLM starts) runs inside whichever test comes
+#: first; on a busy 2-core machine it takes well over pytest's default 600 s.
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(2400)]
 #: Panels that need a Kubernetes cluster: replicas come from kube-state-metrics.
 CLUSTER_ONLY = {"serving.json panel 'Serving replicas' A", "serving.json panel 'Serving replicas' B"}
 

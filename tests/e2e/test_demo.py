@@ -30,7 +30,9 @@ import pytest
 from llmops.stack.demo import DemoResult
 from tests.e2e.conftest import DemoRun
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+#: The session's demo fixture (two runs of the loop, vLLM starts) runs inside whichever test comes
+#: first; on a busy 2-core machine it takes well over pytest's default 600 s.
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 
 def _served(result: DemoResult) -> set[tuple[str, str]]:

@@ -127,6 +127,25 @@ def _run_pipeline(state: StackState, options: DemoOptions, base: dict[str, Any],
     run([*dvc, "push", "-q"], group=True, cwd=pipeline, env=env, check=True)
 
 
+async def _load(client: Any, request: Any, *, timeout: float = 1800.0) -> Any:
+    """``LoadModel`` without holding the call open (a vLLM start takes minutes on a busy CPU): asked
+    with ``no_wait``, then ``ListModels`` polled until the version asked for is READY."""
+    from llmops.proto.serving.v1 import serving_service_pb2 as pb
+
+    request.no_wait = True
+    started = (await client.unary(client.stub.LoadModel, request)).model
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for model in (await client.unary(client.stub.ListModels, pb.ListModelsRequest())).models:
+            if model.served_name == started.served_name and model.model.version == started.model.version:
+                if model.state == pb.LOADED_MODEL_STATE_READY:
+                    return model
+                if model.state == pb.LOADED_MODEL_STATE_FAILED:
+                    raise RuntimeError(f"loading {model.served_name} failed: {model.error_message}")
+        await asyncio.sleep(1.0)
+    raise RuntimeError(f"{started.served_name} was not ready after {timeout:.0f} s")
+
+
 async def _serve_and_ask(
     state: StackState, options: DemoOptions, promotion: dict[str, Any], say: Say
 ) -> list[dict[str, Any]]:
@@ -141,8 +160,8 @@ async def _serve_and_ask(
     requests: list[dict[str, Any]] = []
     async with ServingClient.connect(_address(state, "serving"), timeout=600) as client:
         say(f"serving {options.model}@champion ({promotion.get('champion_after')}) on the {engine} engine")
-        loaded = await client.unary(
-            client.stub.LoadModel,
+        loaded = await _load(
+            client,
             pb.LoadModelRequest(
                 model_ref=model_pb2.ModelRef(name=options.model, alias="champion"),
                 served_name=options.model,
@@ -152,7 +171,7 @@ async def _serve_and_ask(
                 replace=True,  # a second run on a running stack swaps in the new champion
             ),
         )
-        served_engine = pb.Engine.Name(loaded.model.engine).removeprefix("ENGINE_").lower()
+        served_engine = pb.Engine.Name(loaded.engine).removeprefix("ENGINE_").lower()
         sampling = sampling_pb2.SamplingParams(max_tokens=48, greedy=True)
         prompt = generation_pb2.Prompt(text=template.format(prompt=QUESTION))
         selector = pb.ModelSelector(served_name=options.model)
