@@ -247,14 +247,6 @@ class Quantizer(abc.ABC):
         )
 
 
-def add_quantization_config(out_dir: Path, settings: Mapping[str, Any]) -> None:
-    """Write ``settings`` as the ``quantization_config`` of ``out_dir/config.json``."""
-    path = out_dir / "config.json"
-    config = json.loads(path.read_text())
-    config["quantization_config"] = dict(settings)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def prepare_out_dir(out_dir: Path) -> None:
     """Create ``out_dir``; refuse one that already has files (a result is never overwritten)."""
     if out_dir.exists() and any(out_dir.iterdir()):
