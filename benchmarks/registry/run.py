@@ -45,6 +45,7 @@ from benchmarks.gate import Goal, alternating, finish, median, percentile, quick
 from llmops.common.artifacts.client import download_to_directory, upload_directory
 from llmops.common.artifacts.manifest import build_manifest
 from llmops.common.clients import RegistryClient
+from llmops.common.process import popen
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
 
@@ -105,7 +106,7 @@ def layers_for(size_mb: int, hidden: int = 512, vocab: int = 32000) -> int:
 def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "LLMOPS_DATA_DIR": str(data_dir), "LLMOPS_LOG_LEVEL": "WARNING"}
     command = [sys.executable, "-m", "llmops.cli", "serve", "registry", "--port", "0", "--metrics-port", "0"]
-    proc = subprocess.Popen(
+    proc = popen(  # tied: it dies with the benchmark, however that ends
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
     )
     assert proc.stdout is not None

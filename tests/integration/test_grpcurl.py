@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
+from llmops.common.process import create_subprocess_exec
 from llmops.common.server import LLMOpsServer, ServiceBinding, create_server
 from llmops.common.settings import Settings
 from llmops.proto.cache.v1 import cache_service_pb2_grpc
@@ -33,7 +34,7 @@ async def server() -> AsyncIterator[LLMOpsServer]:
 
 
 async def _grpcurl(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
+    proc = await create_subprocess_exec(
         require_tool("grpcurl"), "-plaintext", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

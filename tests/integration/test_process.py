@@ -18,13 +18,14 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llmops.common.process import popen
 from tests.integration.probe import SERVICE
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    return popen(  # tied: it dies with the test run
         [sys.executable, *args],
         cwd=REPO,
         stdout=subprocess.PIPE,

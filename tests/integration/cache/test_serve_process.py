@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llmops.cache.redis_server import RedisServer
 from llmops.common.clients import CacheClient
+from llmops.common.process import popen
 from llmops.proto.cache.v1 import cache_service_pb2 as pb
 from llmops.proto.common.v1 import generation_pb2
 from tests.integration.cache.conftest import unique_model
@@ -33,7 +34,7 @@ def _spawn(env: dict[str, str]) -> subprocess.Popen[str]:
         "--host",
         "127.0.0.1",
     ]
-    return subprocess.Popen(
+    return popen(  # tied: it dies with the test run
         [sys.executable, *command],
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -29,6 +29,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from llmops.common.process import create_subprocess_exec
 from llmops.common.tiny_model import build_tiny_model
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as rpb
@@ -139,7 +140,7 @@ async def targets(redis_server: Any) -> AsyncIterator[Targets]:
 async def locust(*args: str, timeout: float = 60.0) -> tuple[int, str, float]:
     """Run Locust headless with the locustfile; (exit code, its output, seconds taken)."""
     started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
+    process = await create_subprocess_exec(  # tied: it dies with the test run
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", *args,
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip

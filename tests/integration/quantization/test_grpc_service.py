@@ -21,6 +21,7 @@ import pytest_asyncio
 from llmops.common.app import ServiceApp, start_app
 from llmops.common.clients import QuantizationClient
 from llmops.common.errors import LLMOpsError
+from llmops.common.process import create_subprocess_exec
 from llmops.common.server import LLMOpsServer
 from llmops.common.settings import Settings
 from llmops.common.tiny_model import build_tiny_model
@@ -170,7 +171,7 @@ async def test_unknown_job_is_not_found(quantization: Running, rpc: str) -> None
 
 
 async def _cli(quantization: Running, *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
+    process = await create_subprocess_exec(  # tied: it dies with the test run
         sys.executable,
         "-c",
         "from llmops.cli import main; main()",

@@ -25,6 +25,7 @@ import pytest
 
 from llmops.common.artifacts.client import download_to_directory, upload_directory
 from llmops.common.clients import RegistryClient
+from llmops.common.process import popen, watch
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
 from tests.integration.registry.conftest import same_files
@@ -41,8 +42,9 @@ def _free_port() -> int:
 
 
 def _spawn(command: list[str], env: dict[str, str], stdout: int) -> subprocess.Popen[str]:
-    # A session of its own, so _stop reaches the workers mlflow server forks.
-    return subprocess.Popen(
+    # A session of its own, so _stop reaches the workers mlflow server forks; tied, and its group
+    # handed to the reaper, so the server and its workers die with the test run, however it ends.
+    process = popen(
         command,
         cwd=REPO,
         env=env,
@@ -51,6 +53,8 @@ def _spawn(command: list[str], env: dict[str, str], stdout: int) -> subprocess.P
         text=True,
         start_new_session=True,
     )
+    watch(process.pid, group=True)
+    return process
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
