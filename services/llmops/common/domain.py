@@ -1,6 +1,6 @@
 """Types the services share: which model version a request names, and what it asks the model for.
 
-Plain frozen dataclasses mirroring ``llmops.common.v1`` (``ModelRef``, ``Prompt``, ``SamplingParams``):
+Plain frozen dataclasses mirroring ``llmops.common.v1`` (``ModelRef``, ``ResolvedModel``, ``Prompt``, ``SamplingParams``):
 the registry, serving and the response cache read a model reference the same way, and the cache key
 and the engine see the same request; no proto types here (:mod:`llmops.common.convert` converts).
 """
@@ -44,6 +44,19 @@ class ModelRef:
                 raise InvalidArgument(f"bad model reference {text!r}: expected name, name:N or name@alias")
             return cls(name, version=int(version))
         return cls(text)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A registry version after resolution (never an alias alone), with the alias it was reached
+    through ("" if none): what serving loaded and what a cache entry is keyed by."""
+
+    name: str
+    version: int
+    alias: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}:{self.version}"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from llmops.common.domain import ChatMessage as ChatMessage  # re-exported: shared request types
 from llmops.common.domain import ModelRef as ModelRef
 from llmops.common.domain import Prompt as Prompt
+from llmops.common.domain import ResolvedModel as ResolvedModel
 from llmops.common.domain import SamplingParams as SamplingParams
 
 
@@ -58,18 +59,6 @@ class ModelState(enum.Enum):
     READY = "ready"
     UNLOADING = "unloading"
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A registry version after resolution, with the alias it was reached through ("" if none)."""
-
-    name: str
-    version: int
-    alias: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}:{self.version}"
 
 
 @dataclass(frozen=True)

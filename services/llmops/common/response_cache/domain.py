@@ -15,6 +15,7 @@ from datetime import datetime
 
 from llmops.common.domain import ChatMessage as ChatMessage  # re-exported: shared request types
 from llmops.common.domain import Prompt as Prompt
+from llmops.common.domain import ResolvedModel as ResolvedModel
 from llmops.common.domain import SamplingParams as SamplingParams
 from llmops.common.errors import InvalidArgument
 
@@ -48,18 +49,6 @@ def check_tenant(tenant: str, field_name: str) -> None:
     """Raise :class:`InvalidArgument` when ``tenant`` is too long."""
     if len(tenant) > MAX_TENANT_CHARS:
         raise InvalidArgument(f"at most {MAX_TENANT_CHARS} characters", field=field_name)
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A registry version (never an alias alone), plus the alias it was reached through ("" if none)."""
-
-    name: str
-    version: int
-    alias: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.name}:{self.version}" + (f"@{self.alias}" if self.alias else "")
 
 
 @dataclass(frozen=True)
