@@ -98,7 +98,8 @@ class HttpTarget:
         except (Dropped, ConnectionError, TimeoutError) as exc:
             HttpTally.record(endpoint, "dropped", "dropped")
             return f"the connection was dropped: {exc!r}"
-        problem = problem_with(reply, stream=True) or self.logged()
+        logged = self.logged()  # read (and cleared) whatever the reply says
+        problem = problem_with(reply, stream=True) or logged
         HttpTally.record(endpoint, reply.status, problem)
         return problem
 

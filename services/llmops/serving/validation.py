@@ -28,6 +28,11 @@ MAX_STOP_TOKEN_IDS = 64
 #: still pay (8 MiB take ~6 s of CPU here), so a 2,048-token model takes at most 64 KiB.
 MAX_PROMPT_BYTES_PER_TOKEN = 32
 MAX_TEMPERATURE = 100.0
+#: A positive temperature below this samples as this one (vLLM does the same): dividing logits by
+#: 1e-97 gives infinities, and their softmax NaN probabilities that no sampler can draw from.
+MIN_TEMPERATURE = 0.01
+#: A repetition penalty divides or multiplies logits: outside this range they overflow the same way.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 _NAME = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 #: Controls that only mean something when sampling; beam search refuses them.
 SAMPLING_ONLY = ("greedy", "temperature", "top_k", "top_p", "min_p")
@@ -154,6 +159,8 @@ def to_decoding(
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise InvalidArgument(f"must be in [0, {MAX_TEMPERATURE:g}]", field=f + "temperature")
     greedy = s.greedy or temperature == 0
+    if 0 < temperature < MIN_TEMPERATURE:
+        temperature = MIN_TEMPERATURE
     if s.top_k < 0:
         raise InvalidArgument("must be >= 0 (0 means no limit)", field=f + "top_k")
     top_p = 1.0 if s.top_p is None else _finite(s.top_p, f + "top_p")
@@ -165,8 +172,9 @@ def to_decoding(
     repetition = (
         1.0 if s.repetition_penalty is None else _finite(s.repetition_penalty, f + "repetition_penalty")
     )
-    if repetition <= 0:
-        raise InvalidArgument("must be > 0 (1 means off)", field=f + "repetition_penalty")
+    low, high = REPETITION_PENALTY_RANGE
+    if not low <= repetition <= high:
+        raise InvalidArgument(f"must be in [{low:g}, {high:g}] (1 means off)", field=f + "repetition_penalty")
     for name in ("presence_penalty", "frequency_penalty"):
         if not -2 <= _finite(getattr(s, name), f + name) <= 2:
             raise InvalidArgument("must be in [-2, 2]", field=f + name)

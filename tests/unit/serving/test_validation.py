@@ -105,6 +105,20 @@ def test_zero_temperature_is_greedy_and_deterministic() -> None:
     assert decode(seed=7).deterministic
 
 
+def test_a_tiny_positive_temperature_samples_at_the_floor() -> None:
+    """1e-97 divides logits into infinities (NaN probabilities, a crash in the sampler): floored."""
+    d = decode(temperature=1e-97)
+    assert not d.greedy and d.temperature == 0.01
+    assert decode(temperature=0.5).temperature == 0.5
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 0.0099, 100.5, 1e300])
+def test_a_repetition_penalty_that_overflows_logits_is_refused(penalty: float) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        decode(repetition_penalty=penalty)
+    assert refused.value.field == "sampling.repetition_penalty"
+
+
 def test_beam_width_defaults_to_max_of_n_and_four() -> None:
     assert decode(use_beam_search=True).beam_width == 4
     assert decode(use_beam_search=True, n=6).beam_width == 6
