@@ -30,8 +30,10 @@ Before the fix (commit 1a219fe) the default and ``--same-loop`` modes print
 ``grpc logged a freed AioServer`` and die with ``Fatal Python error: Segmentation fault`` /
 ``Garbage-collecting`` (exit 139). After it they print ``no AioServer was freed unstopped`` and
 ``GC survived`` (exit 0): the refusal happens before any grpc object exists. ``--unbindable``
-crashes with both versions: the half-built server is stopped but was never started, so it stays
-READY and its ``__dealloc__`` still logs ``self``.
+crashed the first fix too (the half-built server is stopped but was never started, so it stays
+READY and its ``__dealloc__`` still logs ``self``); the runtime now also turns grpc's log arguments
+into text as they are logged (``_StringifyArgs`` in ``llmops.common.server``), so a kept record holds
+no pointer to the freed server and all three modes survive.
 """
 
 from __future__ import annotations

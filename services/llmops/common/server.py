@@ -390,6 +390,28 @@ class LLMOpsServer:
             await self._stopping
 
 
+class _StringifyArgs(logging.Filter):
+    """Turns a record's arguments into its message text as it is logged.
+
+    grpc's ``AioServer.__dealloc__`` logs, at DEBUG, ``"... %s with status %d", self, status`` for a
+    server that never started. A handler that keeps records (pytest's caplog, a buffer) then holds
+    a pointer to memory the server's deallocation frees right after, and the next garbage
+    collection pass that walks the record's ``args`` crashes the interpreter. Formatting the text
+    while the object still lives leaves the record holding only a string.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.msg, record.args = record.getMessage(), ()
+        return True
+
+
+def _guard_grpc_log_records() -> None:
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _StringifyArgs) for f in logger.filters):
+        logger.addFilter(_StringifyArgs())
+
+
 async def _discard(grpc_server: grpc.aio.Server) -> None:
     """Shut down a server that failed to come up, in the loop that built it.
 
@@ -430,6 +452,7 @@ async def create_server(
     # and then dropped unstarted is freed later by the garbage collector, from whatever loop and
     # gRPC generation is current then (see _discard).
     credentials = server_credentials(settings)
+    _guard_grpc_log_records()
     registry = registry if registry is not None else CollectorRegistry()
     metrics = GrpcServerMetrics(registry)
     options = [
