@@ -121,6 +121,11 @@ def _service_config(service_name: str) -> str:
     )
 
 
+#: How often a client pings a connection to keep it alive; servers permit pings this often
+#: (:func:`llmops.common.server.server_options`), or they answer GOAWAY "too many pings".
+KEEPALIVE_TIME_MS = 30_000
+
+
 def open_channel(
     address: str,
     service_name: str = "",
@@ -132,7 +137,7 @@ def open_channel(
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.enable_retries", 1),
     ]

@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry
 
 from llmops.common.access import Access
 from llmops.common.auth import Authenticator, Identity, acting_as
+from llmops.common.clients import KEEPALIVE_TIME_MS
 from llmops.common.errors import InvalidArgument, status_for
 from llmops.common.metrics import GrpcServerMetrics, MetricsHttpServer, serve_metrics
 from llmops.common.ratelimit import RateLimiter
@@ -412,6 +413,20 @@ def _guard_grpc_log_records() -> None:
         logger.addFilter(_StringifyArgs())
 
 
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Channel arguments of every server: message limits, no port sharing, and keepalive pings from
+    our clients (every ``KEEPALIVE_TIME_MS``) allowed even on a stream that sends nothing for
+    minutes (a job watch); grpc's default allowance (one per 5 minutes) answers them with GOAWAY
+    "too many pings" and the watch breaks with UNAVAILABLE."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 3),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
 async def _discard(grpc_server: grpc.aio.Server) -> None:
     """Shut down a server that failed to come up, in the loop that built it.
 
@@ -455,11 +470,7 @@ async def create_server(
     _guard_grpc_log_records()
     registry = registry if registry is not None else CollectorRegistry()
     metrics = GrpcServerMetrics(registry)
-    options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
+    options = server_options(settings)
     owned_access = None
     if access is None:
         access = owned_access = Access.from_settings(settings)
