@@ -7,9 +7,10 @@ UNAVAILABLE — never another status, never a truncated stream reported as OK; a
 during the drain is refused with UNAVAILABLE; no client waits past the grace period plus a margin;
 and the process exits 0.
 
-The margin (the process's own shutdown after the grace period) is measured, not fixed: it scales
-with how long one short generation takes on this machine just before the signal, so a busy 2-core
-machine makes it wider instead of failing the test.
+The grace period and the margin (the process's own shutdown after it) are measured, not fixed:
+both scale with how long one short generation of the tiny model takes on this machine (measured in
+this process before the server starts, and in the server just before the signal), so a busy 2-core
+machine makes them wider instead of failing the test; the long streams stay far too long to finish.
 
 The serving process is the real one (the CLI, the transformers engine, the tiny model): draining
 is what is under test and it lives in the process's signal handling and gRPC server. One stream
@@ -39,20 +40,43 @@ from tests.integration.serving.conftest import serving_process
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
-GRACE = 5.0
+GRACE = 5.0  # the least grace period; more when a short generation takes long (see grace_for)
 MARGIN = 6.0  # the least margin; more when a short generation takes long (see shutdown_margin)
 SHORT, LONG = 16, 1000  # tokens: short streams finish within the grace period, long ones cannot
 STREAMS = [SHORT, SHORT, SHORT, LONG, LONG, LONG]  # one at a time on this engine, in this order
 
 
+def short_generation_seconds(model_path: Path) -> float:
+    """How long the tiny model takes for a short stream's tokens here and now (greedy, after a warm-up)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    took = []
+    for _ in range(2):
+        began = time.monotonic()
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=SHORT, min_new_tokens=SHORT, do_sample=False)
+        took.append(time.monotonic() - began)
+    return took[-1]
+
+
+def grace_for(short: float) -> float:
+    """A grace period that one short stream, begun before the signal, finishes within many times
+    over; never under ``GRACE``. A long stream (60 times longer) cannot."""
+    return max(GRACE, 8 * short)
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def serving_under_test(
     tiny_model_path: Path, tmp_path: Path
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, float]]:
+    grace = grace_for(await asyncio.to_thread(short_generation_seconds, tiny_model_path))
     async with serving_process(
-        tiny_model_path, tmp_path, grace=GRACE, LLMOPS_SERVING_HTTP_ENABLED="false"
-    ) as running:
-        yield running
+        tiny_model_path, tmp_path, grace=grace, LLMOPS_SERVING_HTTP_ENABLED="false"
+    ) as (process, address):
+        yield process, address, grace
 
 
 def stream_request(max_tokens: int) -> pb.GenerateStreamRequest:
@@ -78,9 +102,9 @@ def stream_unary(max_tokens: int) -> pb.GenerateRequest:
 class Stream:
     """One client's stream: what it received and how it ended."""
 
-    def __init__(self, client: ServingClient, max_tokens: int) -> None:
+    def __init__(self, client: ServingClient, max_tokens: int, deadline: float) -> None:
         self.max_tokens = max_tokens
-        self.call = client.stub.GenerateStream(stream_request(max_tokens), timeout=120)
+        self.call = client.stub.GenerateStream(stream_request(max_tokens), timeout=deadline)
         self.tokens = 0
         self.end: pb.GenerateStreamResponse | None = None
         self.first = asyncio.Event()
@@ -121,9 +145,9 @@ async def watch_health(
 
 
 async def test_sigterm_mid_stream_ends_every_stream_in_time(
-    serving_under_test: tuple[asyncio.subprocess.Process, str],
+    serving_under_test: tuple[asyncio.subprocess.Process, str, float],
 ) -> None:
-    process, address = serving_under_test
+    process, address, grace = serving_under_test
     counts: FaultCounts = record("serving-sigterm")
     async with ServingClient.connect(address, timeout=30) as client:
         await client.wait_ready(timeout=60, interval=0.05)
@@ -133,10 +157,14 @@ async def test_sigterm_mid_stream_ends_every_stream_in_time(
         health: list[tuple[float, int]] = []
         watching = asyncio.Event()
         watcher = asyncio.create_task(watch_health(client.channel, health, watching))
-        await asyncio.wait_for(watching.wait(), 10)  # the watch has answered (SERVING) before all else
-        streams = [Stream(client, n) for n in STREAMS]
+        await asyncio.wait_for(watching.wait(), margin)  # the watch has answered (SERVING) before all else
+        # Far past the bound below (the first token, then the grace period and the margin after it).
+        deadline = 2 * (grace + 2 * margin)
+        streams = [Stream(client, n, deadline) for n in STREAMS]
         readers = [asyncio.create_task(s.read()) for s in streams]
-        await asyncio.wait_for(streams[0].first.wait(), 60)  # generation has begun; the rest wait their turn
+        await asyncio.wait_for(
+            streams[0].first.wait(), margin
+        )  # generation has begun; the rest wait their turn
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         counts.injected += 1
@@ -156,7 +184,7 @@ async def test_sigterm_mid_stream_ends_every_stream_in_time(
         for stream, reader in zip(streams, readers, strict=True):
             await counts.call(
                 partial(ending, stream, reader),
-                bound=max(0.1, signalled + GRACE + margin - time.monotonic()),  # from the signal on
+                bound=max(0.1, signalled + grace + margin - time.monotonic()),  # from the signal on
                 allowed=(grpc.StatusCode.UNAVAILABLE,),
                 check=Stream.problem,
             )
@@ -165,7 +193,9 @@ async def test_sigterm_mid_stream_ends_every_stream_in_time(
         watcher.cancel()
 
     counts.note = (
-        "tokens=" + ",".join(f"{s.tokens}/{s.max_tokens}" for s in streams) + f" margin={margin:.1f}s"
+        "tokens="
+        + ",".join(f"{s.tokens}/{s.max_tokens}" for s in streams)
+        + f" grace={grace:.1f}s margin={margin:.1f}s"
     )
     counts.assert_nothing_lost()
     assert exit_code == 0
@@ -173,7 +203,7 @@ async def test_sigterm_mid_stream_ends_every_stream_in_time(
     assert any(s.max_tokens == SHORT for s in finished), "no short stream finished within the grace period"
     assert counts.allowed >= 2, "no stream was cut off: the long ones should outlast the grace period"
     latest = max(s.ended_at for s in streams) - signalled
-    assert latest < GRACE + margin, (
+    assert latest < grace + margin, (
         f"the last stream ended {latest:.1f}s after SIGTERM (margin {margin:.1f}s)"
     )
     not_serving = [t for t, status in health if status == health_pb2.HealthCheckResponse.NOT_SERVING]
