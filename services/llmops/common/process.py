@@ -6,7 +6,10 @@ through here, with two tools:
 
 * **A parent-death signal.** :func:`popen`, :func:`run` and :func:`create_subprocess_exec` start
   the child with ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` set in it before it runs its program: the
-  kernel kills the child when its parent goes. Linux sends that signal when the *thread* that
+  kernel kills the child when its parent goes. util-linux's ``setpriv --pdeathsig KILL`` sets it
+  and then executes the program, so no Python code runs in the forked child (a ``preexec_fn`` in
+  a process with many threads, torch's and grpc's, crashed there once; it is only the fallback
+  where ``setpriv`` is missing). Linux sends that signal when the *thread* that
   forked the child exits, not the process; so :func:`popen` forks from the main thread or from one
   spawner thread that lives as long as the process, :func:`run` blocks its thread until the child
   ends, and an asyncio child is forked by its event loop's thread, which outlives the loop's
@@ -32,6 +35,7 @@ import contextlib
 import ctypes
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import IO, Any
 
 PR_SET_PDEATHSIG = 1
+_SETPRIV = shutil.which("setpriv")
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _prctl = _libc.prctl if _libc is not None else None  # looked up now: a fork's child only calls it
 
@@ -56,6 +61,14 @@ def die_with(parent: int) -> Callable[[], None]:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return tie
+
+
+def _tied(args: Sequence[str], kwargs: dict[str, Any]) -> list[str]:
+    """``args`` run so that the child gets SIGKILL when its parent's forking thread ends."""
+    if _SETPRIV is not None:
+        return [_SETPRIV, "--pdeathsig", "KILL", "--", *args]
+    kwargs["preexec_fn"] = die_with(os.getpid())
+    return list(args)
 
 
 class _Spawner:
@@ -97,10 +110,10 @@ def popen(args: Sequence[str], *, tied: bool = True, **kwargs: Any) -> subproces
     """
     if not tied:
         return subprocess.Popen(list(args), **kwargs)
-    kwargs["preexec_fn"] = die_with(os.getpid())
+    command = _tied(args, kwargs)
     if threading.current_thread() is threading.main_thread():
-        return subprocess.Popen(list(args), **kwargs)
-    return _Spawner.call(lambda: subprocess.Popen(list(args), **kwargs))  # type: ignore[no-any-return]
+        return subprocess.Popen(command, **kwargs)
+    return _Spawner.call(lambda: subprocess.Popen(command, **kwargs))  # type: ignore[no-any-return]
 
 
 def run(
@@ -118,13 +131,10 @@ def run(
     starts dies with this process too (``dvc repro`` and its stages); if the wait ends early (a
     timeout, Ctrl-C) the whole group is killed.
     """
+    command = _tied(args, kwargs)
     if not group:
-        return subprocess.run(
-            list(args), preexec_fn=die_with(os.getpid()), check=check, timeout=timeout, **kwargs
-        )
-    with subprocess.Popen(
-        list(args), preexec_fn=die_with(os.getpid()), start_new_session=True, **kwargs
-    ) as child:
+        return subprocess.run(command, check=check, timeout=timeout, **kwargs)
+    with subprocess.Popen(command, start_new_session=True, **kwargs) as child:
         watch(child.pid, group=True)
         try:
             out, err = child.communicate(timeout=timeout)
@@ -147,9 +157,10 @@ async def create_subprocess_exec(
     The event loop's thread forks it: keep the loop running as long as the child (a loop's child
     should not outlive the loop anyway).
     """
-    if tied:
-        kwargs["preexec_fn"] = die_with(os.getpid())
-    return await asyncio.create_subprocess_exec(program, *args, **kwargs)
+    if not tied:
+        return await asyncio.create_subprocess_exec(program, *args, **kwargs)
+    command = _tied([program, *args], kwargs)
+    return await asyncio.create_subprocess_exec(*command, **kwargs)
 
 
 # The reaper -------------------------------------------------------------------------------------
