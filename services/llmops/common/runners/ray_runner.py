@@ -71,9 +71,14 @@ class WorkerActor:
         """Run the body; ``reserved`` (a spare's placement group, resolved by Ray before this call
         runs) and ``threads`` (the job's CPUs: torch's threads) are set when a spare took the job."""
         del reserved  # Ray resolved it: the job's CPUs are reserved
-        torch = sys.modules.get("torch")
-        if threads and torch is not None:
-            torch.set_num_threads(threads)
+        if threads:
+            # Read by torch (and OpenMP, MKL) when first imported; set now too where the spare already
+            # imported torch. A body that imports torch only when it runs gets the same count.
+            for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[name] = str(threads)
+            torch = sys.modules.get("torch")
+            if torch is not None:
+                torch.set_num_threads(threads)
         return self._core.run(plan)
 
     def events(self, since: int, wait: float) -> list[dict[str, Any]]:
