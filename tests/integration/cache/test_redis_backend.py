@@ -9,6 +9,7 @@ members leave the indexes; a Redis that lost its script cache (a restart) still 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -83,6 +84,10 @@ async def test_stores_keep_succeeding_under_memory_pressure(
     # matters: lookups still answer, and a fresh answer is stored and found.
     for k in written[-20:]:
         await backend.get(k)
+    # Let Redis's LRU clock (1 s resolution) tick, so the keys stored above are older than the fresh
+    # answer and its generation token: otherwise the eviction that the fresh store triggers picks
+    # among equally fresh keys and may take the new answer itself.
+    await asyncio.sleep(1.1)
     fresh = key(name, text="fresh")
     await backend.put(fresh, b"y", stored_at_ms=now_ms(), ttl_ms=0)
     assert await backend.get(fresh) is not None
