@@ -26,6 +26,7 @@ from llmops.serving.engines.base import Engine
 from tests.fuzz.harness import EXAMPLES_ENV
 from tests.fuzz.http_wire import Connection, Dropped, ErrorLog, HttpTally, Reply, json_request, problem_with
 from tests.fuzz.openai_bodies import MODEL
+from tests.fuzz.seeding import Seed
 from tests.integration.serving.conftest import (
     Stack,
     borrowing_factory,
@@ -34,14 +35,14 @@ from tests.integration.serving.conftest import (
     stop_stack,
 )
 
-SEED_ENV = "LLMOPS_FUZZ_SEED"
 ENGINE_ENV = "LLMOPS_FUZZ_HTTP_ENGINE"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def http_budget(default: int, share: float = 1.0) -> Callable[[F], F]:
     """``default`` examples, derandomized (``make test``); with ``LLMOPS_FUZZ_EXAMPLES`` that many
-    times ``share``, from a random seed (or ``LLMOPS_FUZZ_SEED``) that the session summary prints."""
+    times ``share``, from the fuzz session's seed (``make fuzz FUZZ_SEED=N``, else drawn; see
+    ``tests.fuzz.seeding``), which the session summary prints."""
     examples = int(int(os.environ.get(EXAMPLES_ENV, "0") or 0) * share)
     common: dict[str, Any] = {
         "database": None,
@@ -55,7 +56,9 @@ def http_budget(default: int, share: float = 1.0) -> Callable[[F], F]:
         fixed = settings(max_examples=default, derandomize=True, **common)
         return lambda test: fixed(test)  # type: ignore[no-any-return]
     if HttpTally.seed is None:
-        HttpTally.seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().getrandbits(32))
+        # One seed for the whole fuzz session: the RPC fuzzers' (set from --hypothesis-seed or drawn
+        # in tests.fuzz.seeding), so ``make fuzz FUZZ_SEED=N`` repeats the HTTP inputs too.
+        HttpTally.seed = Seed.value if Seed.value is not None else random.SystemRandom().getrandbits(32)
     chosen = settings(max_examples=examples, **common)
     return lambda test: seed(HttpTally.seed)(chosen(test))  # type: ignore[no-any-return]
 

@@ -189,7 +189,7 @@ class HttpTally:
     def lines(cls) -> list[str]:
         lines = []
         if cls.seed is not None:
-            lines.append(f"fuzz: http seed {cls.seed} (LLMOPS_FUZZ_SEED={cls.seed} repeats this run)")
+            lines.append(f"fuzz: http seed {cls.seed} (make fuzz FUZZ_SEED={cls.seed} repeats this run)")
         total = 0
         for endpoint, counts in sorted(cls.counts.items()):
             n = sum(counts.values())
