@@ -93,9 +93,17 @@ def serve(
         str | None,
         typer.Option(help="serving only: model to load at start (name@alias, name:version or a folder)"),
     ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Parse the arguments, environment and settings file, build the service without binding "
+            "ports or loading models, then exit: 0 when it would start, 2 with what is wrong",
+        ),
+    ] = False,
 ) -> None:
     """Run one service until SIGTERM, then drain in-flight calls and stop."""
-    from llmops.common.app import ServiceNotAvailable, load_app_factory, run_app
+    from llmops.common.app import ServiceNotAvailable, check_app, load_app_factory, run_app
     from llmops.common.logging import configure_logging
     from llmops.common.settings import Settings, SettingsError
 
@@ -114,6 +122,14 @@ def serve(
     except ServiceNotAvailable as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
+    if check:
+        try:
+            hosted = asyncio.run(check_app(factory, settings))
+        except Exception as exc:  # any refusal of the graph is the answer the check exists to give
+            console.print(f"[red]error:[/red] {service}: {type(exc).__name__}: {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        typer.echo(f"llmops {service}: settings and app graph OK ({', '.join(hosted)})")
+        return
     configure_logging(settings.log_level, settings.log_format)
     section = settings.section(service)  # type: ignore[arg-type]
     bind_host = host or settings.host

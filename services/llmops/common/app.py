@@ -91,6 +91,27 @@ async def start_app(
     return server, app
 
 
+async def check_app(factory: AppFactory, settings: Settings) -> list[str]:
+    """Build an app as ``run_app`` would, without binding a port or starting it, then close it.
+
+    Checks what start-up would otherwise find first: the server's and the clients' TLS files, and
+    the app graph itself (each ``build_app`` refuses settings it cannot work with). Returns the
+    gRPC services the app would host.
+
+    Raises:
+        Exception: whatever the settings or the graph refuse, with its message.
+    """
+    from llmops.common.server import server_credentials
+
+    server_credentials(settings)
+    ClientSecurity.from_settings(settings)
+    app = factory(settings, CollectorRegistry())
+    try:
+        return [binding.name for binding in app.bindings()]
+    finally:
+        await app.close()
+
+
 async def run_app(
     factory: AppFactory,
     settings: Settings,
@@ -121,6 +142,7 @@ __all__ = [
     "ServiceApp",
     "ServiceName",
     "ServiceNotAvailable",
+    "check_app",
     "load_app_factory",
     "run_app",
     "start_app",

@@ -129,6 +129,8 @@ class ServingApp(ServiceApp):
     ) -> None:
         self.settings = settings
         s = settings.serving
+        # parsed now, so a bad serving.model or engine option fails the build (and `serve --check`)
+        self._startup_request = startup_load_request(settings)
         shim = EngineShimMetrics()
         config = ServingConfig(
             default_engine=EngineKind(s.engine),
@@ -155,7 +157,7 @@ class ServingApp(ServiceApp):
             limiter=self._access.limiter,
         )
         registry.register(EngineMetricsBridge(shim, self.service.refresh_engine_gauges))
-        self.servicer = ServingServicer(self.service)
+        self.servicer = ServingServicer(self.service, http_port=lambda: self.http_port)
         self.http = create_http_app(self.service, auth=auth if auth is not None else http_auth(self._access))
         self._http_host = http_host or settings.host
         self._http_server: _QuietServer | None = None
@@ -179,9 +181,8 @@ class ServingApp(ServiceApp):
             await start_backend(self.cache)  # fails open: a Redis down now is logged, not fatal
         if self.settings.serving.http_enabled:
             await self.start_http()
-        request = startup_load_request(self.settings)
-        if request is not None:
-            await self.service.load_model(request)
+        if self._startup_request is not None:
+            await self.service.load_model(self._startup_request)
 
     async def start_http(self) -> int:
         """Serve the OpenAI API; returns the bound port."""
