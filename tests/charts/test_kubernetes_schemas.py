@@ -2,10 +2,11 @@
 
 Built-in kinds are validated strictly (unknown fields rejected) against the schemas that
 kubernetes-validate bundles. Custom resources have no bundled schema, so each is checked against
-the fields its operator's CRD defines (ServiceMonitor, PrometheusRule, RayCluster, RayService,
-ScaledObject); the pod templates inside RayClusters and RayServices, and the HPA behaviour inside
-ScaledObjects, are validated strictly as the built-in objects they become. Any other kind, such as
-a misspelt apiVersion, fails.
+its operator's real CRD, vendored under tests/charts/crds/ (KubeRay RayCluster and RayService,
+prometheus-operator ServiceMonitor and PrometheusRule, KEDA ScaledObject; versions in the README
+there); the pod templates inside RayClusters and RayServices, and the HPA behaviour inside
+ScaledObjects, are also validated strictly as the built-in objects they become. Any other kind,
+such as a misspelt apiVersion, fails.
 """
 
 from __future__ import annotations
@@ -13,98 +14,12 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import yaml
 
+from tests.charts import crd_schemas
 from tests.charts.conftest import KUBE_VERSIONS, VALUES_SETS, Doc, render, require_module, values_file
-
-_STR = {"type": "string"}
-_INT = {"type": "integer"}
-_BOOL = {"type": "boolean"}
-_OBJ = {"type": "object"}
-_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_DURATION = {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"}
-
-
-def _obj(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": properties,
-        "required": list(required),
-    }
-
-
-_LABEL_SELECTOR = _obj({"matchLabels": _STR_MAP, "matchExpressions": {"type": "array"}})
-_RAY_START_PARAMS = _STR_MAP  # KubeRay passes each as `--key=value`: values must be strings
-_WORKER_GROUP = _obj(
-    {"groupName": _STR, "replicas": _INT, "minReplicas": _INT, "maxReplicas": _INT,
-     "rayStartParams": _RAY_START_PARAMS, "template": _OBJ},
-    ("groupName", "minReplicas", "maxReplicas", "template"),
-)  # fmt: skip
-_RAY_CLUSTER_SPEC = _obj(
-    {
-        "rayVersion": _STR,
-        "enableInTreeAutoscaling": _BOOL,
-        "autoscalerOptions": _obj({
-            "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-            "idleTimeoutSeconds": _INT, "image": _STR, "imagePullPolicy": _STR, "resources": _OBJ,
-            "env": {"type": "array"}, "envFrom": {"type": "array"}, "volumeMounts": {"type": "array"},
-            "securityContext": _OBJ,
-        }),
-        "headGroupSpec": _obj(
-            {"rayStartParams": _RAY_START_PARAMS, "template": _OBJ, "serviceType": _STR}, ("template",)
-        ),
-        "workerGroupSpecs": {"type": "array", "items": _WORKER_GROUP},
-    },
-    ("headGroupSpec",),
-)  # fmt: skip
-
-#: The fields of each custom resource's spec that its CRD defines, as far as the chart uses them.
-CRD_SPECS: dict[tuple[str, str], dict[str, Any]] = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): _obj(
-        {
-            "jobLabel": _STR,
-            "selector": _LABEL_SELECTOR,
-            "namespaceSelector": _obj({"matchNames": {"type": "array", "items": _STR}, "any": _BOOL}),
-            "endpoints": {"type": "array", "minItems": 1, "items": _obj({
-                "port": _STR, "path": _STR, "scheme": {"enum": ["http", "https"]},
-                "interval": _DURATION, "scrapeTimeout": _DURATION, "honorLabels": _BOOL,
-            }, ("port",))},
-        },
-        ("selector", "endpoints"),
-    ),
-    ("monitoring.coreos.com/v1", "PrometheusRule"): _obj(
-        {"groups": {"type": "array", "minItems": 1, "items": _obj({
-            "name": _STR, "interval": _DURATION,
-            "rules": {"type": "array", "minItems": 1, "items": {
-                "oneOf": [
-                    _obj({"record": _STR, "expr": _STR, "labels": _STR_MAP}, ("record", "expr")),
-                    _obj({"alert": _STR, "expr": _STR, "for": _DURATION, "labels": _STR_MAP,
-                          "annotations": _STR_MAP}, ("alert", "expr")),
-                ]}},
-        }, ("name", "rules"))}},
-        ("groups",),
-    ),
-    ("ray.io/v1", "RayCluster"): _RAY_CLUSTER_SPEC,
-    ("ray.io/v1", "RayService"): _obj(
-        {"serveConfigV2": _STR, "rayClusterConfig": _RAY_CLUSTER_SPEC}, ("serveConfigV2", "rayClusterConfig")
-    ),
-    ("keda.sh/v1alpha1", "ScaledObject"): _obj(
-        {
-            "scaleTargetRef": _obj({"apiVersion": _STR, "kind": _STR, "name": _STR}, ("name",)),
-            "minReplicaCount": _INT, "maxReplicaCount": _INT, "pollingInterval": _INT, "cooldownPeriod": _INT,
-            "advanced": _obj({"horizontalPodAutoscalerConfig": _obj({"name": _STR, "behavior": _OBJ})}),
-            "triggers": {"type": "array", "minItems": 1, "items": _obj({
-                "type": _STR, "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                "metadata": _STR_MAP,  # KEDA reads trigger metadata as strings only
-            }, ("type", "metadata"))},
-        },
-        ("scaleTargetRef", "triggers"),
-    ),
-}  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -153,7 +68,7 @@ def _embedded_builtins(doc: Doc) -> Iterator[tuple[str, Doc]]:
 @pytest.mark.parametrize("name", list(VALUES_SETS))
 def test_rendered_objects_match_kubernetes_schemas(helm: str, name: str, kube_version: str) -> None:
     kubernetes_validate = require_module("kubernetes_validate")
-    jsonschema = require_module("jsonschema")
+    require_module("jsonschema")
     path = VALUES_SETS[name]
     rendered = render(helm, [path] if path else [], kube_version=kube_version)
     problems: list[str] = []
@@ -161,10 +76,9 @@ def test_rendered_objects_match_kubernetes_schemas(helm: str, name: str, kube_ve
     for doc in rendered.docs:
         where = f"{doc['kind']}/{doc['metadata']['name']}"
         key = (doc["apiVersion"], doc["kind"])
-        if key in CRD_SPECS:
+        if key in crd_schemas.CRD_FILES:
             custom += 1
-            errors = sorted(jsonschema.Draft202012Validator(CRD_SPECS[key]).iter_errors(doc["spec"]), key=str)
-            problems += [f"{where}: {'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+            problems += crd_schemas.problems(doc)
             checks = list(_embedded_builtins(doc))
         else:
             checks = [("", doc)]
@@ -183,17 +97,34 @@ def test_rendered_objects_match_kubernetes_schemas(helm: str, name: str, kube_ve
         assert custom >= 3, "the defaults render a ServiceMonitor, a PrometheusRule and a RayCluster"
 
 
-def test_the_crd_checks_catch_mistakes() -> None:
-    jsonschema = require_module("jsonschema")
-    monitor = {"selector": {}, "endpoints": [{"port": "metrics", "intervall": "15s"}]}
-    assert list(jsonschema.Draft202012Validator(CRD_SPECS[("monitoring.coreos.com/v1", "ServiceMonitor")])
-                .iter_errors(monitor))  # fmt: skip
-    trigger = {
-        "scaleTargetRef": {"name": "x"},
-        "triggers": [{"type": "prometheus", "metadata": {"threshold": 4}}],
-    }
-    assert list(jsonschema.Draft202012Validator(CRD_SPECS[("keda.sh/v1alpha1", "ScaledObject")])
-                .iter_errors(trigger))  # fmt: skip
+def test_the_crd_checks_catch_mistakes(helm: str) -> None:
+    require_module("jsonschema")
+    rendered = render(helm, [values_file("keda-values")])
+    monitor = copy.deepcopy(rendered.of_kind("ServiceMonitor")[0])
+    assert not crd_schemas.problems(monitor)
+    monitor["spec"]["endpoints"][0]["intervall"] = "15s"
+    assert any("intervall" in p for p in crd_schemas.problems(monitor))
+    scaled = copy.deepcopy(rendered.of_kind("ScaledObject")[0])
+    assert not crd_schemas.problems(scaled)
+    scaled["spec"]["triggers"][0]["metadata"]["threshold"] = 4  # KEDA reads trigger metadata as strings
+    assert any("threshold" in p or "metadata" in p for p in crd_schemas.problems(scaled))
+    cluster = copy.deepcopy(rendered.of_kind("RayCluster")[0])
+    assert not crd_schemas.problems(cluster)
+    cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+    assert any("imagePullPolice" in p for p in crd_schemas.problems(cluster))
+    rule = copy.deepcopy(rendered.of_kind("PrometheusRule")[0])
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "five minutes"
+    assert crd_schemas.problems(rule)
+
+
+def test_vendored_crds_are_the_versions_the_readme_names() -> None:
+    readme = (crd_schemas.CRDS / "README.md").read_text()
+    for (api_version, kind), file in crd_schemas.CRD_FILES.items():
+        data = crd_schemas.vendored(api_version, kind)
+        assert file in readme, f"{file} is not described in tests/charts/crds/README.md"
+        assert data["openAPIV3Schema"]["properties"]["spec"]["properties"], f"{file} has no spec schema"
+    for licence in ("LICENSE.kuberay", "LICENSE.prometheus-operator", "LICENSE.keda"):
+        assert "Apache License" in (crd_schemas.CRDS / licence).read_text()
 
 
 def test_ray_service_serve_config_is_a_serve_application(helm: str) -> None:
