@@ -78,6 +78,11 @@ async def _seeds(folder: Path) -> dict[str, list[object]]:
         "DeleteAlias": [pb.DeleteAliasRequest(model_name=MODEL, alias="challenger")],
         "ResolveAlias": [pb.ResolveAliasRequest(model_name=MODEL, alias="champion")],
         "ListAliasHistory": [pb.ListAliasHistoryRequest(model_name=MODEL, alias="champion", page_size=1)],
+        "SetAliasWeights": [
+            pb.SetAliasWeightsRequest(model_name=MODEL, weights={"champion": 90}, expected_revision=0)
+        ],
+        "GetAliasWeights": [pb.GetAliasWeightsRequest(model_name=MODEL)],
+        "ListAliasWeightsHistory": [pb.ListAliasWeightsHistoryRequest(model_name=MODEL, page_size=1)],
         "DownloadArtifact": [
             pb.DownloadArtifactRequest(model=REF, paths=["config.json"], chunk_size_bytes=4096)
         ],

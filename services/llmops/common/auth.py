@@ -88,6 +88,7 @@ USER_METHODS: frozenset[str] = frozenset(
         "llmops.serving.v1.ServingService": ("Generate", "GenerateStream", "Tokenize", "Detokenize", "ListModels"),
         "llmops.registry.v1.RegistryService": (
             "GetModel", "ListModels", "GetVersion", "ListVersions", "ResolveAlias", "ListAliasHistory", "GetLineage",
+            "GetAliasWeights", "ListAliasWeightsHistory",
         ),
     }.items()
     for method in methods

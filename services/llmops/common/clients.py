@@ -276,11 +276,88 @@ class ServiceClient(Generic[StubT]):
         await self.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class TrafficSplit:
+    """A model's traffic-split weights between its aliases, as :meth:`RegistryClient.get_alias_weights` reads them.
+
+    Attributes:
+        model_name: the model.
+        revision: the weights' revision (0: never set, no split); pass it as ``expected_revision``
+            to change them by compare-and-set.
+        weights: alias to weight (>= 0); a share is ``weight / sum``.
+        versions: every current alias of the model to the version it points at.
+        set_by: who set the weights; empty when never set.
+        reason: why, as given.
+    """
+
+    model_name: str
+    revision: int
+    weights: Mapping[str, int]
+    versions: Mapping[str, int]
+    set_by: str = ""
+    reason: str = ""
+
+    def routable(self) -> dict[str, int]:
+        """Weights of the aliases that exist and have weight > 0 (what a router draws from)."""
+        return {a: w for a, w in self.weights.items() if w > 0 and a in self.versions}
+
+
 class RegistryClient(ServiceClient["registry_service_pb2_grpc.RegistryServiceAsyncStub"]):
-    """Client of ``llmops.registry.v1.RegistryService``."""
+    """Client of ``llmops.registry.v1.RegistryService``.
+
+    ``get_alias_weights`` and ``set_alias_weights`` cover the traffic split a router honours::
+
+        split = await registry.get_alias_weights("llm")  # TrafficSplit(revision=3, weights={...})
+        await registry.set_alias_weights("llm", {"champion": 75, "challenger": 25},
+                                         expected_revision=split.revision)  # Aborted if it moved
+    """
 
     service_name = "llmops.registry.v1.RegistryService"
     stub_factory = registry_service_pb2_grpc.RegistryServiceStub
+
+    async def get_alias_weights(self, model_name: str, *, timeout: float | None = None) -> TrafficSplit:
+        """The model's weights in force and where its aliases point (NotFound: no such model)."""
+        from llmops.proto.registry.v1 import registry_service_pb2 as pb
+
+        response = await self.unary(
+            self.stub.GetAliasWeights, pb.GetAliasWeightsRequest(model_name=model_name), timeout=timeout
+        )
+        return _split(response.weights, dict(response.alias_versions))
+
+    async def set_alias_weights(
+        self,
+        model_name: str,
+        weights: Mapping[str, int],
+        *,
+        expected_revision: int | None = None,
+        reason: str = "",
+        timeout: float | None = None,
+    ) -> TrafficSplit:
+        """Set the weights as a new revision; with ``expected_revision`` a compare-and-set.
+
+        Raises:
+            InvalidArgument: bad weights. NotFound: no such model. FailedPrecondition: an alias
+            does not exist. Aborted: the revision is no longer ``expected_revision``.
+        """
+        from llmops.proto.registry.v1 import registry_service_pb2 as pb
+
+        request = pb.SetAliasWeightsRequest(model_name=model_name, weights=dict(weights), reason=reason)
+        if expected_revision is not None:
+            request.expected_revision = expected_revision
+        response = await self.unary(self.stub.SetAliasWeights, request, timeout=timeout)
+        versions = (await self.get_alias_weights(model_name, timeout=timeout)).versions
+        return _split(response.weights, dict(versions))
+
+
+def _split(weights: Any, versions: dict[str, int]) -> TrafficSplit:
+    return TrafficSplit(
+        model_name=str(weights.model_name),
+        revision=int(weights.revision),
+        weights={str(k): int(v) for k, v in weights.weights.items()},
+        versions=versions,
+        set_by=str(weights.set_by),
+        reason=str(weights.reason),
+    )
 
 
 class TrainingClient(ServiceClient["training_service_pb2_grpc.TrainingServiceAsyncStub"]):

@@ -32,11 +32,13 @@ from llmops.proto.common.v1 import dataset_pb2, model_pb2
 from llmops.proto.registry.v1 import registry_service_pb2 as pb
 from llmops.registry.convert import FORMAT_TO_PROTO
 from llmops.registry.domain import ModelFormat, ModelRef
+from llmops.registry.weights_cli import weights_app
 
 T = TypeVar("T")
 models_app = typer.Typer(
     name="models", help="Model registry: versions, aliases, lineage.", no_args_is_help=True
 )
+models_app.add_typer(weights_app)
 out = Console()
 err = Console(stderr=True)
 
@@ -47,7 +49,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 
 def register(app: typer.Typer) -> None:
-    """Mount ``llmops models`` on the ``llmops`` command."""
+    """Mount ``llmops models`` (with ``llmops models weights``) on the ``llmops`` command."""
     app.add_typer(models_app)
 
 

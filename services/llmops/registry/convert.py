@@ -24,6 +24,7 @@ from llmops.registry.domain import (
     VersionSpec,
     VersionStatus,
 )
+from llmops.registry.weights import AliasWeights
 
 FORMAT_TO_PROTO = {
     ModelFormat.FP32: model_pb2.MODEL_FORMAT_FP32,
@@ -140,6 +141,20 @@ def move_to_proto(move: AliasMove) -> pb.AliasHistoryEntry:
         moved_at=timestamp(move.moved_at),
         reason=move.reason,
     )
+
+
+def weights_to_proto(entry: AliasWeights) -> pb.AliasWeights:
+    out = pb.AliasWeights(
+        model_name=entry.model_name,
+        revision=entry.revision,
+        weights=entry.weights,
+        previous_weights=entry.previous_weights,
+        set_by=entry.set_by,
+        reason=entry.reason,
+    )
+    if entry.set_at is not None:
+        out.set_at.CopyFrom(timestamp(entry.set_at))
+    return out
 
 
 def spec_from_proto(meta: pb.VersionMetadata) -> VersionSpec:

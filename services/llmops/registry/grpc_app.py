@@ -13,6 +13,7 @@ from llmops.proto.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from llmops.registry import convert
 from llmops.registry.domain import DownloadRequest, UploadPart
 from llmops.registry.service import RegistryService
+from llmops.registry.weights_service import WeightsService
 
 SERVICE_NAME = "llmops.registry.v1.RegistryService"
 
@@ -33,6 +34,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     def __init__(self, service: RegistryService) -> None:
         self.service = service
+        self.weights = WeightsService(service.store)
 
     async def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.CreateModelResponse:
         model = await self.service.create_model(
@@ -132,6 +134,34 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
         return pb.ListAliasHistoryResponse(
             entries=[convert.move_to_proto(m) for m in page.items], next_page_token=page.next_token
+        )
+
+    async def SetAliasWeights(
+        self, request: pb.SetAliasWeightsRequest, context: Context
+    ) -> pb.SetAliasWeightsResponse:
+        entry = await self.weights.set_weights(
+            request.model_name,
+            dict(request.weights),
+            expected=request.expected_revision if request.HasField("expected_revision") else None,
+            reason=request.reason,
+            caller=caller_identity(context),
+        )
+        return pb.SetAliasWeightsResponse(weights=convert.weights_to_proto(entry))
+
+    async def GetAliasWeights(
+        self, request: pb.GetAliasWeightsRequest, context: Context
+    ) -> pb.GetAliasWeightsResponse:
+        entry, aliases = await self.weights.get_weights(request.model_name)
+        return pb.GetAliasWeightsResponse(weights=convert.weights_to_proto(entry), alias_versions=aliases)
+
+    async def ListAliasWeightsHistory(
+        self, request: pb.ListAliasWeightsHistoryRequest, context: Context
+    ) -> pb.ListAliasWeightsHistoryResponse:
+        page = await self.weights.history(
+            request.model_name, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListAliasWeightsHistoryResponse(
+            entries=[convert.weights_to_proto(e) for e in page.items], next_page_token=page.next_token
         )
 
     async def DownloadArtifact(

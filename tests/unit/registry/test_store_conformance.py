@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from llmops.common.artifacts.manifest import manifest_sha256
-from llmops.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from llmops.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from llmops.registry.domain import (
     DatasetRef,
     JobKind,
@@ -281,3 +281,81 @@ async def test_concurrent_alias_moves_never_break_the_chain(any_store: RegistryS
     resolved = await any_store.resolve_alias(name, "champion")
     assert resolved.version == history[-1].to_version == target
     assert resolved.version in versions
+
+
+async def test_alias_weights_compare_and_set_history_and_guards(
+    any_store: RegistryStore, tmp_path: Path
+) -> None:
+    """Weights change by compare-and-set on a revision, name only existing aliases, and keep them."""
+    name = _name()
+    await any_store.create_model(name, "", {}, "tester")
+    v1, v2 = await _add(any_store, tmp_path, name), await _add(any_store, tmp_path, name)
+    never = await any_store.get_alias_weights(name)
+    assert (never.revision, never.weights, never.set_at) == (0, {}, None)
+    await any_store.move_alias(name, "champion", v1, expected=None, moved_by="t", reason="")
+    with pytest.raises(FailedPrecondition, match="challenger"):  # the alias does not exist yet
+        await any_store.set_alias_weights(
+            name, {"champion": 90, "challenger": 10}, expected=0, set_by="alice", reason=""
+        )
+    await any_store.move_alias(name, "challenger", v2, expected=None, moved_by="t", reason="")
+    first = await any_store.set_alias_weights(
+        name, {"champion": 90, "challenger": 10}, expected=0, set_by="alice", reason="canary"
+    )
+    assert (first.revision, first.weights, first.previous_weights, first.set_by) == (
+        1, {"champion": 90, "challenger": 10}, {}, "alice",
+    )  # fmt: skip
+    with pytest.raises(Aborted, match="revision 1"):  # a writer that read revision 0 lost
+        await any_store.set_alias_weights(
+            name, {"champion": 50, "challenger": 50}, expected=0, set_by="bob", reason=""
+        )
+    second = await any_store.set_alias_weights(
+        name, {"champion": 50, "challenger": 50}, expected=1, set_by="bob", reason="half"
+    )
+    assert (second.revision, second.previous_weights) == (2, {"champion": 90, "challenger": 10})
+    same = await any_store.set_alias_weights(
+        name, {"champion": 50, "challenger": 50}, expected=None, set_by="carol", reason=""
+    )
+    assert (same.revision, same.set_by) == (2, "bob")  # no change, nothing recorded
+    with pytest.raises(FailedPrecondition, match="weight 50"):  # a positive weight keeps its alias
+        await any_store.move_alias(name, "challenger", None, expected=None, moved_by="dave", reason="")
+    await any_store.set_alias_weights(
+        name, {"champion": 100, "challenger": 0}, expected=2, set_by="e", reason=""
+    )
+    await any_store.move_alias(name, "challenger", None, expected=None, moved_by="dave", reason="retire")
+    now = await any_store.get_alias_weights(name)
+    assert (now.revision, now.weights) == (3, {"champion": 100, "challenger": 0})
+    history = await any_store.alias_weights_history(name, offset=0, limit=10)
+    assert [(h.revision, h.set_by, h.reason) for h in history] == [
+        (3, "e", ""),
+        (2, "bob", "half"),
+        (1, "alice", "canary"),
+    ]
+    assert [h.revision for h in await any_store.alias_weights_history(name, offset=1, limit=1)] == [2]
+    for call in (
+        any_store.get_alias_weights(_name()),
+        any_store.alias_weights_history(_name(), offset=0, limit=1),
+        any_store.set_alias_weights(_name(), {"champion": 1}, expected=None, set_by="x", reason=""),
+    ):
+        with pytest.raises(NotFound):
+            await call
+
+
+async def test_concurrent_weight_changes_with_one_revision_have_one_winner(
+    any_store: RegistryStore, tmp_path: Path
+) -> None:
+    name = _name()
+    await any_store.create_model(name, "", {}, "tester")
+    version = await _add(any_store, tmp_path, name)
+    for alias in ("champion", "challenger"):
+        await any_store.move_alias(name, alias, version, expected=None, moved_by="t", reason="")
+    racers = [
+        any_store.set_alias_weights(
+            name, {"champion": 100 - i, "challenger": i}, expected=0, set_by=f"r{i}", reason=""
+        )
+        for i in range(1, 9)
+    ]
+    results = await asyncio.gather(*racers, return_exceptions=True)
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    assert len(winners) == 1 and all(isinstance(r, Aborted) for r in results if r not in winners)
+    history = await any_store.alias_weights_history(name, offset=0, limit=10)
+    assert [h.revision for h in history] == [1] and history[0].weights == winners[0].weights

@@ -4,6 +4,8 @@ MLflow's Model Registry stores where each alias points (its alias API; the MLflo
 neither a history of moves nor a compare-and-set. This table adds both:
 
 - ``llmops_alias_history``: one row per move (model, alias, from, to, who, when, why), append-only;
+- ``llmops_alias_weights``: one row per revision of a model's traffic-split weights (the weights
+  and the ones they replaced as JSON, who, when, why), append-only; the newest row is in force;
 - :meth:`AliasLog.locked`: a transaction that holds a per-model lock across processes — SQLite's
   write lock (``BEGIN IMMEDIATE``) or a PostgreSQL transaction-level advisory lock — so that
   "read the alias in MLflow, check, move it in MLflow, append the row" runs as one step even with
@@ -16,6 +18,7 @@ SQLite file: holding SQLite's write lock while MLflow writes to the same file wo
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from llmops.registry.domain import AliasMove
+from llmops.registry.weights import AliasWeights
 
 _METADATA = sa.MetaData()
 HISTORY = sa.Table(
@@ -39,6 +43,20 @@ HISTORY = sa.Table(
     sa.Column("moved_at_us", sa.BigInteger, nullable=False),  # microseconds since the epoch, UTC
     sa.Column("reason", sa.Text, nullable=False),
     sa.Index("ix_llmops_alias_history_model", "model_name", "id"),
+)
+
+WEIGHTS = sa.Table(
+    "llmops_alias_weights",
+    _METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(128), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    sa.Column("weights_json", sa.Text, nullable=False),
+    sa.Column("previous_json", sa.Text, nullable=False),
+    sa.Column("set_by", sa.String(256), nullable=False),
+    sa.Column("set_at_us", sa.BigInteger, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.UniqueConstraint("model_name", "revision", name="uq_llmops_alias_weights_revision"),
 )
 
 
@@ -130,6 +148,54 @@ class AliasLog:
         query = sa.select(HISTORY).where(HISTORY.c.id.in_(latest))
         with self._reader.connect() as conn:
             return {row["alias"]: _move(row) for row in conn.execute(query).mappings()}
+
+    @staticmethod
+    def append_weights(conn: sa.Connection, entry: AliasWeights) -> None:
+        assert entry.set_at is not None
+        conn.execute(
+            WEIGHTS.insert().values(
+                model_name=entry.model_name,
+                revision=entry.revision,
+                weights_json=json.dumps(entry.weights, sort_keys=True),
+                previous_json=json.dumps(entry.previous_weights, sort_keys=True),
+                set_by=entry.set_by,
+                set_at_us=_to_us(entry.set_at),
+                reason=entry.reason,
+            )
+        )
+
+    def current_weights(self, model_name: str, conn: sa.Connection | None = None) -> AliasWeights:
+        """The newest weights of a model (revision 0 when none); inside ``locked`` pass its ``conn``."""
+        found = self.weights_history(model_name, offset=0, limit=1, conn=conn)
+        return found[0] if found else AliasWeights(model_name)
+
+    def weights_history(
+        self, model_name: str, *, offset: int, limit: int, conn: sa.Connection | None = None
+    ) -> list[AliasWeights]:
+        """Weight revisions of a model, newest first."""
+        query = (
+            sa.select(WEIGHTS)
+            .where(WEIGHTS.c.model_name == model_name)
+            .order_by(WEIGHTS.c.revision.desc())
+            .offset(offset)
+            .limit(limit)
+        )
+        if conn is not None:
+            return [_weights(row) for row in conn.execute(query).mappings()]
+        with self._reader.connect() as reader:
+            return [_weights(row) for row in reader.execute(query).mappings()]
+
+
+def _weights(row: Any) -> AliasWeights:
+    return AliasWeights(
+        model_name=row["model_name"],
+        revision=int(row["revision"]),
+        weights={str(k): int(v) for k, v in json.loads(row["weights_json"]).items()},
+        previous_weights={str(k): int(v) for k, v in json.loads(row["previous_json"]).items()},
+        set_by=row["set_by"],
+        set_at=_from_us(int(row["set_at_us"])),
+        reason=row["reason"],
+    )
 
 
 def _move(row: Any) -> AliasMove:

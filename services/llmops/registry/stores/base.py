@@ -6,7 +6,9 @@ A store owns three guarantees the service builds on:
   part-way leaves neither (no record, no files);
 - alias moves are atomic compare-and-sets, serialized per model, each recorded in the history in
   the same step (``from_version`` of one entry is ``to_version`` of the one before);
-- a registration with a ``request_id`` already used for the model returns the earlier version.
+- a registration with a ``request_id`` already used for the model returns the earlier version;
+- traffic-split weights change by compare-and-set on a revision under the same per-model lock as
+  alias moves, so a positive weight never names a missing alias.
 
 Every implementation runs the conformance suite in ``tests/unit/registry/test_store_conformance.py``.
 """
@@ -31,6 +33,7 @@ from llmops.registry.domain import (
     ResolvedAlias,
     VersionStatus,
 )
+from llmops.registry.weights import AliasWeights
 
 
 class RegistryStore(abc.ABC):
@@ -126,6 +129,28 @@ class RegistryStore(abc.ABC):
     @abc.abstractmethod
     async def alias_history(self, name: str, alias: str, *, offset: int, limit: int) -> list[AliasMove]:
         """Alias moves of a model (only ``alias``'s when not empty), newest first."""
+
+    # --- traffic-split weights (see llmops.registry.weights) -----------------------------------------
+
+    @abc.abstractmethod
+    async def set_alias_weights(
+        self, name: str, weights: dict[str, int], *, expected: int | None, set_by: str, reason: str
+    ) -> AliasWeights:
+        """Replace the model's weights as a new revision, atomically, and record the change.
+
+        ``weights`` has been checked by :func:`~llmops.registry.weights.check_weights`; the store
+        applies :func:`~llmops.registry.weights.check_weights_change` under the model's lock (the
+        one alias moves take). The same weights again record nothing and return the current entry.
+        ``NotFound`` when the model does not exist.
+        """
+
+    @abc.abstractmethod
+    async def get_alias_weights(self, name: str) -> AliasWeights:
+        """The weights in force (revision 0 when never set). ``NotFound`` when the model does not exist."""
+
+    @abc.abstractmethod
+    async def alias_weights_history(self, name: str, *, offset: int, limit: int) -> list[AliasWeights]:
+        """Weight changes of a model, newest first. ``NotFound`` when the model does not exist."""
 
     # --- artifacts ---------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from llmops.registry.domain import (
     VersionStatus,
 )
 from llmops.registry.stores.base import RegistryStore, check_alias_move
+from llmops.registry.weights import AliasWeights, check_alias_delete, check_weights_change
 
 
 @dataclasses.dataclass
@@ -33,6 +34,7 @@ class _ModelState:
     aliases: dict[str, int] = dataclasses.field(default_factory=dict)
     history: list[AliasMove] = dataclasses.field(default_factory=list)
     requests: dict[str, int] = dataclasses.field(default_factory=dict)
+    weights: list[AliasWeights] = dataclasses.field(default_factory=list)  # oldest first
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
 
@@ -182,6 +184,7 @@ class FakeRegistryStore(RegistryStore):
             if current == to_version:
                 return move
             if to_version is None:
+                check_alias_delete(self._weights(state), alias)
                 del state.aliases[alias]
             else:
                 if to_version not in state.versions:
@@ -203,6 +206,31 @@ class FakeRegistryStore(RegistryStore):
         state = self._state(name)
         moves = [m for m in reversed(state.history) if not alias or m.alias == alias]
         return moves[offset : offset + limit]
+
+    @staticmethod
+    def _weights(state: _ModelState) -> AliasWeights:
+        return state.weights[-1] if state.weights else AliasWeights(state.model.name)
+
+    async def set_alias_weights(
+        self, name: str, weights: dict[str, int], *, expected: int | None, set_by: str, reason: str
+    ) -> AliasWeights:
+        state = self._state(name)
+        async with state.lock:
+            current = self._weights(state)
+            check_weights_change(current, weights, state.aliases, expected)
+            if current.weights == weights:
+                return current
+            entry = AliasWeights(
+                name, current.revision + 1, dict(weights), dict(current.weights), set_by, _now(), reason
+            )
+            state.weights.append(entry)
+            return entry
+
+    async def get_alias_weights(self, name: str) -> AliasWeights:
+        return self._weights(self._state(name))
+
+    async def alias_weights_history(self, name: str, *, offset: int, limit: int) -> list[AliasWeights]:
+        return list(reversed(self._state(name).weights))[offset : offset + limit]
 
     async def artifact_dir(self, version: ModelVersion) -> Path:
         return self.artifact_root / version.name / str(version.version)

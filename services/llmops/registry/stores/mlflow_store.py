@@ -50,6 +50,7 @@ from llmops.registry.domain import (
 from llmops.registry.stores import mlflow_tags as tags_codec
 from llmops.registry.stores.alias_log import AliasLog
 from llmops.registry.stores.base import RegistryStore, check_alias_move, local_uri_path
+from llmops.registry.weights import AliasWeights, check_alias_delete, check_weights_change
 
 T = TypeVar("T")
 ARTIFACT_SUBDIR = "model"
@@ -382,6 +383,8 @@ class MlflowRegistryStore(RegistryStore):
                 if current == to_version:
                     return entry
                 # The row first: if MLflow refuses the move, the transaction rolls the row back.
+                if to_version is None:
+                    check_alias_delete(self.log.current_weights(name, conn), alias)
                 AliasLog.append(conn, entry)
                 if to_version is None:
                     self._client.delete_registered_model_alias(name, alias)
@@ -411,6 +414,46 @@ class MlflowRegistryStore(RegistryStore):
         def history() -> list[AliasMove]:
             self._client.get_registered_model(name)
             return self.log.history(name, alias, offset=offset, limit=limit)
+
+        return await self._call(history)
+
+    # --- traffic-split weights ----------------------------------------------------------------------
+
+    async def set_alias_weights(
+        self, name: str, weights: dict[str, int], *, expected: int | None, set_by: str, reason: str
+    ) -> AliasWeights:
+        def change() -> AliasWeights:
+            with self.log.locked(f"model:{name}") as conn:
+                aliases = self._client.get_registered_model(name).aliases or {}
+                current = self.log.current_weights(name, conn)
+                check_weights_change(current, weights, aliases, expected)
+                if current.weights == weights:
+                    return current
+                entry = AliasWeights(
+                    name,
+                    current.revision + 1,
+                    dict(weights),
+                    dict(current.weights),
+                    set_by,
+                    datetime.now(UTC),
+                    reason,
+                )
+                AliasLog.append_weights(conn, entry)
+                return entry
+
+        return await self._call(change)
+
+    async def get_alias_weights(self, name: str) -> AliasWeights:
+        def get() -> AliasWeights:
+            self._client.get_registered_model(name)
+            return self.log.current_weights(name)
+
+        return await self._call(get)
+
+    async def alias_weights_history(self, name: str, *, offset: int, limit: int) -> list[AliasWeights]:
+        def history() -> list[AliasWeights]:
+            self._client.get_registered_model(name)
+            return self.log.weights_history(name, offset=offset, limit=limit)
 
         return await self._call(history)
 

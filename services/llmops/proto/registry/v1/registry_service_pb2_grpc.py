@@ -89,6 +89,21 @@ class RegistryServiceStub:
                 request_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasHistoryRequest.SerializeToString,
                 response_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasHistoryResponse.FromString,
                 _registered_method=True)
+        self.SetAliasWeights = channel.unary_unary(
+                '/llmops.registry.v1.RegistryService/SetAliasWeights',
+                request_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.SetAliasWeightsRequest.SerializeToString,
+                response_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.SetAliasWeightsResponse.FromString,
+                _registered_method=True)
+        self.GetAliasWeights = channel.unary_unary(
+                '/llmops.registry.v1.RegistryService/GetAliasWeights',
+                request_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetAliasWeightsRequest.SerializeToString,
+                response_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetAliasWeightsResponse.FromString,
+                _registered_method=True)
+        self.ListAliasWeightsHistory = channel.unary_unary(
+                '/llmops.registry.v1.RegistryService/ListAliasWeightsHistory',
+                request_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasWeightsHistoryRequest.SerializeToString,
+                response_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasWeightsHistoryResponse.FromString,
+                _registered_method=True)
         self.DownloadArtifact = channel.unary_stream(
                 '/llmops.registry.v1.RegistryService/DownloadArtifact',
                 request_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.DownloadArtifactRequest.SerializeToString,
@@ -185,6 +200,34 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAliasWeights(self, request, context):
+        """SetAliasWeights replaces how routers split a model's traffic between its aliases (for example
+        champion 90, challenger 10) as a new revision, recorded in the weights history.
+        INVALID_ARGUMENT: a weight outside [0, 1000000], no weights, or all 0; NOT_FOUND: no such
+        model; FAILED_PRECONDITION: an alias named does not exist; ABORTED: expected_revision is not
+        the current revision (someone changed the weights meanwhile: read again and retry). Setting
+        the weights in force records nothing and returns the current revision. DeleteAlias refuses
+        (FAILED_PRECONDITION) an alias whose weight is positive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAliasWeights(self, request, context):
+        """GetAliasWeights returns the weights in force (revision 0 and no weights when never set: no
+        split) and where each alias points. Cheap; routers poll it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliasWeightsHistory(self, request, context):
+        """ListAliasWeightsHistory lists a model's weight revisions, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DownloadArtifact(self, request, context):
         """DownloadArtifact streams a READY version's files in chunks, file after file in manifest
         order. The server hashes each file as it reads it and ends the call with DATA_LOSS if a file
@@ -255,6 +298,21 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListAliasHistory,
                     request_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasHistoryRequest.FromString,
                     response_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasHistoryResponse.SerializeToString,
+            ),
+            'SetAliasWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAliasWeights,
+                    request_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.SetAliasWeightsRequest.FromString,
+                    response_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.SetAliasWeightsResponse.SerializeToString,
+            ),
+            'GetAliasWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAliasWeights,
+                    request_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetAliasWeightsRequest.FromString,
+                    response_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetAliasWeightsResponse.SerializeToString,
+            ),
+            'ListAliasWeightsHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliasWeightsHistory,
+                    request_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasWeightsHistoryRequest.FromString,
+                    response_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasWeightsHistoryResponse.SerializeToString,
             ),
             'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadArtifact,
@@ -542,6 +600,87 @@ class RegistryService:
             '/llmops.registry.v1.RegistryService/ListAliasHistory',
             llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasHistoryRequest.SerializeToString,
             llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAliasWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmops.registry.v1.RegistryService/SetAliasWeights',
+            llmops_dot_registry_dot_v1_dot_registry__service__pb2.SetAliasWeightsRequest.SerializeToString,
+            llmops_dot_registry_dot_v1_dot_registry__service__pb2.SetAliasWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAliasWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmops.registry.v1.RegistryService/GetAliasWeights',
+            llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetAliasWeightsRequest.SerializeToString,
+            llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetAliasWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliasWeightsHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmops.registry.v1.RegistryService/ListAliasWeightsHistory',
+            llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasWeightsHistoryRequest.SerializeToString,
+            llmops_dot_registry_dot_v1_dot_registry__service__pb2.ListAliasWeightsHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,21 @@ class RegistryServiceStub:
     """
     ListAliasHistory: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListAliasHistoryRequest, _registry_service_pb2.ListAliasHistoryResponse]
     """ListAliasHistory lists alias moves of a model, newest first."""
+    SetAliasWeights: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.SetAliasWeightsRequest, _registry_service_pb2.SetAliasWeightsResponse]
+    """SetAliasWeights replaces how routers split a model's traffic between its aliases (for example
+    champion 90, challenger 10) as a new revision, recorded in the weights history.
+    INVALID_ARGUMENT: a weight outside [0, 1000000], no weights, or all 0; NOT_FOUND: no such
+    model; FAILED_PRECONDITION: an alias named does not exist; ABORTED: expected_revision is not
+    the current revision (someone changed the weights meanwhile: read again and retry). Setting
+    the weights in force records nothing and returns the current revision. DeleteAlias refuses
+    (FAILED_PRECONDITION) an alias whose weight is positive.
+    """
+    GetAliasWeights: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetAliasWeightsRequest, _registry_service_pb2.GetAliasWeightsResponse]
+    """GetAliasWeights returns the weights in force (revision 0 and no weights when never set: no
+    split) and where each alias points. Cheap; routers poll it.
+    """
+    ListAliasWeightsHistory: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListAliasWeightsHistoryRequest, _registry_service_pb2.ListAliasWeightsHistoryResponse]
+    """ListAliasWeightsHistory lists a model's weight revisions, newest first."""
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.DownloadArtifactRequest, _registry_service_pb2.DownloadArtifactResponse]
     """DownloadArtifact streams a READY version's files in chunks, file after file in manifest
     order. The server hashes each file as it reads it and ends the call with DATA_LOSS if a file
@@ -119,6 +134,21 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """
     ListAliasHistory: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListAliasHistoryRequest, _registry_service_pb2.ListAliasHistoryResponse]  # type: ignore[assignment]
     """ListAliasHistory lists alias moves of a model, newest first."""
+    SetAliasWeights: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.SetAliasWeightsRequest, _registry_service_pb2.SetAliasWeightsResponse]  # type: ignore[assignment]
+    """SetAliasWeights replaces how routers split a model's traffic between its aliases (for example
+    champion 90, challenger 10) as a new revision, recorded in the weights history.
+    INVALID_ARGUMENT: a weight outside [0, 1000000], no weights, or all 0; NOT_FOUND: no such
+    model; FAILED_PRECONDITION: an alias named does not exist; ABORTED: expected_revision is not
+    the current revision (someone changed the weights meanwhile: read again and retry). Setting
+    the weights in force records nothing and returns the current revision. DeleteAlias refuses
+    (FAILED_PRECONDITION) an alias whose weight is positive.
+    """
+    GetAliasWeights: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetAliasWeightsRequest, _registry_service_pb2.GetAliasWeightsResponse]  # type: ignore[assignment]
+    """GetAliasWeights returns the weights in force (revision 0 and no weights when never set: no
+    split) and where each alias points. Cheap; routers poll it.
+    """
+    ListAliasWeightsHistory: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListAliasWeightsHistoryRequest, _registry_service_pb2.ListAliasWeightsHistoryResponse]  # type: ignore[assignment]
+    """ListAliasWeightsHistory lists a model's weight revisions, newest first."""
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_registry_service_pb2.DownloadArtifactRequest, _registry_service_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
     """DownloadArtifact streams a READY version's files in chunks, file after file in manifest
     order. The server hashes each file as it reads it and ends the call with DATA_LOSS if a file
@@ -226,6 +256,39 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.ListAliasHistoryResponse, _abc.Awaitable[_registry_service_pb2.ListAliasHistoryResponse]]:
         """ListAliasHistory lists alias moves of a model, newest first."""
+
+    @_abc_1.abstractmethod
+    def SetAliasWeights(
+        self,
+        request: _registry_service_pb2.SetAliasWeightsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.SetAliasWeightsResponse, _abc.Awaitable[_registry_service_pb2.SetAliasWeightsResponse]]:
+        """SetAliasWeights replaces how routers split a model's traffic between its aliases (for example
+        champion 90, challenger 10) as a new revision, recorded in the weights history.
+        INVALID_ARGUMENT: a weight outside [0, 1000000], no weights, or all 0; NOT_FOUND: no such
+        model; FAILED_PRECONDITION: an alias named does not exist; ABORTED: expected_revision is not
+        the current revision (someone changed the weights meanwhile: read again and retry). Setting
+        the weights in force records nothing and returns the current revision. DeleteAlias refuses
+        (FAILED_PRECONDITION) an alias whose weight is positive.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAliasWeights(
+        self,
+        request: _registry_service_pb2.GetAliasWeightsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.GetAliasWeightsResponse, _abc.Awaitable[_registry_service_pb2.GetAliasWeightsResponse]]:
+        """GetAliasWeights returns the weights in force (revision 0 and no weights when never set: no
+        split) and where each alias points. Cheap; routers poll it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAliasWeightsHistory(
+        self,
+        request: _registry_service_pb2.ListAliasWeightsHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListAliasWeightsHistoryResponse, _abc.Awaitable[_registry_service_pb2.ListAliasWeightsHistoryResponse]]:
+        """ListAliasWeightsHistory lists a model's weight revisions, newest first."""
 
     @_abc_1.abstractmethod
     def DownloadArtifact(
