@@ -161,6 +161,19 @@ class TrainingSection(JobServiceSection):
     mlflow_experiment: str = Field(
         default="llmops-training", min_length=1, description="MLflow experiment of jobs that name none."
     )
+    checkpoint_storage: str = Field(
+        default="",
+        description=(
+            "Ray Train storage for data-parallel jobs' checkpoints (num_workers > 1): a folder every "
+            "Ray node mounts, or an S3-compatible URI (s3://bucket/prefix); unset: <data_dir>/training/ray-storage."
+        ),
+    )
+    max_worker_failures: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description="Data-parallel jobs: times Ray Train restarts the worker group from the last checkpoint after a lost worker.",
+    )
 
 
 class QuantizationSection(JobServiceSection):

@@ -54,12 +54,22 @@ def build_runner(settings: Settings) -> JobRunner:
 
         return ThreadRunner()
     from llmops.training.runners.ray_runner import RayRunner
+    from llmops.training.runners.ray_train import DistributedRunner
 
-    return RayRunner(
+    single = RayRunner(
         settings.ray_address,
         default_cpus=section.default_cpus,
         temp_dir=str(settings.ray_temp_dir) if settings.ray_temp_dir else None,
         warm=section.warm_worker,
+    )
+    storage = section.checkpoint_storage or str(
+        settings.data_dir.expanduser().absolute() / "training" / "ray-storage"
+    )
+    return DistributedRunner(
+        single,
+        storage_path=storage,
+        default_cpus=section.default_cpus,
+        max_failures=section.max_worker_failures,
     )
 
 

@@ -240,6 +240,10 @@ def submit(
     ] = False,
     cpus: Annotated[float, typer.Option(help="CPU cores per worker; 0: server default")] = 0.0,
     gpus: Annotated[float, typer.Option(help="GPUs per worker; 0: server default")] = 0.0,
+    num_workers: Annotated[
+        int,
+        typer.Option(help="Data-parallel workers (Ray Train DDP; global batch = workers x batch x accum)"),
+    ] = 1,
     name: Annotated[str, typer.Option(help="Model to register under; default <base>-<method>")] = "",
     alias: Annotated[list[str] | None, typer.Option(help="Alias for the result (repeatable)")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="key=value for the result (repeatable)")] = None,
@@ -294,6 +298,7 @@ def submit(
         method=method_value,
         hyperparameters=hyper,
         resources=compute_pb2.Resources(cpus=cpus, gpus=gpus),
+        num_workers=num_workers,
         output_model_name=name,
         register=register_result,
         aliases=alias or [],

@@ -150,6 +150,8 @@ class WorkerPlan:
     lora: LoraPlan | None = None
     #: Checkpoint folder to resume from; ``None`` starts fresh.
     resume_from: str | None = None
+    #: Data-parallel workers (Ray Train DDP ranks); 1 runs the job in one worker process.
+    num_workers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,6 +260,9 @@ class Job:
     dataset_commit: str = ""
     #: The resolved plan (without resume_from), fixed at submission.
     plan: WorkerPlan | None = None
+    #: Worker events of the current attempt already applied, so a service that reattaches to a
+    #: running data-parallel job after a restart reads on from there instead of replaying them.
+    events_cursor: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -97,9 +97,15 @@ class TrainingService:
                     self._by_request[(job.created_by, job.request_id)] = job.id
                 if not job.state.terminal:
                     note = "the service restarted; the job is queued again"
-                    if job.state is JobState.RUNNING:
+                    if job.state is JobState.RUNNING and self._reattachable(job):
+                        note = "the service restarted; it follows the job where it still runs"
+                    elif job.state is JobState.RUNNING:
                         note += f" and resumes from step {job.checkpoint_step}"
                     self._emit(job, "log", level="warning", message=note)
+            running = {j.id for j in self._jobs.values() if not j.state.terminal}
+        for job_id in self._runner.reconcile(running):
+            log.warning("stopped the workers of training job %s, which the job book does not run", job_id)
+        with self._changed:
             self._schedule()
 
     def shutdown(self) -> None:
@@ -113,6 +119,10 @@ class TrainingService:
         self._runner.shutdown()
 
     # API -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _reattachable(job: Job) -> bool:
+        return job.plan is not None and job.plan.num_workers > 1 and job.attempt > 0
 
     def submit(self, spec: TrainingSpec, request_id: str = "", caller: str = "") -> Job:
         """Check everything, snapshot the data, queue the job (or return the one ``request_id`` made).
@@ -129,6 +139,10 @@ class TrainingService:
             if request_id and (caller, request_id) in self._by_request:
                 return self._copy(self._jobs[self._by_request[(caller, request_id)]])
         validation.check_spec(spec)
+        if spec.num_workers > (most := self._runner.max_workers()):
+            raise FailedPrecondition(
+                f"this server runs a job on at most {most} worker(s) (data-parallel jobs need the Ray runner)"
+            )
         data.check_format(spec.data_format, spec.method)
         self._check_capacity()
         source = self._source.resolve(spec.base_name, spec.base_version, spec.base_alias)
@@ -289,14 +303,9 @@ class TrainingService:
                     return Outcome("cancelled")
                 if self._closing:
                     return None
-            found = latest_checkpoint(Path(job.plan.checkpoint_dir))
-            plan = dataclasses.replace(job.plan, resume_from=str(found[1]) if found else None)
-            attempt = self._runner.start(plan, job.spec.resources)
-            with self._changed:
-                job.attempt += 1
-                job.checkpoint_step = found[0] if found else 0
-                self._attempts[job.id] = attempt
-                self._store.save(job)
+            attempt = self._reattach(job)
+            if attempt is None:
+                attempt = self._start_attempt(job)
             outcome = self._follow(job, attempt)
             if outcome is None:  # the service is stopping; the job resumes on the next start
                 return None
@@ -314,6 +323,36 @@ class TrainingService:
                     message=f"{outcome.reason}; resuming from the last checkpoint",
                 )
 
+    def _reattach(self, job: Job) -> Attempt | None:
+        """The attempt a previous service left running (a data-parallel job's coordinator), if any."""
+        if not (job.state is JobState.RUNNING and self._reattachable(job)):
+            return None
+        attempt = self._runner.reattach(job.id, job.events_cursor)
+        if attempt is not None:
+            with self._changed:
+                self._attempts[job.id] = attempt
+                self._emit(
+                    job, "log", level="info", message=f"following attempt {job.attempt}, still running"
+                )
+        return attempt
+
+    def _start_attempt(self, job: Job) -> Attempt:
+        assert job.plan is not None
+        if job.plan.num_workers > 1:  # Ray Train resumes from the run's checkpoints in its storage
+            found, plan = None, job.plan
+        else:
+            found = latest_checkpoint(Path(job.plan.checkpoint_dir))
+            plan = dataclasses.replace(job.plan, resume_from=str(found[1]) if found else None)
+        attempt = self._runner.start(plan, job.spec.resources)
+        with self._changed:
+            job.attempt += 1
+            if found is not None or job.plan.num_workers <= 1:
+                job.checkpoint_step = found[0] if found else 0
+            job.events_cursor = 0
+            self._attempts[job.id] = attempt
+            self._store.save(job)
+        return attempt
+
     def _follow(self, job: Job, attempt: Attempt) -> Outcome | None:
         deadline = CancelDeadline(self._limits.cancel_grace_seconds)
         while True:
@@ -324,7 +363,8 @@ class TrainingService:
                     job.state is JobState.RUNNING,
                 )
             if closing:
-                attempt.kill()
+                if not getattr(attempt, "detached", False):  # a detached one runs on without us
+                    attempt.kill()
                 return None
             if cancelling and (stopped := deadline.enforce(attempt, started)) is not None:
                 return stopped
@@ -337,6 +377,7 @@ class TrainingService:
         """Worker events -> job fields, job events, MLflow metrics."""
         tracked: list[tuple[int, dict[str, float]]] = []
         with self._changed:
+            job.events_cursor += len(raw_events)  # saved with the first event emitted below
             for raw in raw_events:
                 kind = raw.get("kind")
                 if kind == "started":

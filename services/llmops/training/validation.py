@@ -20,6 +20,8 @@ _MODULE = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
 HP = "spec.hyperparameters"
 MAX_TAGS = 64
 MAX_ALIASES = 16
+#: Data-parallel workers one job may ask for.
+MAX_WORKERS = 512
 
 
 def check_spec(spec: TrainingSpec) -> None:
@@ -32,11 +34,8 @@ def check_spec(spec: TrainingSpec) -> None:
         raise InvalidArgument(f"{spec.method.upper()} needs a lora config", field="spec.lora")
     if spec.num_workers < 0:
         raise InvalidArgument("must be >= 0", field="spec.num_workers")
-    if spec.num_workers > 1:
-        raise InvalidArgument(
-            "data-parallel training over several workers is not supported by this server yet; use 1",
-            field="spec.num_workers",
-        )
+    if spec.num_workers > MAX_WORKERS:
+        raise InvalidArgument(f"at most {MAX_WORKERS}", field="spec.num_workers")
     if spec.output_model_name and not _NAME.match(spec.output_model_name):
         raise InvalidArgument("1-128 characters from [a-z0-9._-]", field="spec.output_model_name")
     if len(spec.aliases) > MAX_ALIASES:
@@ -204,4 +203,5 @@ def build_plan(
         dpo_beta=hp.dpo_beta or 0.1,
         device="cuda" if cuda else "cpu",
         lora=lora,
+        num_workers=max(1, spec.num_workers),
     )

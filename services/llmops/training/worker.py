@@ -20,7 +20,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,8 @@ def _training_args(plan: WorkerPlan, config_cls: Any, has_eval: bool, **extra: A
         disable_tqdm=True,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        # LoRA's frozen base weights are not unused parameters: skip DDP's extra graph traversal.
+        ddp_find_unused_parameters=False if plan.num_workers > 1 else None,
         **extra,
     )
 
@@ -247,7 +249,11 @@ def _load_model(plan: WorkerPlan) -> Any:
             bnb_4bit_compute_dtype=dtype,
         )
         model = AutoModelForCausalLM.from_pretrained(
-            plan.base_dir, quantization_config=quantization, dtype=dtype, device_map={"": 0}
+            plan.base_dir,
+            quantization_config=quantization,
+            dtype=dtype,
+            # A data-parallel rank holds its own GPU (Ray Train sets LOCAL_RANK).
+            device_map={"": int(os.environ.get("LOCAL_RANK", "0"))},
         )
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)  # type: ignore[no-untyped-call]
     # Mixed precision keeps fp32 master weights; the autocast does the rest.
@@ -288,10 +294,20 @@ def preload() -> None:
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]  # noqa: F401
 
 
-def train(plan: WorkerPlan | Mapping[str, Any], emit: Emit, stop: threading.Event) -> dict[str, Any]:
+def train(
+    plan: WorkerPlan | Mapping[str, Any],
+    emit: Emit,
+    stop: threading.Event,
+    *,
+    callbacks: Sequence[Any] = (),
+    exports: bool = True,
+) -> dict[str, Any]:
     """Run the job to its end; returns ``output_dir``, ``format``, ``metrics``, ``parameter_count``.
 
     ``plan`` may come as its dict (``WorkerPlan.to_dict``), which is how a runner hands it over.
+    A data-parallel rank (:mod:`llmops.training.distributed`) runs this same loop under Ray Train:
+    ``callbacks`` join the trainer's (the checkpoint report to Ray Train's storage) and only the
+    rank that ``exports`` writes the result (the others return ``step`` and ``metrics``).
     """
     import datasets
     import transformers
@@ -328,7 +344,7 @@ def train(plan: WorkerPlan | Mapping[str, Any], emit: Emit, stop: threading.Even
             eval_dataset=eval_set,
             processing_class=tokenizer,
             peft_config=_peft_config(plan),
-            callbacks=[callback],
+            callbacks=[callback, *callbacks],
         )
     else:
         from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
@@ -342,7 +358,7 @@ def train(plan: WorkerPlan | Mapping[str, Any], emit: Emit, stop: threading.Even
             eval_dataset=eval_set,
             processing_class=tokenizer,
             peft_config=_peft_config(plan),
-            callbacks=[callback],
+            callbacks=[callback, *callbacks],
         )
     from transformers.trainer_callback import PrinterCallback
 
@@ -364,6 +380,8 @@ def train(plan: WorkerPlan | Mapping[str, Any], emit: Emit, stop: threading.Even
         assert callback.last_eval is not None
         metrics["eval_loss"] = callback.last_eval[1]
         metrics["eval_perplexity"] = math.exp(min(callback.last_eval[1], 700.0))
+    if not exports:
+        return {"step": int(trainer.state.global_step), "metrics": metrics}
     emit({"kind": "step", "phase": "export", "step": trainer.state.global_step, "progress": 1.0})
     return _export(plan, trainer, tokenizer, metrics)
 

@@ -583,7 +583,8 @@ def test_a_request_id_is_idempotent_per_caller(stack: Stack) -> None:
         (spec("dpo"), InvalidArgument, "dpo trains on preference data"),
         (dataclasses.replace(spec(path="data/chat.jsonl"), base_name="plain"), FailedPrecondition, "chat"),
         (spec(hyperparameters=Hyperparameters(max_seq_length=256)), InvalidArgument, "context length 128"),
-        (spec(num_workers=4), InvalidArgument, "spec.num_workers"),
+        (spec(num_workers=4), FailedPrecondition, "at most 1 worker"),
+        (spec(num_workers=600), InvalidArgument, "spec.num_workers"),
     ],
 )
 def test_bad_submissions_are_refused_before_anything_is_queued(
@@ -706,3 +707,120 @@ def test_a_queued_job_left_by_a_stopped_service_runs_on_the_next(stack: Stack) -
     assert "queued again" in events[1].message and "resumes" not in events[1].message
     assert events[-1].kind == "finished"
     assert all_events(after, busy.id)[-1].kind == "finished"
+
+
+# data-parallel jobs that outlive the service --------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RemoteJob:
+    """A job as a detached Ray Train coordinator holds it: its events and how it ends."""
+
+    plan: WorkerPlan
+    events: list[dict[str, Any]]
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    killed: bool = False
+
+
+class RemoteView(Attempt):
+    """A service's view of a remote job, reading its events from a cursor."""
+
+    detached = True
+
+    def __init__(self, remote: RemoteJob, cursor: int) -> None:
+        self.remote, self.cursor = remote, cursor
+
+    def poll(self, timeout: float) -> tuple[list[dict[str, Any]], Outcome | None]:
+        remote = self.remote
+        if remote.killed:
+            return [], Outcome("lost", reason="coordinator gone")
+        finished = remote.done.is_set()
+        new = remote.events[self.cursor :]
+        self.cursor += len(new)
+        if finished:
+            return new, Outcome("succeeded", result=write_result(remote.plan, 4))
+        if not new:
+            remote.done.wait(timeout)
+        return new, None
+
+    def request_cancel(self) -> None:
+        self.kill()
+
+    def kill(self) -> None:
+        self.remote.killed = True
+
+
+class DetachedRunner(JobRunner):
+    """Data-parallel jobs in a shared fake cluster that outlives any one service."""
+
+    def __init__(self, cluster: dict[str, RemoteJob]) -> None:
+        self.cluster = cluster
+        self.started: list[str] = []
+        self.reattached: list[tuple[str, int]] = []
+
+    def max_workers(self) -> int:
+        return 8
+
+    def start(self, plan: WorkerPlan, resources: Resources) -> Attempt:
+        first = [{"kind": "started", "worker": "rank 0 of 2"}, step_event(1, 4), step_event(2, 4)]
+        self.cluster[plan.job_id] = remote = RemoteJob(plan, first)
+        self.started.append(plan.job_id)
+        return RemoteView(remote, 0)
+
+    def reattach(self, job_id: str, cursor: int) -> Attempt | None:
+        remote = self.cluster.get(job_id)
+        if remote is None or remote.killed:
+            return None
+        self.reattached.append((job_id, cursor))
+        return RemoteView(remote, cursor)
+
+    def reconcile(self, running: set[str]) -> list[str]:
+        stopped = [j for j, r in self.cluster.items() if j not in running and not r.killed]
+        for job_id in stopped:
+            self.cluster[job_id].killed = True
+        return stopped
+
+
+def test_a_data_parallel_job_outlives_the_service_and_the_next_one_follows_it(stack: Stack) -> None:
+    cluster: dict[str, RemoteJob] = {}
+    before = stack.service(DetachedRunner(cluster))
+    job = before.submit(spec(num_workers=2))
+    assert job.plan is not None and job.plan.num_workers == 2
+    wait_until(lambda: before.get(job.id).current_step == 2)
+    before.shutdown()
+    remote = cluster[job.id]
+    assert not remote.killed and before.get(job.id).state is JobState.RUNNING  # left running
+    remote.events += [step_event(3, 4), step_event(4, 4)]  # it trained on while no service looked
+    remote.done.set()
+    orphan = cluster["tj-orphan"] = RemoteJob(remote.plan, [])
+
+    runner = DetachedRunner(cluster)
+    after = stack.service(runner, start=True)
+    events = all_events(after, job.id)
+
+    assert_well_formed(events)
+    train_steps = [e.step for e in events if e.kind == "step" and e.phase == "train"]
+    assert train_steps == [1, 2, 3, 4]  # no step lost or repeated
+    assert [e.kind for e in events].count("started") == 1
+    assert runner.started == [] and runner.reattached == [(job.id, 3)]  # followed, not run twice
+    assert "follows the job" in next(e.message for e in events if e.kind == "log")
+    assert events[-1].kind == "finished" and after.get(job.id).state is JobState.SUCCEEDED
+    assert orphan.killed  # a coordinator the job book does not run is stopped
+
+
+def test_a_data_parallel_job_whose_workers_are_gone_starts_again(stack: Stack) -> None:
+    cluster: dict[str, RemoteJob] = {}
+    before = stack.service(DetachedRunner(cluster))
+    job = before.submit(spec(num_workers=2))
+    wait_until(lambda: before.get(job.id).current_step == 2)
+    before.shutdown()
+    cluster[job.id].killed = True  # the cluster lost the job with the service (an embedded Ray)
+
+    runner = DetachedRunner(cluster)
+    after = stack.service(runner, start=True)
+    wait_until(lambda: runner.started == [job.id])
+    cluster[job.id].done.set()
+    events = all_events(after, job.id)
+    assert_well_formed(events)
+    assert [(e.attempt, e.kind) for e in events if e.kind == "started"] == [(1, "started"), (2, "started")]
+    assert events[-1].kind == "finished"

@@ -57,7 +57,7 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("lora", {"lora": None}, "spec.lora"),
     ("qlora", {"lora": None}, "spec.lora"),
     ("sft", {"num_workers": -1}, "spec.num_workers"),
-    ("sft", {"num_workers": 2}, "spec.num_workers"),
+    ("sft", {"num_workers": 513}, "spec.num_workers"),
     ("sft", {"output_model_name": "Tiny"}, "spec.output_model_name"),
     ("sft", {"output_model_name": "-tiny"}, "spec.output_model_name"),
     ("sft", {"output_model_name": "a" * 129}, "spec.output_model_name"),
@@ -197,6 +197,7 @@ def test_lora_defaults_resolve_as_documented(tmp_path: Path) -> None:
         "dpo_beta": 0.1,
         "device": "cpu",
         "resume_from": None,
+        "num_workers": 1,
     }
     assert {k: v for k, v in plan.to_dict().items() if k != "lora"} == expected
 

@@ -52,6 +52,19 @@ class JobRunner(abc.ABC):
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release the runner's own resources (running attempts are the service's to stop)."""
 
+    def max_workers(self) -> int:
+        """Most data-parallel workers one job may have here. Default: one."""
+        return 1
+
+    def reattach(self, job_id: str, cursor: int) -> Attempt | None:
+        """A running attempt of ``job_id`` that outlived a previous service, read on from worker event
+        ``cursor``; None when there is none (the default: attempts die with the service)."""
+        return None
+
+    def reconcile(self, running: set[str]) -> list[str]:
+        """Stop attempts that outlived a previous service for jobs not in ``running``; their ids."""
+        return []
+
 
 class PlanRunner(JobRunner):
     """A training runner over a common one: ``WorkerPlan`` -> dict, a GPU for a CUDA plan."""
