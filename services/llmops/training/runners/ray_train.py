@@ -81,9 +81,14 @@ class TrainCoordinator:
     def emit(self, event: dict[str, Any]) -> None:
         """An event from a rank: ``rank`` events update that rank's figures, the rest are the job's."""
         if event.get("kind") == "rank":
+            rank = int(event["rank"])
             with self._lock:
-                self._ranks.setdefault(int(event["rank"]), {}).update(
+                self._ranks.setdefault(rank, {}).update(
                     {k: v for k, v in event.items() if k not in ("kind", "rank", "time")}
+                )
+            if "worker" in event:  # a rank (re)started: say where, for operators
+                self._core.emit(
+                    {"kind": "log", "level": "info", "message": f"rank {rank} runs on {event['worker']}"}
                 )
             return
         if event.get("kind") == "step" and "loss" in event:
