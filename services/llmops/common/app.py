@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from prometheus_client import CollectorRegistry
 
 from llmops.common.access import Access
+from llmops.common.checking import building_only
 from llmops.common.clients import ClientSecurity, configure_clients
 from llmops.common.server import LLMOpsServer, ServiceBinding, create_server
 from llmops.common.settings import SERVICE_NAMES, ServiceName, Settings
@@ -105,7 +106,8 @@ async def check_app(factory: AppFactory, settings: Settings) -> list[str]:
 
     server_credentials(settings)
     ClientSecurity.from_settings(settings)
-    app = factory(settings, CollectorRegistry())
+    with building_only():
+        app = factory(settings, CollectorRegistry())
     try:
         return [binding.name for binding in app.bindings()]
     finally:

@@ -10,18 +10,27 @@ Serve's gRPC proxy and ingress hops cost several milliseconds per call and batch
 Serve's own gRPC proxy works too (``Generate``, ``GenerateStream``, ``ListModels``, ``Tokenize``)
 when a cluster wants one entry point.
 
-Autoscaling stays off (``num_replicas`` fixed): on Kubernetes the HPA owns the replica count, and
-two autoscalers on one workload fight.
+Autoscaling stays off (``num_replicas`` fixed) in :func:`deployment`: on Kubernetes the HPA owns
+the replica count, and two autoscalers on one workload fight.
+
+:func:`build_app` is the chart's RayService entry (``serving.autoscaling.mode: rayservice``,
+``import_path: llmops.serving.serve_app:build_app``): there Ray Serve autoscales (no HPA), the
+args are :class:`ServeAppArgs` (an unknown one is refused), the replica serves no HTTP port of its
+own (Serve's HTTP proxy owns 8000 and hands requests to ``__call__``, streamed through), and its
+gRPC and metrics servers keep the pod's configured ports (one replica per Ray worker pod).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import json
 import os
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmops.common.errors import LLMOpsError, Unavailable, status_for
 from llmops.common.server import LLMOpsServer, create_server
@@ -140,6 +149,12 @@ class ServingDeployment:
             _report(exc, grpc_context)
             return pb.TokenizeResponse()
 
+    async def __call__(self, request: Any) -> Any:
+        """HTTP from Ray Serve's proxy: the OpenAI-compatible API, its response streamed back."""
+        from starlette.responses import StreamingResponse
+
+        return await forward_asgi(self.app.http, request.scope, request.receive, StreamingResponse)
+
     async def __del__(self) -> None:
         """Ray Serve calls this when the replica stops: drain, then free the engines."""
         await self.server.stop()
@@ -176,3 +191,91 @@ def deployment(
         health_check_period_s=10,
         health_check_timeout_s=30,
     ).bind(env=dict(env or {}), engine_factory=engine_factory)
+
+
+class ServeAppArgs(BaseModel):
+    """The ``args`` of the Serve application, as the chart's rayservice.yaml renders them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, description="LLMOPS_SERVING_MODEL of every replica.")
+    engine: Literal["vllm", "transformers", "tensorrt_llm"] = Field(description="LLMOPS_SERVING_ENGINE.")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs of one replica (Ray actor option).")
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas Serve keeps.")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas Serve starts.")
+    target_ongoing_requests: int = Field(
+        default=8, ge=1, description="Serve's autoscaling target per replica."
+    )
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict, description="LLMOPS_SERVING_ENGINE_OPTIONS (e.g. tensor_parallel_size)."
+    )
+
+
+def parse_args(args: dict[str, Any]) -> ServeAppArgs:
+    """The args, or ``ValueError`` naming each refused one."""
+    try:
+        parsed = ServeAppArgs.model_validate(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"llmops.serving.serve_app args: {problems}") from None
+    if parsed.min_replicas > parsed.max_replicas:
+        raise ValueError("llmops.serving.serve_app args: min_replicas is above max_replicas")
+    return parsed
+
+
+async def forward_asgi(
+    app: Callable[..., Awaitable[None]],
+    scope: dict[str, Any],
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+    response_class: Any,
+) -> Any:
+    """Run an ASGI app on one request; the response once it starts, its body streamed."""
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    task = asyncio.ensure_future(app(dict(scope), receive, queue.put))
+    first = asyncio.ensure_future(queue.get())
+    await asyncio.wait({first, task}, return_when=asyncio.FIRST_COMPLETED)
+    if not first.done():
+        first.cancel()
+        task.result()  # the app's error
+        raise RuntimeError("the app ended without a response")
+    start = first.result()
+
+    async def body() -> AsyncIterator[bytes]:
+        while True:
+            message = await queue.get()
+            if message["type"] == "http.response.body":
+                if message.get("body"):
+                    yield message["body"]
+                if not message.get("more_body"):
+                    break
+        await task
+
+    headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in start.get("headers", [])}
+    headers.pop("content-length", None)  # re-framed by the proxy
+    return response_class(body(), status_code=start["status"], headers=headers)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The Serve application of one served model: ``import_path`` of the chart's RayService."""
+    from ray import serve
+
+    parsed = parse_args(args)
+    env = {
+        "LLMOPS_SERVING_MODEL": parsed.model,
+        "LLMOPS_SERVING_ENGINE": parsed.engine,
+        "LLMOPS_SERVING_HTTP_ENABLED": "false",  # Serve's HTTP proxy owns the port; see __call__
+    }
+    if parsed.engine_options:
+        env["LLMOPS_SERVING_ENGINE_OPTIONS"] = json.dumps(parsed.engine_options)
+    wrapped: Any = serve.deployment(ServingDeployment)
+    return wrapped.options(
+        name="serving",
+        ray_actor_options={"num_cpus": 1, "num_gpus": parsed.num_gpus},
+        autoscaling_config={
+            "min_replicas": parsed.min_replicas,
+            "max_replicas": parsed.max_replicas,
+            "target_ongoing_requests": parsed.target_ongoing_requests,
+        },
+        health_check_period_s=10,
+        health_check_timeout_s=30,
+    ).bind(env=env)

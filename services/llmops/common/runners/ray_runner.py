@@ -34,6 +34,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from llmops.common.checking import build_only
 from llmops.common.errors import Unavailable
 from llmops.common.runners.base import (
     Attempt,
@@ -199,7 +200,7 @@ class RayRunner(JobRunner):
         self._body = body
         self._generation: int | None = None  # of the runtime this runner holds a share of
         with _Runtime.lock:
-            if not ray.is_initialized():
+            if not ray.is_initialized() and not build_only():  # `serve --check` connects nothing
                 _connect(ray, address, temp_dir, namespace)
             if _Runtime.connected:
                 _Runtime.users += 1
