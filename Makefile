@@ -158,6 +158,18 @@ loadtest-capacity: setup ## Highest load with zero errors: Locust steps at risin
 	$(PY) -m loadtests.capacity --scenario $(CAPACITY) --users $(STEPS) $(if $(SERVING),--serving $(SERVING)) \
 	  $(if $(MODEL),--model $(MODEL)) --out build/loadtest/capacity-$(CAPACITY)
 
+##@ Images and Kubernetes
+
+IMAGE ?= localhost/llmops:dev
+
+.PHONY: image
+image: $(STAMP) ## Build docker/Dockerfile (IMAGE=...) and the smoke's Redis with podman, air-gapped when no registry answers; check docker/Dockerfile.gpu as far as a CPU machine can
+	$(PY) docker/build_image.py --image $(IMAGE)
+
+.PHONY: kube-smoke
+kube-smoke: image tools ## Play the chart's render (ci/local-values.yaml) as podman pods: probes, register + generate + cache hit, MLflow, SIGTERM drain; prints times to SERVING
+	$(PY) scripts/kube_smoke.py
+
 ##@ Housekeeping
 
 .PHONY: clean

@@ -18,8 +18,9 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def main(path: str) -> int:
-    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+def merge(installed: dict[str, str], path: str) -> list[str]:
+    """`name==version` for every installed package, then constraints.txt's lines for the others."""
+    installed = {canonical(name): version for name, version in installed.items()}
     lines = [f"{name}=={version}" for name, version in sorted(installed.items())]
     with open(path, encoding="utf-8") as handle:
         for raw in handle:
@@ -29,7 +30,12 @@ def main(path: str) -> int:
             name = canonical(re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0])
             if name not in installed:
                 lines.append(line)
-    print("\n".join(lines))
+    return lines
+
+
+def main(path: str) -> int:
+    installed = {d.metadata["Name"]: d.version for d in metadata.distributions()}
+    print("\n".join(merge(installed, path)))
     return 0
 
 

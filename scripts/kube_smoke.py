@@ -1,0 +1,368 @@
+"""`make kube-smoke`: the chart's rendered workloads, unmodified, as real containers under podman.
+
+Renders charts/llmops with ci/local-values.yaml (local images, the tiny model, CPU), plays every
+Deployment and StatefulSet with `podman kube play` on one network (each Service's name a DNS alias
+of the pods it selects), and checks from the host:
+  - each pod passes its own probes (run by this harness: podman runs none) within the start-up
+    budget the probes give it (periodSeconds x failureThreshold); time to SERVING is printed;
+  - a model is registered (the tiny Llama, alias champion), serving loads it by alias, a streamed
+    generate answers, and the same request again is a response-cache hit (Redis);
+  - MLflow answers and holds the registered model;
+  - SIGTERM to serving while a stream is open: the stream finishes and the container exits within
+    the pod's terminationGracePeriodSeconds.
+Workarounds for what podman cannot do are listed (scripts/kube_smoke_manifest.py); one that touches
+a container's args, env, ports or volumes fails the run. Everything started is removed at the end,
+also on failure or Ctrl-C.
+
+Usage: python scripts/kube_smoke.py [--values FILE ...] [--keep-going]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import kube_smoke_manifest as km
+from kube_smoke_podman import PodmanSession
+
+ROOT = km.ROOT
+LLMOPS = str(ROOT / ".venv" / "bin" / "llmops")
+MODEL_NAME = "tiny"
+console = Console()
+
+
+class SmokeFailure(RuntimeError):
+    """A check failed."""
+
+
+def probe_once(session: PodmanSession, container: str, spec: dict[str, Any], ip: str) -> bool:
+    """Runs one Kubernetes probe the way the kubelet would, against the container; True when it passes."""
+    ports = {p.get("name"): p["containerPort"] for p in spec.get("ports", [])}
+    timeout = float(spec.get("timeoutSeconds", 1))
+
+    def port(value: int | str) -> int:
+        return int(ports[value]) if isinstance(value, str) else int(value)
+
+    try:
+        if "grpc" in spec:
+            with grpc.insecure_channel(f"{ip}:{port(spec['grpc']['port'])}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service=spec["grpc"].get("service", "")),
+                    timeout=max(timeout, 1),
+                )
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        if "httpGet" in spec:
+            get = spec["httpGet"]
+            url = f"http://{ip}:{port(get['port'])}{get.get('path', '/')}"
+            with urllib.request.urlopen(url, timeout=max(timeout, 1)) as response:
+                return 200 <= int(response.status) < 400
+        if "tcpSocket" in spec:
+            import socket
+
+            with socket.create_connection((ip, port(spec["tcpSocket"]["port"])), timeout=max(timeout, 1)):
+                return True
+        if "exec" in spec:
+            result = subprocess.run(
+                ["podman", "exec", container, *spec["exec"]["command"]],
+                env=session.env,
+                capture_output=True,
+                timeout=max(timeout, 5),
+            )
+            return result.returncode == 0
+    except (grpc.RpcError, OSError, subprocess.TimeoutExpired, KeyError):
+        return False
+    raise SmokeFailure(f"unknown probe kind: {sorted(spec)}")
+
+
+def wait_ready(session: PodmanSession, pod: str, template: dict[str, Any], started: float) -> float:
+    """Waits until the pod's container passes its start-up then readiness probe; returns seconds taken."""
+    container_spec = template["spec"]["containers"][0]
+    container = session.containers(pod)[0]
+    budget = km.startup_budget(container_spec)
+    probes = [container_spec[p] for p in ("startupProbe", "readinessProbe") if p in container_spec]
+    ip = session.ip(container)
+    deadline = started + budget
+    for spec in probes:
+        while not probe_once(session, container, spec, ip):
+            state = session.inspect(container)["State"]
+            if time.monotonic() > deadline:
+                raise SmokeFailure(
+                    f"{pod}: not ready within its start-up budget of {budget:.0f} s "
+                    f"(state {state.get('Status')}, restarts {state.get('RestartCount', 0)})\n{session.logs(container)}"
+                )
+            time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def register_model(registry: str) -> str:
+    """Builds (or reuses) the tiny model and registers it with alias champion; returns name:version."""
+    path = (
+        subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "python"), "-m", "llmops.common.tiny_model", "--no-progress"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    out = subprocess.run(
+        [
+            LLMOPS,
+            "models",
+            "register",
+            path,
+            MODEL_NAME,
+            "--alias",
+            "champion",
+            "--address",
+            registry,
+            "--json",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        raise SmokeFailure(f"register failed: {out.stderr.strip()[-1500:]}")
+    data = json.loads(out.stdout)
+    version = data.get("version", data.get("model_version", {}).get("version", "?"))
+    return f"{MODEL_NAME}:{version}"
+
+
+def stream(
+    address: str, max_tokens: int, on_first: Callable[[], None] | None = None
+) -> tuple[str, bool, str]:
+    """One streamed greedy generate by alias; returns (text, cached, resolved name:version@alias)."""
+    from llmops.proto.common.v1 import generation_pb2, model_pb2, sampling_pb2
+    from llmops.proto.serving.v1 import serving_service_pb2, serving_service_pb2_grpc
+
+    request = serving_service_pb2.GenerateStreamRequest(
+        model=serving_service_pb2.ModelSelector(
+            model_ref=model_pb2.ModelRef(name=MODEL_NAME, alias="champion")
+        ),
+        prompt=generation_pb2.Prompt(text="def main():"),
+        sampling=sampling_pb2.SamplingParams(greedy=True, max_tokens=max_tokens, ignore_eos=True),
+    )
+    text, cached, resolved, first = [], False, "", True
+    with grpc.insecure_channel(address) as channel:
+        for message in serving_service_pb2_grpc.ServingServiceStub(channel).GenerateStream(
+            request, timeout=300
+        ):
+            cached = message.cached
+            if message.HasField("delta"):
+                text.append(message.delta.text_delta)
+                if first and on_first is not None:
+                    on_first()
+                first = False
+            if message.HasField("end"):
+                m = message.end.model
+                resolved = f"{m.name}:{m.version}@{m.alias}"
+    return "".join(text), cached, resolved
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM reached the harness."""
+
+
+def on_signal(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--values", action="append", type=Path, help="values files (default ci/local-values.yaml)"
+    )
+    args = parser.parse_args()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    t0 = time.monotonic()
+    docs = km.render(args.values)
+    pairs, workarounds = km.plan(docs)  # raises GuardError before anything runs
+    configmaps = [d for d in docs if d["kind"] == "ConfigMap"]
+    claims = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    images = sorted({c["image"] for _, w in pairs for c in km.pod_spec(w)["containers"]})
+
+    table = Table(title="workarounds (podman falls short; args, env, ports and volumes unchanged: guarded)")
+    for column in ("workload", "change", "why"):
+        table.add_column(column)
+    table.add_row(
+        "every pod",
+        "`kube play` in its own network namespace; port mappings dropped",
+        "podman 4.3 publishes every containerPort on the host (clashes between pods)",
+    )
+    table.add_row(
+        "every pod",
+        "emptyDir volumes are shared between pods by name (not worked around)",
+        "podman names the volume after the pod's volume name",
+    )
+    for w in workarounds:
+        table.add_row(w.workload, w.change, w.reason)
+    console.print(table)
+    for kind, names in km.skipped(docs).items():
+        console.print(
+            f"[dim]not played: {kind} {', '.join(names)} ({km.NOT_PLAYED.get(kind, 'not a workload')})[/]"
+        )
+
+    session = PodmanSession()
+    sizes: dict[str, int] = {}
+    times: dict[str, tuple[float, float]] = {}
+    failed = False
+    try:
+        for image in images:
+            if subprocess.run(["podman", "image", "exists", image], env=session.env).returncode != 0:
+                raise SmokeFailure(f"image {image} missing: run `make image`")
+            sizes[image] = session.image_size(image)
+        session.start()
+        serving = [
+            (o, p)
+            for o, p in pairs
+            if o["metadata"]["labels"].get("app.kubernetes.io/component") == "serving"
+        ]
+        others = [(o, p) for o, p in pairs if (o, p) not in serving]
+        pods_of: dict[str, list[str]] = {}
+        starts: dict[str, float] = {}
+
+        def play(original: dict[str, Any], played: dict[str, Any], with_claims: bool) -> None:
+            name = km.name_of(original)
+            manifest = km.dump([*configmaps, *(claims if with_claims else []), played])
+            aliases = km.service_aliases(docs, original)
+            with console.status(f"podman kube play {name} (aliases {', '.join(aliases) or '-'})"):
+                starts[name] = time.monotonic()
+                pods_of[name] = session.play(name, manifest, aliases)
+
+        def wait(original: dict[str, Any]) -> None:
+            name = km.name_of(original)
+            budget = km.startup_budget(km.pod_spec(original)["containers"][0])
+            for pod in pods_of[name]:
+                with console.status(f"{pod}: waiting for its probes (budget {budget:.0f} s)"):
+                    took = wait_ready(session, pod, original["spec"]["template"], starts[name])
+                times[pod] = (took, budget)
+                console.print(f"[green]ok[/]  {pod} ready in {took:.1f} s (budget {budget:.0f} s)")
+
+        for index, (original, played) in enumerate(others):
+            play(original, played, with_claims=index == 0)
+        for original, _ in others:
+            wait(original)
+
+        registry_pod = pods_of[next(km.name_of(o) for o, _ in others if km.name_of(o).endswith("-registry"))][
+            0
+        ]
+        registry = f"{session.ip(session.containers(registry_pod)[0])}:50051"
+        with console.status("registering the tiny model (alias champion) through the registry pod"):
+            version = register_model(registry)
+        console.print(f"[green]ok[/]  registered {version} as {MODEL_NAME}@champion at {registry}")
+
+        for original, played in serving:
+            play(original, played, with_claims=False)
+        for original, _ in serving:
+            wait(original)
+        serving_original = serving[0][0]
+        serving_pod = pods_of[km.name_of(serving_original)][0]
+        serving_ctr = session.containers(serving_pod)[0]
+        address = f"{session.ip(serving_ctr)}:50051"
+
+        text, cached, resolved = stream(address, 16)
+        if cached or not text or not resolved.startswith(f"{version}@champion"):
+            raise SmokeFailure(f"first stream: cached={cached} resolved={resolved!r} text={text!r}")
+        console.print(f"[green]ok[/]  streamed generate by alias: {resolved}, {len(text)} characters")
+        again, cached, _ = stream(address, 16)
+        if not cached or again != text:
+            raise SmokeFailure(f"repeated request: cached={cached}, same text={again == text}")
+        console.print("[green]ok[/]  repeated request answered from the response cache (Redis)")
+
+        mlflow_pod = pods_of[next(km.name_of(o) for o, _ in others if km.name_of(o).endswith("-mlflow"))][0]
+        mlflow = f"http://{session.ip(session.containers(mlflow_pod)[0])}:5000"
+        with urllib.request.urlopen(
+            f"{mlflow}/api/2.0/mlflow/registered-models/search", timeout=10
+        ) as response:
+            names = [m["name"] for m in json.load(response).get("registered_models", [])]
+        if MODEL_NAME not in names:
+            raise SmokeFailure(f"MLflow answers but lists {names}, not {MODEL_NAME}")
+        console.print(f"[green]ok[/]  MLflow answers and holds the registered model ({mlflow})")
+
+        grace = float(km.pod_spec(serving_original).get("terminationGracePeriodSeconds", 30))
+        sent: dict[str, float] = {}
+
+        def sigterm() -> None:
+            pre_stop = km.pod_spec(serving_original)["containers"][0].get("lifecycle", {}).get("preStop", {})
+            sent["at"] = time.monotonic()
+            # The kubelet runs preStop, then sends SIGTERM, within one grace period.
+            if "exec" in pre_stop:
+                subprocess.Popen(
+                    [
+                        "sh",
+                        "-c",
+                        f"podman exec {serving_ctr} {' '.join(pre_stop['exec']['command'])}; "
+                        f"podman kill --signal TERM {serving_ctr}",
+                    ],
+                    env=session.env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            else:
+                session.podman("kill", "--signal", "TERM", serving_ctr)
+
+        pid = session.inspect(serving_ctr)["State"]["Pid"]
+        with console.status(f"SIGTERM to {serving_ctr} during a stream (grace {grace:.0f} s)"):
+            drained, _, _ = stream(address, 200, on_first=sigterm)
+            while True:
+                state = session.inspect(serving_ctr)["State"]
+                if state["Pid"] != pid or state["Status"] != "running":
+                    break
+                if time.monotonic() - sent["at"] > grace:
+                    raise SmokeFailure(f"serving still running {grace:.0f} s after SIGTERM")
+                time.sleep(0.2)
+        exited = time.monotonic() - sent["at"]
+        console.print(
+            f"[green]ok[/]  SIGTERM: the open stream finished ({len(drained)} characters) and serving "
+            f"exited after {exited:.1f} s (grace {grace:.0f} s)"
+        )
+    except (SmokeFailure, km.GuardError, RuntimeError, subprocess.SubprocessError) as exc:
+        failed = True
+        console.print(f"[red]FAIL[/] {exc}")
+    except Interrupted as exc:
+        failed = True
+        console.print(f"[yellow]interrupted ({exc})[/]")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with console.status("removing pods, volumes and the network"):
+            problems = session.close()
+        for problem in problems:
+            console.print(f"[red]cleanup[/] {problem}")
+
+    result = Table(title="time to SERVING (harness-run probes)")
+    for column in ("pod", "seconds", "budget"):
+        result.add_column(column)
+    for pod, (took, budget) in times.items():
+        result.add_row(pod, f"{took:.1f}", f"{budget:.0f}")
+    console.print(result)
+    for image, size in sizes.items():
+        console.print(f"image {image}: {size / 1e9:.2f} GB")
+    console.print(
+        f"kube-smoke {'FAILED' if failed or problems else 'passed'} in {time.monotonic() - t0:.0f} s"
+    )
+    return 1 if failed or problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
