@@ -63,6 +63,10 @@ DASHBOARD_MUST_SHOW = {
     "platform.json": {
         "llmops:grpc_requests:rate5m", "llmops:grpc_error_ratio:rate5m", "llmops:grpc_latency_seconds:p95",
     },
+    "router.json": {
+        "llmops_router_endpoint_load", "llmops_router_decisions_total", "llmops_router_requests_total",
+        "llmops_router_pending_requests",
+    },
 }  # fmt: skip
 _GRAFANA_INTERVALS = re.compile(
     r"\$(__rate_interval|__interval|__range)\b|\$\{(__rate_interval|__interval|__range)\}"
@@ -301,8 +305,14 @@ def test_hpa_metric_is_what_prometheus_adapter_serves() -> None:
         served[rule["name"]["as"]] = series
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     default = values["serving"]["autoscaling"]["hpa"]["metricName"]
-    assert served[default] == "llmops:serving_requests_waiting:pod"
+    # The HPA reads requests in the pod: the service's own admission queue (which answers
+    # RESOURCE_EXHAUSTED when full, and which vLLM's queue gauge never counts) plus running ones.
+    assert served[default] == "llmops:serving_requests_in_flight:pod"
     assert served[default] in _recorded()
+    rules = yaml.safe_load(RULES.read_text())
+    [expr] = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("record") == served[default]]
+    assert "llmops_serving_requests_waiting" in expr and "llmops_serving_requests_running" in expr
+    assert "vllm:" not in expr, "vLLM's gauges count only admitted requests"
     names = metric_names()
     assert set(served.values()) <= _recorded() | set(names.ENGINE_PASSTHROUGH)
 

@@ -1,9 +1,9 @@
-"""The package reads as five services side by side over shared parts, with no import circles.
+"""The package reads as six services side by side over shared parts, with no import circles.
 
 Invariants, read from every module's own imports (``ast``; module-level, inside functions and under
 ``TYPE_CHECKING`` alike, plus ``importlib.import_module`` / ``find_spec`` of a literal name):
 
-- a service (``cache``, ``quantization``, ``registry``, ``serving``, ``training``) imports only its
+- a service (``cache``, ``quantization``, ``registry``, ``router``, ``serving``, ``training``) imports only its
   own modules and the shared ones: ``llmops.common`` (the runtime, the clients and the contracts the
   services share: formats, datasets, artifacts, the response cache) and ``llmops.proto``;
 - a shared module imports only shared modules, never a service or the composition layer;
@@ -20,7 +20,7 @@ from pathlib import Path
 import llmops
 
 ROOT = Path(llmops.__file__).parent
-SERVICES = frozenset({"cache", "quantization", "registry", "serving", "training"})
+SERVICES = frozenset({"cache", "quantization", "registry", "router", "serving", "training"})
 SHARED = frozenset({"common", "proto"})
 COMPOSITION = frozenset({"stack", "cli"})
 _IMPORTERS = frozenset({"import_module", "find_spec"})

@@ -42,9 +42,13 @@ STREAMING = {
     "llmops.training.v1.TrainingService.WatchJob": (False, True),
     "llmops.quantization.v1.QuantizationService.WatchJob": (False, True),
     "llmops.serving.v1.ServingService.GenerateStream": (False, True),
+    "llmops.serving.v1.ServingService.WatchLoad": (False, True),
 }
 # List RPCs that return everything at once, with the reason in their request's comment.
-UNPAGED_LISTS = {"llmops.serving.v1.ServingService.ListModels"}
+UNPAGED_LISTS = {
+    "llmops.serving.v1.ServingService.ListModels",
+    "llmops.router.v1.RouterService.ListEndpoints",
+}
 
 FieldType = descriptor_pb2.FieldDescriptorProto
 PASCAL = re.compile(r"^[A-Z][A-Za-z0-9]*$")
@@ -163,6 +167,7 @@ def test_all_five_services_exist(files: list[descriptor_pb2.FileDescriptorProto]
         "llmops.cache.v1.CacheService",
         "llmops.quantization.v1.QuantizationService",
         "llmops.registry.v1.RegistryService",
+        "llmops.router.v1.RouterService",
         "llmops.serving.v1.ServingService",
         "llmops.training.v1.TrainingService",
     ]

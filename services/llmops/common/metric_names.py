@@ -58,6 +58,23 @@ CACHE_ENTRIES: Final = "llmops_cache_entries"
 CACHE_BYTES: Final = "llmops_cache_bytes"
 CACHE_INVALIDATIONS_TOTAL: Final = "llmops_cache_invalidations_total"
 
+# --- router -------------------------------------------------------------------------------------
+#: Requests waiting for a ready replica of a model (request holding): KEDA scales serving from 0 on it.
+ROUTER_PENDING_REQUESTS: Final = "llmops_router_pending_requests"
+#: Routing decisions by ``policy`` and ``outcome`` (``chosen`` | ``prefix_hit`` | ``prefix_miss`` |
+#: ``spill``: a prefix holder was saturated, the request went to the least loaded).
+ROUTER_DECISIONS_TOTAL: Final = "llmops_router_decisions_total"
+ROUTER_DECISION_SECONDS: Final = "llmops_router_decision_seconds"
+#: Requests by the ``model`` asked for, the ``version`` that answered (``name:N``, empty when none
+#: did) and the gRPC ``code``.
+ROUTER_REQUESTS_TOTAL: Final = "llmops_router_requests_total"
+ROUTER_RETRIES_TOTAL: Final = "llmops_router_retries_total"
+ROUTER_HOLD_SECONDS: Final = "llmops_router_hold_seconds"
+#: Each replica's load as last reported (queued plus running), by ``endpoint`` (host:port) and ``model``.
+ROUTER_ENDPOINT_LOAD: Final = "llmops_router_endpoint_load"
+ROUTER_ENDPOINT_IN_FLIGHT: Final = "llmops_router_endpoint_in_flight"
+ROUTER_ENDPOINTS: Final = "llmops_router_endpoints"
+
 # --- jobs -----------------------------------------------------------------------------------------
 TRAINING_JOBS: Final = "llmops_training_jobs"
 TRAINING_JOBS_FINISHED_TOTAL: Final = "llmops_training_jobs_finished_total"
@@ -94,6 +111,15 @@ ALL_METRICS: Final[dict[str, str]] = {
     CACHE_ENTRIES: GAUGE,
     CACHE_BYTES: GAUGE,
     CACHE_INVALIDATIONS_TOTAL: COUNTER,
+    ROUTER_PENDING_REQUESTS: GAUGE,
+    ROUTER_DECISIONS_TOTAL: COUNTER,
+    ROUTER_DECISION_SECONDS: HISTOGRAM,
+    ROUTER_REQUESTS_TOTAL: COUNTER,
+    ROUTER_RETRIES_TOTAL: COUNTER,
+    ROUTER_HOLD_SECONDS: HISTOGRAM,
+    ROUTER_ENDPOINT_LOAD: GAUGE,
+    ROUTER_ENDPOINT_IN_FLIGHT: GAUGE,
+    ROUTER_ENDPOINTS: GAUGE,
     TRAINING_JOBS: GAUGE,
     TRAINING_JOBS_FINISHED_TOTAL: COUNTER,
     TRAINING_LAST_LOSS: GAUGE,
@@ -125,6 +151,15 @@ METRIC_LABELS: Final[dict[str, tuple[str, ...]]] = {
     CACHE_ENTRIES: (),
     CACHE_BYTES: (),
     CACHE_INVALIDATIONS_TOTAL: (),
+    ROUTER_PENDING_REQUESTS: ("model",),
+    ROUTER_DECISIONS_TOTAL: ("policy", "outcome"),
+    ROUTER_DECISION_SECONDS: (),
+    ROUTER_REQUESTS_TOTAL: ("model", "version", "code"),
+    ROUTER_RETRIES_TOTAL: ("model",),
+    ROUTER_HOLD_SECONDS: ("model",),
+    ROUTER_ENDPOINT_LOAD: ("endpoint", "model"),
+    ROUTER_ENDPOINT_IN_FLIGHT: ("endpoint",),
+    ROUTER_ENDPOINTS: ("state",),
     TRAINING_JOBS: ("state",),
     TRAINING_JOBS_FINISHED_TOTAL: ("method", "result"),
     TRAINING_LAST_LOSS: ("method",),
@@ -157,6 +192,11 @@ CACHE_LOOKUP_BUCKETS: Final[tuple[float, ...]] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
 
+#: A routing decision is pure Python over a handful of replicas: tens of microseconds.
+ROUTER_DECISION_BUCKETS: Final[tuple[float, ...]] = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+)  # fmt: skip
+
 #: Buckets of every histogram in :data:`ALL_METRICS`.
 HISTOGRAM_BUCKETS: Final[dict[str, tuple[float, ...]]] = {
     GRPC_SERVER_HANDLING_SECONDS: GRPC_HANDLING_BUCKETS,
@@ -164,6 +204,8 @@ HISTOGRAM_BUCKETS: Final[dict[str, tuple[float, ...]]] = {
     SERVING_INTER_TOKEN_LATENCY_SECONDS: INTER_TOKEN_LATENCY_BUCKETS,
     SERVING_REQUEST_DURATION_SECONDS: REQUEST_DURATION_BUCKETS,
     CACHE_LOOKUP_SECONDS: CACHE_LOOKUP_BUCKETS,
+    ROUTER_DECISION_SECONDS: ROUTER_DECISION_BUCKETS,
+    ROUTER_HOLD_SECONDS: REQUEST_DURATION_BUCKETS,
 }
 
 # --- vLLM pass-through ----------------------------------------------------------------------------

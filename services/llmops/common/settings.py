@@ -16,14 +16,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 ENV_PREFIX = "LLMOPS_"
 #: ``LLMOPS_`` variables that are read elsewhere, not settings fields.
 NON_SETTINGS_ENV = frozenset({"LLMOPS_CONFIG_FILE", "LLMOPS_TINY_MODEL_CACHE"})
 
-ServiceName = Literal["registry", "training", "quantization", "serving", "cache"]
-SERVICE_NAMES: tuple[ServiceName, ...] = ("registry", "training", "quantization", "serving", "cache")
+ServiceName = Literal["registry", "training", "quantization", "serving", "cache", "router"]
+SERVICE_NAMES: tuple[ServiceName, ...] = (
+    "registry",
+    "training",
+    "quantization",
+    "serving",
+    "cache",
+    "router",
+)
 
 
 class SettingsError(ValueError):
@@ -323,6 +330,87 @@ class CacheSection(ServiceEndpoint):
     )
 
 
+class RouterSection(ServiceEndpoint):
+    """Router settings: where the serving replicas are and how one is picked per request."""
+
+    http_port: int = Field(
+        default=8001,
+        ge=0,
+        description="Port of the router's OpenAI-compatible HTTP API (0 picks a free one).",
+    )
+    http_enabled: bool = Field(default=True, description="Serve the OpenAI-compatible HTTP API.")
+    discovery: Literal["static", "dns", "kubernetes"] = Field(
+        default="static",
+        description="How replicas are found: the endpoints list, a headless Service's DNS name, or EndpointSlices.",
+    )
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="Static replicas' gRPC host:port (a list, or one comma-separated string).",
+    )
+    dns_name: str = Field(
+        default="", description="dns: the headless Service's name (each A record is a replica)."
+    )
+    kubernetes_service: str = Field(
+        default="", description="kubernetes: the Service whose EndpointSlices list the replicas."
+    )
+    kubernetes_namespace: str = Field(
+        default="", description="kubernetes: its namespace; empty: the pod's own."
+    )
+    replica_port: int = Field(
+        default=50054,
+        ge=1,
+        le=65535,
+        description="dns/kubernetes: the replicas' gRPC port (kubernetes: unless the slice names a port 'grpc').",
+    )
+    discovery_refresh_seconds: float = Field(
+        default=5.0, gt=0, description="dns: how often the name is resolved again."
+    )
+    policy: Literal["round_robin", "least_loaded", "prefix_affinity", "session_affinity"] = Field(
+        default="prefix_affinity", description="Default policy; a request may override it with policy_header."
+    )
+    policy_header: str = Field(
+        default="x-llmops-route-policy", description="Metadata key / HTTP header that overrides the policy."
+    )
+    session_header: str = Field(
+        default="x-llmops-session-id", description="Metadata key / HTTP header naming a session."
+    )
+    prefix_block_chars: int = Field(
+        default=256, ge=16, description="Characters per prompt block prefix affinity hashes."
+    )
+    prefix_max_blocks: int = Field(
+        default=32, ge=1, description="Leading blocks of a prompt prefix affinity looks at."
+    )
+    prefix_table_size: int = Field(
+        default=100_000, ge=100, description="Block hashes remembered (least recently used go first)."
+    )
+    saturation_waiting: int = Field(
+        default=2, ge=0, description="Requests queued beyond a replica's slots at which affinity gives way."
+    )
+    load_interval_ms: int = Field(
+        default=20, ge=1, le=10_000, description="Shortest pause between a replica's load reports."
+    )
+    stale_ms: int = Field(default=1000, ge=100, description="A replica silent this long leaves the rotation.")
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=10,
+        description="Replicas tried for one request that fails before its first answer.",
+    )
+    max_hold_seconds: float = Field(
+        default=60.0, ge=0, description="Longest a request without a deadline waits for a ready replica."
+    )
+    cache_in_front: bool = Field(
+        default=True, description="With redis_url set: answer deterministic requests from the response cache."
+    )
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return (
+            [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        )
+
+
 def _section(cls: type[ServiceEndpoint], port: int, metrics_port: int) -> Any:
     return Field(
         default_factory=lambda: cls(port=port, metrics_port=metrics_port, address=f"127.0.0.1:{port}"),
@@ -390,6 +478,7 @@ class Settings(_Model):
     quantization: QuantizationSection = _section(QuantizationSection, 50053, 9103)
     serving: ServingSection = _section(ServingSection, 50054, 9104)
     cache: CacheSection = _section(CacheSection, 50055, 9105)
+    router: RouterSection = _section(RouterSection, 50056, 9106)
 
     def mlflow_locations(self) -> tuple[str, str | None]:
         """MLflow's tracking URI and artifact root with the ``data_dir`` defaults filled in.

@@ -157,7 +157,7 @@ class ServingApp(ServiceApp):
             limiter=self._access.limiter,
         )
         registry.register(EngineMetricsBridge(shim, self.service.refresh_engine_gauges))
-        self.servicer = ServingServicer(self.service)
+        self.servicer = ServingServicer(self.service, http_port=lambda: self.http_port)
         self.http = create_http_app(self.service, auth=auth if auth is not None else http_auth(self._access))
         self._http_host = http_host or settings.host
         self._http_server: _QuietServer | None = None

@@ -34,6 +34,7 @@ from llmops.serving.domain import (
     TopLogprob,
     Usage,
 )
+from llmops.serving.load import ModelLoad
 
 ENGINES = {
     pb.ENGINE_VLLM: EngineKind.VLLM,
@@ -402,3 +403,15 @@ def loaded_model(m: ModelInfo) -> pb.LoadedModel:
     if m.format:
         message.format = model_pb2.ModelFormat.Value(f"MODEL_FORMAT_{m.format.upper()}")
     return message
+
+
+def model_load(load: ModelLoad) -> pb.ModelLoad:
+    return pb.ModelLoad(
+        served_name=load.served_name,
+        model=resolved(load.model),
+        state=STATES[load.state],
+        waiting=load.waiting,
+        running=load.running,
+        capacity=load.capacity,
+        kv_cache_usage=load.kv_cache_usage,
+    )

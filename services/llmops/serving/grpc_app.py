@@ -7,13 +7,14 @@ engine request and frees its slot.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
 from llmops.proto.serving.v1 import serving_service_pb2_grpc
 from llmops.serving import convert
 from llmops.serving.domain import StreamEnd, TokenizeRequest
+from llmops.serving.load import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_MIN_INTERVAL_SECONDS, watch_load
 from llmops.serving.service import ServingService
 
 if TYPE_CHECKING:
@@ -34,8 +35,9 @@ def _remaining(context: Context) -> float | None:
 class ServingServicer(serving_service_pb2_grpc.ServingServiceServicer):
     """Adapts :class:`ServingService` to gRPC."""
 
-    def __init__(self, service: ServingService) -> None:
+    def __init__(self, service: ServingService, http_port: Callable[[], int | None] = lambda: None) -> None:
         self._service = service
+        self._http_port = http_port
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         result = await self._service.generate(convert.generation_request(request, _remaining(context)))
@@ -108,3 +110,17 @@ class ServingServicer(serving_service_pb2_grpc.ServingServiceServicer):
     ) -> pb.UnloadAdapterResponse:
         info = await self._service.unload_adapter(convert.selector(request.base), request.adapter_name)
         return pb.UnloadAdapterResponse(model=convert.loaded_model(info))
+
+    async def WatchLoad(  # type: ignore[override]
+        self, request: pb.WatchLoadRequest, context: Context
+    ) -> AsyncIterator[pb.WatchLoadResponse]:
+        min_interval = min(request.min_interval_ms, 10_000) / 1000 or DEFAULT_MIN_INTERVAL_SECONDS
+        heartbeat = max(min(request.heartbeat_ms, 60_000) / 1000 or DEFAULT_HEARTBEAT_SECONDS, min_interval)
+        sequence = 0
+        async for loads in watch_load(self._service.loads, min_interval, heartbeat):
+            sequence += 1
+            yield pb.WatchLoadResponse(
+                models=[convert.model_load(load) for load in loads],
+                http_port=self._http_port() or 0,
+                sequence=sequence,
+            )

@@ -27,6 +27,7 @@ from llmops.serving.domain import (
     UnloadResult,
 )
 from llmops.serving.engines.base import Engine
+from llmops.serving.load import ModelLoad, model_load
 from llmops.serving.metrics import EngineShimMetrics, ServingMetrics, update_shim_gauges
 from llmops.serving.models import Admission, ServedModel, new_entry
 from llmops.serving.resolver import ModelResolver
@@ -73,6 +74,10 @@ class ModelLifecycle:
         """Requests queued for a model now."""
         entry = self._models.get(served_name)
         return entry.admission.waiting if entry is not None and entry.admission is not None else 0
+
+    def loads(self) -> list[ModelLoad]:
+        """Each model's load now, sorted by served name (WatchLoad)."""
+        return [model_load(self._models[name]) for name in sorted(self._models)]
 
     def refresh_engine_gauges(self) -> None:
         """Update the ``vllm:*`` gauges of engines that do not publish their own (before a scrape)."""

@@ -1170,3 +1170,113 @@ class UnloadAdapterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnloadAdapterResponse: _TypeAlias = UnloadAdapterResponse  # noqa: Y015
+
+@_typing.final
+class WatchLoadRequest(_message.Message):
+    """WatchLoadRequest says how often load reports may come."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_MS_FIELD_NUMBER: _builtins.int
+    min_interval_ms: _builtins.int
+    """Shortest pause between two reports, in milliseconds: changes within it are sent together.
+    0 means 20; at most 10000.
+    """
+    heartbeat_ms: _builtins.int
+    """Longest pause between two reports when nothing changes, in milliseconds. 0 means 250; at
+    most 60000; raised to min_interval_ms when lower.
+    """
+    def __init__(
+        self,
+        *,
+        min_interval_ms: _builtins.int = ...,
+        heartbeat_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_ms", b"heartbeat_ms", "min_interval_ms", b"min_interval_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchLoadRequest: _TypeAlias = WatchLoadRequest  # noqa: Y015
+
+@_typing.final
+class ModelLoad(_message.Message):
+    """ModelLoad is the load of one served model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVED_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
+    served_name: _builtins.str
+    """Served name requests use to pick it."""
+    state: Global___LoadedModelState.ValueType
+    """Where it is in its life; only READY models take requests."""
+    waiting: _builtins.int
+    """Requests queued for an engine slot."""
+    running: _builtins.int
+    """Requests the engine is working on."""
+    capacity: _builtins.int
+    """Requests the engine works on at once (its slots)."""
+    kv_cache_usage: _builtins.float
+    """Fraction of the KV cache in use, in [0, 1]; 0 when the engine does not tell."""
+    @_builtins.property
+    def model(self) -> _model_pb2.ResolvedModel:
+        """The registry version it serves (and the alias it was loaded through); unset for a local path."""
+
+    def __init__(
+        self,
+        *,
+        served_name: _builtins.str = ...,
+        model: _model_pb2.ResolvedModel | None = ...,
+        state: Global___LoadedModelState.ValueType = ...,
+        waiting: _builtins.int = ...,
+        running: _builtins.int = ...,
+        capacity: _builtins.int = ...,
+        kv_cache_usage: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "running", b"running", "served_name", b"served_name", "state", b"state", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelLoad: _TypeAlias = ModelLoad  # noqa: Y015
+
+@_typing.final
+class WatchLoadResponse(_message.Message):
+    """WatchLoadResponse is one load report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    HTTP_PORT_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    http_port: _builtins.int
+    """Port of this server's OpenAI-compatible HTTP API; 0 when it serves none."""
+    sequence: _builtins.int
+    """Reports sent on this stream so far, this one included."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelLoad]:
+        """Every loaded or loading model, sorted by served name."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelLoad] | None = ...,
+        http_port: _builtins.int = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["http_port", b"http_port", "models", b"models", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchLoadResponse: _TypeAlias = WatchLoadResponse  # noqa: Y015

@@ -87,6 +87,11 @@ class ServingServiceStub:
                 request_serializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
+        self.WatchLoad = channel.unary_stream(
+                '/llmops.serving.v1.ServingService/WatchLoad',
+                request_serializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.WatchLoadRequest.SerializeToString,
+                response_deserializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.WatchLoadResponse.FromString,
+                _registered_method=True)
 
 
 class ServingServiceServicer:
@@ -172,6 +177,15 @@ class ServingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLoad(self, request, context):
+        """WatchLoad streams this server's load (queued and running requests and KV-cache usage per
+        model) for routers: a report at once, then one whenever the load changes (at most one per
+        min_interval_ms) and at least one per heartbeat_ms, so a silent stream means a stuck server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +233,11 @@ def add_ServingServiceServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'WatchLoad': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLoad,
+                    request_deserializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.WatchLoadRequest.FromString,
+                    response_serializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.WatchLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -472,6 +491,33 @@ class ServingService:
             '/llmops.serving.v1.ServingService/UnloadAdapter',
             llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterRequest.SerializeToString,
             llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmops.serving.v1.ServingService/WatchLoad',
+            llmops_dot_serving_dot_v1_dot_serving__service__pb2.WatchLoadRequest.SerializeToString,
+            llmops_dot_serving_dot_v1_dot_serving__service__pb2.WatchLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,11 @@ class ServingServiceStub:
     """
     UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_serving_service_pb2.UnloadAdapterRequest, _serving_service_pb2.UnloadAdapterResponse]
     """UnloadAdapter removes a LoRA adapter from a loaded base model."""
+    WatchLoad: _grpc.UnaryStreamMultiCallable[_serving_service_pb2.WatchLoadRequest, _serving_service_pb2.WatchLoadResponse]
+    """WatchLoad streams this server's load (queued and running requests and KV-cache usage per
+    model) for routers: a report at once, then one whenever the load changes (at most one per
+    min_interval_ms) and at least one per heartbeat_ms, so a silent stream means a stuck server.
+    """
 
 @_typing.type_check_only
 class ServingServiceAsyncStub(ServingServiceStub):
@@ -123,6 +128,11 @@ class ServingServiceAsyncStub(ServingServiceStub):
     """
     UnloadAdapter: _aio.UnaryUnaryMultiCallable[_serving_service_pb2.UnloadAdapterRequest, _serving_service_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
     """UnloadAdapter removes a LoRA adapter from a loaded base model."""
+    WatchLoad: _aio.UnaryStreamMultiCallable[_serving_service_pb2.WatchLoadRequest, _serving_service_pb2.WatchLoadResponse]  # type: ignore[assignment]
+    """WatchLoad streams this server's load (queued and running requests and KV-cache usage per
+    model) for routers: a report at once, then one whenever the load changes (at most one per
+    min_interval_ms) and at least one per heartbeat_ms, so a silent stream means a stuck server.
+    """
 
 class ServingServiceServicer(metaclass=_abc_1.ABCMeta):
     """ServingService generates text with loaded models and manages what is loaded.
@@ -221,5 +231,16 @@ class ServingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_serving_service_pb2.UnloadAdapterResponse, _abc.Awaitable[_serving_service_pb2.UnloadAdapterResponse]]:
         """UnloadAdapter removes a LoRA adapter from a loaded base model."""
+
+    @_abc_1.abstractmethod
+    def WatchLoad(
+        self,
+        request: _serving_service_pb2.WatchLoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_serving_service_pb2.WatchLoadResponse], _abc.AsyncIterator[_serving_service_pb2.WatchLoadResponse]]:
+        """WatchLoad streams this server's load (queued and running requests and KV-cache usage per
+        model) for routers: a report at once, then one whenever the load changes (at most one per
+        min_interval_ms) and at least one per heartbeat_ms, so a silent stream means a stuck server.
+        """
 
 def add_ServingServiceServicer_to_server(servicer: ServingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

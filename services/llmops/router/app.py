@@ -1,0 +1,89 @@
+"""Wires the router: settings -> endpoint pool + discovery -> :class:`Router` -> servicers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry
+
+from llmops.common.app import ServiceApp
+from llmops.common.errors import InvalidArgument
+from llmops.common.server import ServiceBinding
+from llmops.common.settings import RouterSection, Settings
+from llmops.proto.router.v1 import router_service_pb2_grpc as rpb_grpc
+from llmops.proto.serving.v1 import serving_service_pb2_grpc as pb_grpc
+from llmops.router.discovery import Discovery, DnsDiscovery, StaticDiscovery
+from llmops.router.endpoints import Endpoint, EndpointPool
+from llmops.router.grpc_app import ROUTER_SERVICE_NAME, SERVING_SERVICE_NAME, RouterAdmin, ServingProxy
+from llmops.router.metrics import RouterMetrics
+from llmops.router.service import Router
+
+
+def build_discovery(settings: RouterSection, pool: EndpointPool) -> Discovery:
+    """The discoverer ``settings.discovery`` names; a missing parameter fails start-up."""
+    if settings.discovery == "static":
+        return StaticDiscovery(pool, list(settings.endpoints))
+    if settings.discovery == "dns":
+        if not settings.dns_name:
+            raise InvalidArgument("router.dns_name is required with discovery dns", field="router.dns_name")
+        return DnsDiscovery(
+            pool, settings.dns_name, settings.replica_port, settings.discovery_refresh_seconds
+        )
+    from llmops.router.kubernetes import KubernetesDiscovery
+
+    if not settings.kubernetes_service:
+        raise InvalidArgument(
+            "router.kubernetes_service is required with discovery kubernetes",
+            field="router.kubernetes_service",
+        )
+    return KubernetesDiscovery(
+        pool, settings.kubernetes_service, settings.kubernetes_namespace, settings.replica_port
+    )
+
+
+class RouterApp(ServiceApp):
+    """The router hosted on the shared runtime."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry, *, seed: int | None = None) -> None:
+        s = settings.router
+        self.settings = settings
+        self.metrics = RouterMetrics(registry)
+        self.pool = EndpointPool(
+            load_interval_ms=s.load_interval_ms, stale_ms=s.stale_ms, on_report=self._reported
+        )
+        self.router = Router(self.pool, s, self.metrics, seed=seed)
+        self.discovery: Discovery = build_discovery(s, self.pool)
+        self.proxy = ServingProxy(self.router)
+        self.admin = RouterAdmin(self.router, s.discovery)
+
+    def _reported(self, endpoint: Endpoint) -> None:
+        for slot in endpoint.models.values():
+            self.metrics.endpoint_load.labels(endpoint.address, slot.served_name).set(
+                slot.waiting + slot.running
+            )
+
+    def bindings(self) -> Sequence[ServiceBinding]:
+        return [
+            ServiceBinding(
+                SERVING_SERVICE_NAME, self.proxy, pb_grpc.add_ServingServiceServicer_to_server, self.readiness
+            ),
+            ServiceBinding(ROUTER_SERVICE_NAME, self.admin, rpb_grpc.add_RouterServiceServicer_to_server),
+        ]
+
+    async def readiness(self) -> bool:
+        """Ready with one ready replica or more (a router holding requests for a fleet at zero is
+        still alive: liveness is the server's own status)."""
+        return bool(self.pool.ready)
+
+    async def start(self) -> None:
+        self.pool.start()
+        await self.discovery.start()
+
+    async def close(self) -> None:
+        await self.discovery.close()
+        await self.pool.close()
+
+
+def build_app(settings: Settings, registry: CollectorRegistry) -> ServiceApp:
+    """Entry point of ``llmops serve router``."""
+    return RouterApp(settings, registry)
