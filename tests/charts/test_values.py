@@ -44,6 +44,9 @@ def test_helm_lint_strict(helm: str, name: str, kube_version: str) -> None:
         ("registry.env.not-a-variable=1", "env"),
         ("raycluster.gpuWorkers.tolerations[0].opertor=Exists", "opertor"),
         ("networkPolicy.servingPeers[0].podSelectr.matchLabels.a=b", "podSelectr"),
+        # one writer per job store: a second training or quantization pod would run jobs twice
+        ("training.replicaCount=2", "replicaCount"),
+        ("quantization.replicaCount=2", "replicaCount"),
     ],
 )
 def test_schema_rejects_typos_and_wrong_types(helm: str, setting: str, complaint: str) -> None:
@@ -72,6 +75,10 @@ serving:
         (
             "serving: {models: [{name: a, model: x@champion, minReplicas: 0, maxReplicas: 2}]}",
             "needs autoscaling.mode keda",
+        ),
+        (
+            "serving: {autoscaling: {mode: keda}, models: [{name: a, model: x@champion, minReplicas: 0, maxReplicas: 2}]}",
+            "needs router.enabled",
         ),
         ("serving: {models: []}", "serving.models is empty"),
         ("redis: {enabled: false}", "cache.enabled needs Redis"),

@@ -132,17 +132,24 @@ def test_no_serving_workload_has_two_autoscalers(renders: dict[str, Rendered], n
         assert not targets and not rendered.serving_deployments()
 
 
-def test_keda_scales_on_the_same_waiting_requests(renders: dict[str, Rendered]) -> None:
-    rendered = renders["keda-values"]
+def test_keda_scales_on_router_held_plus_in_flight_requests(renders: dict[str, Rendered]) -> None:
+    """Scale from zero: with no serving pod, only the router's held requests can wake a model."""
+    rendered, values = renders["keda-values"], load_values("keda-values")
+    models = {m["name"]: m for m in values["serving"]["models"]}
     for scaled in rendered.of_kind("ScaledObject"):
         [trigger] = scaled["spec"]["triggers"]
         assert trigger["type"] == "prometheus"
         assert trigger["metricType"] == "AverageValue"
         query = trigger["metadata"]["query"]
-        assert "llmops:serving_requests_waiting:pod" in query
+        model = models[scaled["metadata"]["labels"]["llmops.io/model"]]
+        # the router's metric, for this model, exists with zero pods (the `or vector(0)` keeps the sum)
+        assert "llmops_router_pending_requests{" in query and f"{model['name']}|" in query
+        assert "llmops:serving_requests_in_flight:pod" in query, "the HPA's metric, for pods that exist"
+        assert query.count("or vector(0)") == 2
         assert f'namespace="{NAMESPACE}"' in query
         assert scaled["spec"]["scaleTargetRef"]["name"] in query, "the query must select the target's pods"
     assert {s["spec"]["minReplicaCount"] for s in rendered.of_kind("ScaledObject")} == {0, 1}
+    assert values["router"]["enabled"], "scale to zero is rendered only with the router on"
 
 
 # --- GPU scheduling -------------------------------------------------------------------------------
@@ -324,37 +331,26 @@ def test_every_container_runs_locked_down(renders: dict[str, Rendered], name: st
 
 
 @pytest.mark.parametrize("name", SETS)
-def test_workloads_have_their_own_service_account_and_only_training_talks_to_the_api(
+def test_workloads_have_their_own_service_account_and_none_talks_to_the_api(
     renders: dict[str, Rendered], name: str
 ) -> None:
+    """No llmops code calls the Kubernetes API: no Role, no mounted token (a token nobody uses is
+    only something to steal)."""
     rendered, values = renders[name], load_values(name)
     accounts = {sa["metadata"]["name"]: sa for sa in rendered.of_kind("ServiceAccount")}
+    for account in accounts.values():
+        assert account["automountServiceAccountToken"] is False, account["metadata"]["name"]
     for pod in rendered.pod_templates():
         account = pod.spec.get("serviceAccountName")
         if pod.role == "head" or pod.owner_kind == "Pod":
             continue  # KubeRay gives the head its autoscaler's account; the test pod needs none
+        assert pod.spec.get("automountServiceAccountToken") is False, pod.where
         if not values["serviceAccount"]["create"]:
             assert account == "default", pod.where
             continue
         assert account in accounts, f"{pod.where} uses ServiceAccount {account!r}, which is not rendered"
-        talks_to_api = _component(pod) == "training" and values["training"]["rbac"]["rayJobs"]
-        assert pod.spec.get("automountServiceAccountToken") is talks_to_api, pod.where
-    roles = rendered.of_kind("Role")
-    if (
-        values["training"]["enabled"]
-        and values["training"]["rbac"]["rayJobs"]
-        and values["serviceAccount"]["create"]
-    ):
-        [role] = roles
-        assert {g for rule in role["rules"] for g in rule["apiGroups"]} == {"ray.io"}
-        rayjobs = next(rule for rule in role["rules"] if rule["resources"] == ["rayjobs"])
-        assert {"create", "watch", "delete"} <= set(rayjobs["verbs"])
-        [binding] = rendered.of_kind("RoleBinding")
-        assert binding["roleRef"]["name"] == role["metadata"]["name"]
-        assert binding["subjects"][0]["name"] in accounts
-    else:
-        assert not roles
-    assert not rendered.of_kind("ClusterRole") and not rendered.of_kind("ClusterRoleBinding")
+    for kind in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"):
+        assert not rendered.of_kind(kind), f"{kind} rendered, but nothing uses the Kubernetes API"
 
 
 # --- Services, ServiceMonitors and what they point at ---------------------------------------------
@@ -741,3 +737,25 @@ def _mounts_jobs(pod: PodTemplate) -> str:
                 claims.add(volumes[mount["name"]]["persistentVolumeClaim"]["claimName"])
     assert len(claims) <= 1, pod.where
     return claims.pop() if claims else ""
+
+
+def test_users_may_add_topology_spread_priority_and_runtime_class(helm: str) -> None:
+    spread = {
+        "maxSkew": 1,
+        "topologyKey": "topology.kubernetes.io/zone",
+        "whenUnsatisfiable": "ScheduleAnyway",
+    }
+    sets = []
+    for component in ("registry", "training", "quantization", "cache", "serving"):
+        sets += [
+            f"{component}.priorityClassName=llmops-high",
+            f"{component}.runtimeClassName=nvidia",
+            *(f"{component}.topologySpreadConstraints[0].{k}={v}" for k, v in spread.items()),
+        ]
+    rendered = render(helm, sets=sets)
+    pods = [p for p in rendered.pod_templates() if p.owner_kind == "Deployment" and _component(p) != "mlflow"]
+    assert {_component(p) for p in pods} >= {"registry", "training", "quantization", "cache", "serving"}
+    for pod in pods:
+        assert pod.spec["priorityClassName"] == "llmops-high", pod.where
+        assert pod.spec["runtimeClassName"] == "nvidia", pod.where
+        assert pod.spec["topologySpreadConstraints"] == [spread], pod.where

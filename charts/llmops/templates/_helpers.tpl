@@ -434,3 +434,17 @@ alike: each service's job folders (snapshots, checkpoints, sources, results) on 
   persistentVolumeClaim:
     claimName: {{ include "llmops.trainingClaim" . }}
 {{- end }}
+
+{{/* Pod-level scheduling a user may add to a workload: (values of the component). */}}
+{{- define "llmops.podScheduling" -}}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
