@@ -40,7 +40,11 @@ from llmops.router.policy import Candidate, Decision, Policies, Policy, prompt_b
 
 Metadata = Sequence[tuple[str, Any]]
 SESSION_PATTERN = re.compile(r"^[A-Za-z0-9._:@/=+-]{1,128}$")
-_RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# UNAVAILABLE: dead, unreachable or draining; RESOURCE_EXHAUSTED: its queue is full; NOT_FOUND: its
+# model was unloaded a moment ago (before its next load report said so)
+_RETRY_ELSEWHERE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND}
+)
 _REPLICA_BROKE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 _FORWARDED = frozenset({API_KEY_METADATA, "authorization"})
 

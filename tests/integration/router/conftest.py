@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ async def start_replica(
     alias: str = "champion",
     step_delay: float = 0.0,
     concurrency: int = 4,
+    port: int = 0,
 ) -> Replica:
     process = await create_subprocess_exec(
         sys.executable,
@@ -62,6 +64,7 @@ async def start_replica(
         f"--alias={alias}",
         f"--step-delay={step_delay}",
         f"--concurrency={concurrency}",
+        f"--port={port}",
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": ROOT},
@@ -76,6 +79,16 @@ async def start_replica(
     assert line.startswith("llmops serving listening"), f"replica did not start: {line!r}"
     parts = dict(part.split("=") for part in line.split()[3:])
     return Replica(process, int(parts["grpc"]), int(parts["http"]))
+
+
+async def poll_until(check: Callable[[], Awaitable[bool]], timeout: float = 30.0, what: str = "") -> float:
+    """Seconds until ``check()`` holds (polled every 10 ms); fails after ``timeout``."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout:g}s: {what}")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
 
 
 @dataclass

@@ -54,6 +54,7 @@ async def main() -> None:
     parser.add_argument("--alias", default="champion")
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="llmops-replica-"))
     model = ResolvedModel(args.name, args.version, args.alias)
@@ -76,7 +77,7 @@ async def main() -> None:
             s, registry, engine_factory=engines, resolver=PinnedResolver(folder, model), http_host="127.0.0.1"
         )
 
-    server, app = await start_app(factory, settings, host="127.0.0.1", port=0, metrics_port=0)
+    server, app = await start_app(factory, settings, host="127.0.0.1", port=args.port, metrics_port=0)
     assert isinstance(app, ServingApp)
     source = ModelSource(model_ref=ModelRef.parse(f"{args.name}@{args.alias}"))
     await app.service.load_model(
