@@ -60,12 +60,41 @@ class ResolvedModel:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One call of a tool by the model: its id, the tool's name, the arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call; ``parameters`` is its arguments' JSON Schema as JSON text."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """Whether and how tools are called: ``mode`` is auto | none | required | function (then
+    ``function`` names the tool)."""
+
+    mode: str = "auto"
+    function: str = ""
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     """One turn of a conversation, handed to the chat template as is."""
 
     role: str
     content: str
     name: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +105,32 @@ class Prompt:
     token_ids: tuple[int, ...] | None = None
     messages: tuple[ChatMessage, ...] | None = None
     add_generation_prompt: bool = True
+    #: Functions offered to a chat (rendered by its template); empty means none.
+    tools: tuple[Tool, ...] = ()
+    #: ``None`` means auto with tools, none without.
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output's form (``llmops.common.v1.StructuredOutput``); exactly one set."""
+
+    json_schema: str | None = None  # JSON text of a JSON Schema
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """json_schema | json_object | regex | choice ("" when none is set)."""
+        if self.json_schema is not None:
+            return "json_schema"
+        if self.json_object:
+            return "json_object"
+        if self.regex is not None:
+            return "regex"
+        return "choice" if self.choice else ""
 
 
 @dataclass(frozen=True)
@@ -105,6 +160,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool | None = None
+    structured_output: StructuredOutput | None = None
 
     def set_fields(self) -> list[str]:
         """Names of the controls set to something other than their default."""

@@ -11,6 +11,7 @@ delta per completion and the end (:func:`replay`), every event marked ``cached``
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from llmops.common.auth import current_tenant
 from llmops.common.errors import LLMOpsError
@@ -27,8 +28,10 @@ from llmops.serving.domain import (
     SamplingParams,
     StreamEnd,
     StreamEvent,
+    ToolCall,
 )
 from llmops.serving.models import ServedModel
+from llmops.serving.structured import tool_call_parts
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,12 @@ class Assembler:
             done.finish_reason = event.finish_reason
             done.stop_sequence = event.stop_sequence
             done.cumulative_logprob = event.cumulative_logprob
+        for part in event.tool_calls:
+            if part.index < len(done.tool_calls):
+                call = done.tool_calls[part.index]
+                done.tool_calls[part.index] = replace(call, arguments=call.arguments + part.arguments)
+            else:
+                done.tool_calls.append(ToolCall(part.id, part.name, part.arguments))
 
     def result(self, request_id: str) -> GenerationResult:
         end = self.end
@@ -144,6 +153,7 @@ def replay(result: GenerationResult) -> list[StreamEvent]:
             stop_sequence=c.stop_sequence,
             cumulative_logprob=c.cumulative_logprob,
             cached=True,
+            tool_calls=tool_call_parts(c.tool_calls),
         )
         for c in result.completions
     ]

@@ -14,6 +14,8 @@ from llmops.serving.domain import (
     ChatMessage,
     Completion,
     CompletionDelta,
+    EmbedRequest,
+    EmbedResult,
     EngineKind,
     EngineOptions,
     FinishReason,
@@ -30,7 +32,11 @@ from llmops.serving.domain import (
     ResolvedModel,
     SamplingParams,
     StreamEnd,
+    StructuredOutput,
     TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolChoice,
     TopLogprob,
     Usage,
 )
@@ -111,11 +117,46 @@ def sampling(message: sampling_pb2.SamplingParams) -> SamplingParams:
         logprobs=opt("logprobs"),  # type: ignore[arg-type]
         prompt_logprobs=opt("prompt_logprobs"),  # type: ignore[arg-type]
         skip_special_tokens=opt("skip_special_tokens"),  # type: ignore[arg-type]
+        structured_output=structured_output(m.structured_output) if m.HasField("structured_output") else None,
     )
 
 
+def structured_output(m: sampling_pb2.StructuredOutput) -> StructuredOutput:
+    which = m.WhichOneof("kind")
+    if which == "json_schema":
+        return StructuredOutput(json_schema=m.json_schema)
+    if which == "json_object" and m.json_object:
+        return StructuredOutput(json_object=True)
+    if which == "regex":
+        return StructuredOutput(regex=m.regex)
+    if which == "choice" and m.choice.choices:
+        return StructuredOutput(choice=tuple(m.choice.choices))
+    raise InvalidArgument(
+        "set one of json_schema, json_object, regex, choice", field="sampling.structured_output"
+    )
+
+
+TOOL_MODES = {
+    generation_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    generation_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    generation_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
+    generation_pb2.TOOL_CHOICE_MODE_FUNCTION: "function",
+}
+
+
+def tool_calls(calls: Iterable[generation_pb2.ToolCall]) -> tuple[ToolCall, ...]:
+    return tuple(ToolCall(c.id, c.name, c.arguments) for c in calls)
+
+
+def tool_calls_pb(calls: Iterable[ToolCall]) -> list[generation_pb2.ToolCall]:
+    return [generation_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
+
+
 def chat(message: generation_pb2.ChatPrompt) -> tuple[tuple[ChatMessage, ...], bool]:
-    messages = tuple(ChatMessage(m.role, m.content, m.name) for m in message.messages)
+    messages = tuple(
+        ChatMessage(m.role, m.content, m.name, tool_calls(m.tool_calls), m.tool_call_id)
+        for m in message.messages
+    )
     add = message.add_generation_prompt if message.HasField("add_generation_prompt") else True
     return messages, add
 
@@ -128,7 +169,22 @@ def prompt(message: generation_pb2.Prompt) -> Prompt:
         return Prompt(token_ids=tuple(message.tokens.token_ids))
     if which == "chat":
         messages, add = chat(message.chat)
-        return Prompt(messages=messages, add_generation_prompt=add)
+        c = message.chat
+        tools = tuple(Tool(t.name, t.description, t.parameters_json) for t in c.tools)
+        choice = None
+        if c.HasField("tool_choice") and c.tool_choice.mode != generation_pb2.TOOL_CHOICE_MODE_UNSPECIFIED:
+            mode = TOOL_MODES.get(c.tool_choice.mode)
+            if mode is None:
+                raise InvalidArgument("unknown tool choice mode", field="prompt.chat.tool_choice.mode")
+            choice = ToolChoice(mode, c.tool_choice.function_name)
+        parallel = c.parallel_tool_calls if c.HasField("parallel_tool_calls") else True
+        return Prompt(
+            messages=messages,
+            add_generation_prompt=add,
+            tools=tools,
+            tool_choice=choice,
+            parallel_tool_calls=parallel,
+        )
     raise InvalidArgument("set text, tokens or chat", field="prompt")
 
 
@@ -256,6 +312,7 @@ def completion(c: Completion) -> generation_pb2.Completion:
         logprobs=logprobs(c.logprobs),
         finish_reason=FINISH[c.finish_reason],
         stop_sequence=c.stop_sequence,
+        tool_calls=tool_calls_pb(c.tool_calls),
     )
     if c.cumulative_logprob is not None:
         message.cumulative_logprob = c.cumulative_logprob
@@ -308,6 +365,7 @@ def completion_from_pb(c: generation_pb2.Completion) -> Completion:
         logprobs=logprobs_from_pb(c.logprobs),
         stop_sequence=c.stop_sequence,
         cumulative_logprob=c.cumulative_logprob if c.HasField("cumulative_logprob") else None,
+        tool_calls=list(tool_calls(c.tool_calls)),
     )
 
 
@@ -322,6 +380,10 @@ def stream_delta(request_id: str, d: CompletionDelta) -> pb.GenerateStreamRespon
         token_ids=d.token_ids,
         logprobs=logprobs(d.logprobs) if d.logprobs else None,
         stop_sequence=d.stop_sequence,
+        tool_calls=[
+            pb.ToolCallDelta(index=t.index, id=t.id, name=t.name, arguments_delta=t.arguments)
+            for t in d.tool_calls
+        ],
     )
     if d.finish_reason is not None:
         delta.finish_reason = FINISH[d.finish_reason]
@@ -414,4 +476,23 @@ def model_load(load: ModelLoad) -> pb.ModelLoad:
         running=load.running,
         capacity=load.capacity,
         kv_cache_usage=load.kv_cache_usage,
+    )
+
+
+def embed_request(message: pb.EmbedRequest) -> EmbedRequest:
+    if message.texts and message.token_inputs:
+        raise InvalidArgument("set texts or token_inputs, not both", field="texts")
+    inputs: tuple[str | tuple[int, ...], ...] = tuple(message.texts) or tuple(
+        tuple(t.token_ids) for t in message.token_inputs
+    )
+    return EmbedRequest(selector(message.model), inputs, message.request_id)
+
+
+def embed_response(result: EmbedResult) -> pb.EmbedResponse:
+    return pb.EmbedResponse(
+        request_id=result.request_id,
+        served_name=result.served_name,
+        model=resolved(result.model),
+        embeddings=[pb.Embedding(values=v) for v in result.embeddings],
+        prompt_tokens=result.prompt_tokens,
     )

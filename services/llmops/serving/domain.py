@@ -19,6 +19,10 @@ from llmops.common.domain import ModelRef as ModelRef
 from llmops.common.domain import Prompt as Prompt
 from llmops.common.domain import ResolvedModel as ResolvedModel
 from llmops.common.domain import SamplingParams as SamplingParams
+from llmops.common.domain import StructuredOutput as StructuredOutput
+from llmops.common.domain import Tool as Tool
+from llmops.common.domain import ToolCall as ToolCall
+from llmops.common.domain import ToolChoice as ToolChoice
 
 
 class EngineKind(enum.Enum):
@@ -101,6 +105,8 @@ class Decoding:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     set_controls: frozenset[str] = frozenset()
+    #: The checked constraint the engine enforces by guided decoding; ``None`` means free text.
+    structured_output: StructuredOutput | None = None
 
     @property
     def deterministic(self) -> bool:
@@ -128,6 +134,16 @@ class TokenLogprob:
     top: tuple[TopLogprob, ...] = ()
 
 
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """Part of one tool call of a streamed completion: id and name on its first part."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
 @dataclass
 class CompletionDelta:
     """New tokens of one completion since its previous delta; the last one has ``finish_reason``."""
@@ -141,6 +157,8 @@ class CompletionDelta:
     cumulative_logprob: float | None = None
     #: True when replayed from the response cache rather than generated.
     cached: bool = False
+    #: Tool-call parts parsed from the output (the prompt offered tools).
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 @dataclass
@@ -206,6 +224,8 @@ class Completion:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     stop_sequence: str = ""
     cumulative_logprob: float | None = None
+    #: Tool calls parsed from the output; ``text`` then holds only the content around them.
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -355,3 +375,23 @@ class UnloadResult:
 
     served_name: str
     aborted_requests: int
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Embed a batch of inputs (texts or token ids) with an embedding model."""
+
+    model: ModelSelector
+    inputs: tuple[str | tuple[int, ...], ...]
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """One vector per input, in order, and the tokens read."""
+
+    request_id: str
+    served_name: str
+    model: ResolvedModel | None
+    embeddings: tuple[tuple[float, ...], ...]
+    prompt_tokens: int

@@ -111,6 +111,9 @@ class ServingServicer(serving_service_pb2_grpc.ServingServiceServicer):
         info = await self._service.unload_adapter(convert.selector(request.base), request.adapter_name)
         return pb.UnloadAdapterResponse(model=convert.loaded_model(info))
 
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        return convert.embed_response(await self._service.embed(convert.embed_request(request)))
+
     async def WatchLoad(  # type: ignore[override]
         self, request: pb.WatchLoadRequest, context: Context
     ) -> AsyncIterator[pb.WatchLoadResponse]:

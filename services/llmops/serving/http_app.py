@@ -1,4 +1,9 @@
-"""The OpenAI-compatible HTTP API: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/health``.
+"""The OpenAI-compatible HTTP API: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``,
+``/v1/embeddings``, ``/health``.
+
+Chat takes ``response_format`` (``json_object``, ``json_schema``) and vLLM's ``structured_outputs``, enforced by
+the engine's guided decoding, and ``tools`` / ``tool_choice`` / ``parallel_tool_calls``, answered with
+``tool_calls`` (streamed as deltas); see :mod:`llmops.serving.structured`.
 
 It calls the same :class:`ServingService` as gRPC, so validation, queueing and metrics are shared.
 Streaming uses server-sent events (``data: {...}`` chunks, then ``data: [DONE]``), with a usage chunk
@@ -16,7 +21,9 @@ limits); ``None`` leaves the API open.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +38,8 @@ from llmops.common.errors import InvalidArgument, LLMOpsError, NotFound
 from llmops.serving.domain import (
     Completion,
     CompletionDelta,
+    EmbedRequest,
+    EmbedResult,
     FinishReason,
     GenerationRequest,
     GenerationResult,
@@ -40,10 +49,11 @@ from llmops.serving.domain import (
     StreamEnd,
     StreamEvent,
     TokenLogprob,
+    ToolCallDelta,
     Usage,
 )
 from llmops.serving.http_guard import MAX_BODY_BYTES, Guard, error_body, error_headers, parse_body
-from llmops.serving.openai_schema import ChatBody, CompletionBody
+from llmops.serving.openai_schema import ChatBody, CompletionBody, EmbeddingBody
 from llmops.serving.service import ServingService
 
 AuthHook = Callable[[Request], Awaitable[Identity | None]]
@@ -242,10 +252,7 @@ def create_http_app(
         selector, adapter, name = select(body.model)
         generation = GenerationRequest(
             model=selector,
-            prompt=Prompt(
-                messages=tuple(m.domain() for m in body.messages),
-                add_generation_prompt=body.add_generation_prompt,
-            ),
+            prompt=body.prompt(),
             sampling=body.sampling(body.max_output(), body.logprob_count()),
             adapter=adapter,
             request_id=body.request_id or request.headers.get("x-request-id", ""),
@@ -272,16 +279,62 @@ def create_http_app(
             headers={"x-request-id": result.request_id},
         )
 
+    @app.post("/v1/embeddings", response_model=None)
+    async def embeddings(request: Request) -> Response:
+        body = parse_body(await request.body(), EmbeddingBody)
+        selector, adapter, name = select(body.model)
+        if adapter:
+            raise InvalidArgument("embeddings take a model, not an adapter", field="model")
+        embed = EmbedRequest(
+            selector, body.inputs(), body.request_id or request.headers.get("x-request-id", "")
+        )
+        result: EmbedResult = await _until_disconnected(request, service.embed(embed))
+        if body.dimensions is not None and result.embeddings and body.dimensions != len(result.embeddings[0]):
+            raise InvalidArgument(
+                f"{name} makes {len(result.embeddings[0])}-dimensional embeddings; it cannot shorten them",
+                field="dimensions",
+            )
+        data = [
+            {"object": "embedding", "index": i, "embedding": _vector(v, body.encoding_format)}
+            for i, v in enumerate(result.embeddings)
+        ]
+        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        return JSONResponse(
+            {"object": "list", "data": data, "model": name, "usage": usage},
+            headers={"x-request-id": result.request_id},
+        )
+
     app.add_middleware(Guard, max_body_bytes=max_body_bytes)  # outermost: sees every request first
     return app
 
 
+def _vector(values: tuple[float, ...], encoding: str) -> list[float] | str:
+    """A vector as OpenAI sends it: a list, or base64 of little-endian float32s."""
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+    return list(values)
+
+
+def _tool_finish(reason: FinishReason | None, has_calls: bool) -> str | None:
+    """OpenAI's finish reason: ``tool_calls`` when a completion ended normally with calls."""
+    if has_calls and reason in (FinishReason.STOP, FinishReason.STOP_SEQUENCE):
+        return "tool_calls"
+    return _finish(reason)
+
+
 def _chat_choice(c: Completion, logprobs: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    if c.tool_calls:
+        message["content"] = c.text or None
+        message["tool_calls"] = [
+            {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
+            for t in c.tool_calls
+        ]
     return {
         "index": c.index,
-        "message": {"role": "assistant", "content": c.text},
+        "message": message,
         "logprobs": _chat_logprobs(c.logprobs) if logprobs else None,
-        "finish_reason": _finish(c.finish_reason),
+        "finish_reason": _tool_finish(c.finish_reason, bool(c.tool_calls)),
     }
 
 
@@ -327,6 +380,7 @@ async def _chat_chunks(
     events: AsyncIterator[StreamEvent], cid: str, created: int, model: str, body: ChatBody
 ) -> AsyncIterator[bytes]:
     started: set[int] = set()
+    called: set[int] = set()
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -347,9 +401,21 @@ async def _chat_chunks(
             delta["role"] = "assistant"
         if event.text or "role" in delta:
             delta["content"] = event.text
+        if event.tool_calls:
+            called.add(event.index)
+            delta["tool_calls"] = [_tool_call_part(t) for t in event.tool_calls]
         if not delta and event.finish_reason is None:
             continue
-        choice = {"index": event.index, "delta": delta, "finish_reason": _finish(event.finish_reason),
+        finish = _tool_finish(event.finish_reason, event.index in called)
+        choice = {"index": event.index, "delta": delta, "finish_reason": finish,
                   "logprobs": _chat_logprobs(event.logprobs) if body.logprobs and event.logprobs else None}  # fmt: skip
         yield chunk([choice])
     yield _sse("[DONE]")
+
+
+def _tool_call_part(t: ToolCallDelta) -> dict[str, Any]:
+    part: dict[str, Any] = {"index": t.index, "function": {"arguments": t.arguments}}
+    if t.id:
+        part.update(id=t.id, type="function")
+        part["function"]["name"] = t.name
+    return part

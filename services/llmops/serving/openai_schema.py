@@ -11,12 +11,22 @@ which the official ``openai`` client sends through ``extra_body``.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmops.common.errors import InvalidArgument
-from llmops.serving.domain import ChatMessage, SamplingParams
+from llmops.serving.domain import (
+    ChatMessage,
+    Prompt,
+    SamplingParams,
+    StructuredOutput,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
+from llmops.serving.structured import check_structured_output
 
 #: An integer an engine can take (seeds, token ids, counts): int64, as gRPC's requests carry.
 Int = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -64,6 +74,10 @@ class _Sampling(_Body):
     prompt_logprobs: Int | None = None
     #: Echoed in the ``x-request-id`` header, so header-safe: printable ASCII.
     request_id: str = Field(default="", pattern=r"^[\x20-\x7e]*$")
+    structured_outputs: StructuredOutputs | None = None
+
+    def structured(self) -> StructuredOutput | None:
+        return None if self.structured_outputs is None else self.structured_outputs.domain()
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         bias: dict[int, float] = {}
@@ -95,6 +109,7 @@ class _Sampling(_Body):
             logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            structured_output=self.structured(),
         )
 
     @property
@@ -138,6 +153,93 @@ class CompletionBody(_Sampling):
         return [tuple(x) for x in p]  # type: ignore[arg-type]
 
 
+class StructuredOutputs(_Body):
+    """vLLM's ``structured_outputs`` extension: one of a JSON schema, a regex, a choice list."""
+
+    json_: dict[str, Any] | bool | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+
+    def domain(self) -> StructuredOutput:
+        kinds = [
+            self.json_ is not None,
+            self.regex is not None,
+            self.choice is not None,
+            bool(self.json_object),
+        ]
+        if sum(kinds) != 1:
+            raise InvalidArgument(
+                "set exactly one of json, regex, choice, json_object", field="structured_outputs"
+            )
+        if self.json_ is not None:
+            return StructuredOutput(json_schema=json.dumps(self.json_))
+        if self.regex is not None:
+            return StructuredOutput(regex=self.regex)
+        if self.choice is not None:
+            if not self.choice:
+                raise InvalidArgument("must not be empty", field="structured_outputs.choice")
+            return StructuredOutput(choice=tuple(self.choice))
+        return StructuredOutput(json_object=True)
+
+
+class JsonSchemaFormat(_Body):
+    name: str = ""
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def domain(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput(json_object=True)
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise InvalidArgument("json_schema.schema is required", field="response_format.json_schema")
+        return StructuredOutput(json_schema=json.dumps(self.json_schema.schema_))
+
+
+class FunctionDef(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+    def domain(self) -> Tool:
+        f = self.function
+        return Tool(f.name, f.description or "", json.dumps(f.parameters) if f.parameters is not None else "")
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCallBody(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class TextPart(_Body):
     type: Literal["text"]
     text: str
@@ -147,11 +249,14 @@ class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = None
 
     def domain(self) -> ChatMessage:
         content = self.content
         text = "".join(part.text for part in content) if isinstance(content, list) else (content or "")
-        return ChatMessage(self.role, text, self.name or "")
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+        return ChatMessage(self.role, text, self.name or "", calls, self.tool_call_id or "")
 
 
 class ChatBody(_Sampling):
@@ -163,20 +268,67 @@ class ChatBody(_Sampling):
     logprobs: bool = False
     top_logprobs: Int | None = None
     add_generation_prompt: bool = True
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def check(self) -> None:
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise InvalidArgument("tool calling is not supported", field="tools")
-        if self.response_format not in (None, {"type": "text"}):
-            raise InvalidArgument("only the text response format is supported", field="response_format")
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise InvalidArgument(
+                "set response_format or structured_outputs, not both", field="response_format"
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidArgument("needs logprobs: true", field="top_logprobs")
+
+    def structured(self) -> StructuredOutput | None:
+        if self.response_format is not None:
+            structured = self.response_format.domain()
+            if structured is not None:  # named for the client's field, not the gRPC one
+                check_structured_output(structured, field="response_format")
+            return structured
+        return super().structured()
+
+    def prompt(self) -> Prompt:
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            tool_choice: ToolChoice | None = ToolChoice("function", choice.function.name)
+        else:
+            tool_choice = None if choice is None else ToolChoice(choice)
+        return Prompt(
+            messages=tuple(m.domain() for m in self.messages),
+            add_generation_prompt=self.add_generation_prompt,
+            tools=tuple(t.domain() for t in self.tools or ()),
+            tool_choice=tool_choice,
+            parallel_tool_calls=True if self.parallel_tool_calls is None else self.parallel_tool_calls,
+        )
 
     def max_output(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class EmbeddingBody(_Body):
+    """``POST /v1/embeddings``."""
+
+    model: str = ""
+    input: str | list[str] | list[Int] | list[list[Int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Int | None = None
+    user: str | None = None
+    #: Echoed in the ``x-request-id`` header, so header-safe: printable ASCII.
+    request_id: str = Field(default="", pattern=r"^[\x20-\x7e]*$")
+
+    def inputs(self) -> tuple[str | tuple[int, ...], ...]:
+        items = self.input
+        if isinstance(items, str):
+            return (items,)
+        if not items:
+            raise InvalidArgument("must not be empty", field="input")
+        if all(isinstance(x, int) for x in items):
+            return (tuple(int(x) for x in items),)  # type: ignore[arg-type]
+        if all(isinstance(x, str) for x in items):
+            return tuple(str(x) for x in items)
+        return tuple(tuple(x) for x in items)  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmops.common.auth import Identity, current_identity
 from llmops.common.errors import (
@@ -47,6 +47,8 @@ from llmops.serving.cached import Assembler, ResultCodec, cache_key, replay
 from llmops.serving.config import EngineFactory, ServingConfig
 from llmops.serving.domain import (
     CompletionDelta,
+    EmbedRequest,
+    EmbedResult,
     EngineRequest,
     FinishReason,
     GenerationRequest,
@@ -71,6 +73,7 @@ from llmops.serving.lifecycle import ModelLifecycle
 from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
 from llmops.serving.models import Aborted, InFlight, ServedModel
 from llmops.serving.resolver import ModelResolver
+from llmops.serving.structured import ToolPlan, check_tools, plan_tools, with_tool_calls
 from llmops.serving.validation import (
     check_prompt,
     check_prompt_size,
@@ -80,6 +83,8 @@ from llmops.serving.validation import (
 )
 
 log = logging.getLogger(__name__)
+#: Inputs of one embeddings request (OpenAI's bound).
+MAX_EMBED_INPUTS = 2048
 
 
 @dataclass
@@ -96,6 +101,8 @@ class _Admitted:
 @dataclass
 class _Prepared(_Admitted):
     engine_request: EngineRequest
+    #: How tool calls are enforced and parsed; ``None`` when the chat offers no tools.
+    tools: ToolPlan | None = None
 
 
 class ServingService(ModelLifecycle):
@@ -269,6 +276,8 @@ class ServingService(ModelLifecycle):
         entry = await self._select(request.model)
         engine = entry.engine
         assert engine is not None
+        if engine.is_embedding_model:
+            raise FailedPrecondition(f"{entry.served_name} is an embedding model: use Embed (/v1/embeddings)")
         if request.adapter and request.adapter not in entry.adapters:
             raise NotFound(f"adapter {request.adapter!r} is not loaded on {entry.served_name}")
         prompt = request.prompt
@@ -282,6 +291,13 @@ class ServingService(ModelLifecycle):
         if isinstance(admitted, _Prepared):
             return admitted
         engine, prompt = admitted.engine, request.prompt
+        sampling, plan = request.sampling, None
+        if prompt.messages is None:
+            check_tools(prompt)
+        else:
+            plan = plan_tools(prompt, sampling.structured_output, engine.chat_template)
+            if plan is not None and plan.constraint is not None:
+                sampling = replace(sampling, structured_output=plan.constraint)
         if prompt.text is not None:
             token_ids = await engine.tokenize(prompt.text, add_special_tokens=True)
         elif prompt.token_ids is not None:
@@ -289,13 +305,14 @@ class ServingService(ModelLifecycle):
             token_ids = list(prompt.token_ids)
         else:
             assert prompt.messages is not None
+            extra = {"tools": prompt.tools} if prompt.tools else {}
             token_ids = await engine.tokenize_chat(
-                prompt.messages, add_generation_prompt=prompt.add_generation_prompt
+                prompt.messages, add_generation_prompt=prompt.add_generation_prompt, **extra
             )
         if not token_ids:
             raise InvalidArgument("the prompt tokenizes to nothing", field="prompt")
         decoding = to_decoding(
-            request.sampling,
+            sampling,
             prompt_len=len(token_ids),
             max_model_len=engine.max_model_len,
             vocab_size=engine.vocab_size,
@@ -304,7 +321,7 @@ class ServingService(ModelLifecycle):
         engine.check_decoding(decoding)
         a = admitted
         engine_request = EngineRequest(a.request_id, tuple(token_ids), decoding, request.adapter)
-        return _Prepared(a.request_id, a.entry, engine, a.arrival, a.deadline, engine_request)
+        return _Prepared(a.request_id, a.entry, engine, a.arrival, a.deadline, engine_request, plan)
 
     async def _select(self, selector: ModelSelector) -> ServedModel:
         if selector.served_name is not None:
@@ -356,6 +373,8 @@ class ServingService(ModelLifecycle):
             self.metrics.running.labels(name).inc()
             started = time.perf_counter()
             events = self._stream(p, started, in_flight)
+            if p.tools is not None:
+                events = with_tool_calls(events, p.tools, p.engine.hf_tokenizer)
             try:
                 outcome = "abort"
                 async for event in events:
@@ -483,6 +502,48 @@ class ServingService(ModelLifecycle):
         check_prompt_size(None, None, engine.max_model_len, "token_ids", tokens=len(token_ids))
         check_token_ids(token_ids, engine.vocab_size, "token_ids")
         return await engine.detokenize(token_ids, skip_special_tokens=skip_special_tokens)
+
+    # --- embeddings -------------------------------------------------------------------------------
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """One vector per input from an embedding model (FAILED_PRECONDITION for a generator)."""
+        request_id = check_request_id(request.request_id) or uuid.uuid4().hex
+        entry = await self._select(request.model)
+        engine = entry.engine
+        assert engine is not None
+        if not engine.is_embedding_model:
+            raise FailedPrecondition(f"{entry.served_name} is loaded to generate, not to embed")
+        if not 1 <= len(request.inputs) <= MAX_EMBED_INPUTS:
+            raise InvalidArgument(f"1-{MAX_EMBED_INPUTS} inputs", field="input")
+        batch: list[list[int]] = []
+        for i, item in enumerate(request.inputs):
+            field = f"input[{i}]"
+            if isinstance(item, str):
+                check_prompt_size(item, None, engine.max_model_len, field)
+                ids = await engine.tokenize(item, add_special_tokens=True)
+            else:
+                check_token_ids(item, engine.vocab_size, field)
+                ids = list(item)
+            if not ids:
+                raise InvalidArgument("must not be empty", field=field)
+            if len(ids) > engine.max_model_len:
+                raise InvalidArgument(
+                    f"{len(ids)} tokens exceed the model's context of {engine.max_model_len}", field=field
+                )
+            batch.append(ids)
+        in_flight = entry.enter()
+        try:
+            vectors = await engine.embed(batch)
+        finally:
+            entry.leave(in_flight)
+        self.metrics.prompt_tokens.labels(entry.served_name).inc(sum(len(ids) for ids in batch))
+        return EmbedResult(
+            request_id=request_id,
+            served_name=entry.served_name,
+            model=entry.info.model,
+            embeddings=tuple(tuple(v) for v in vectors),
+            prompt_tokens=sum(len(ids) for ids in batch),
+        )
 
     # --- re-exported for the APIs -----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from llmops.common.errors import InvalidArgument
 from llmops.serving.domain import ChatMessage, Decoding, Prompt, SamplingParams
+from llmops.serving.structured import check_structured_output
 
 MAX_N = 16
 MAX_BEAM_WIDTH = 16
@@ -39,7 +40,7 @@ SAMPLING_ONLY = ("greedy", "temperature", "top_k", "top_p", "min_p")
 #: Controls the shared beam search cannot honour (it ranks raw log-probabilities), refused with it.
 BEAM_UNSUPPORTED = (
     "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "stop", "logprobs",
-    "prompt_logprobs",
+    "prompt_logprobs", "structured_output",
 )  # fmt: skip
 
 
@@ -243,6 +244,8 @@ def to_decoding(
         value = getattr(s, name)
         if value is not None and not 0 <= value <= limits.max_logprobs:
             raise InvalidArgument(f"must be in [0, {limits.max_logprobs}]", field=f + name)
+    if s.structured_output is not None:
+        check_structured_output(s.structured_output)
     return Decoding(
         max_tokens=max_tokens,
         greedy=greedy,
@@ -268,4 +271,5 @@ def to_decoding(
         prompt_logprobs=s.prompt_logprobs,
         skip_special_tokens=True if s.skip_special_tokens is None else s.skip_special_tokens,
         set_controls=frozenset(s.set_fields()),
+        structured_output=s.structured_output,
     )

@@ -28,6 +28,7 @@ from llmops.serving.domain import (
     EngineOptions,
     EngineOutput,
     EngineRequest,
+    Tool,
 )
 from llmops.serving.engines.base import AdapterInfo, Engine, EngineStats
 
@@ -90,9 +91,26 @@ class BorrowedEngine(Engine):
         return await self.inner.tokenize(text, add_special_tokens=add_special_tokens)
 
     async def tokenize_chat(
-        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool, tools: Sequence[Tool] = ()
     ) -> list[int]:
-        return await self.inner.tokenize_chat(messages, add_generation_prompt=add_generation_prompt)
+        return await self.inner.tokenize_chat(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools
+        )
+
+    @property
+    def chat_template(self) -> str:
+        return self.inner.chat_template
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        return self.inner.hf_tokenizer
+
+    @property
+    def is_embedding_model(self) -> bool:
+        return self.inner.is_embedding_model
+
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        return await self.inner.embed(inputs)
 
     async def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return await self.inner.detokenize(token_ids, skip_special_tokens=skip_special_tokens)

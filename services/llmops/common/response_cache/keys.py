@@ -178,6 +178,14 @@ def canonical_sampling(sampling: SamplingLike) -> dict[str, Any]:
         "prompt_logprobs": None if s.prompt_logprobs is None else int(s.prompt_logprobs),
         "skip_special_tokens": True if s.skip_special_tokens is None else bool(s.skip_special_tokens),
     }
+    structured = getattr(s, "structured_output", None)
+    if structured is not None:  # only when set: keys of requests without one stay as they were
+        out["structured_output"] = {
+            "json_schema": structured.json_schema,
+            "json_object": bool(structured.json_object),
+            "regex": structured.regex,
+            "choice": [str(c) for c in structured.choice],
+        }
     if not greedy:  # greedy ignores these (sampling.proto); beam search keeps them, conservatively
         out["temperature"] = _opt_f32(s.temperature, 1.0, "sampling.temperature")
         out["top_k"] = int(s.top_k)
@@ -197,10 +205,27 @@ def canonical_prompt(prompt: PromptLike) -> dict[str, Any]:
     if prompt.token_ids is not None:
         return {"token_ids": [int(token) for token in prompt.token_ids]}
     assert prompt.messages is not None
-    return {
-        "messages": [[str(m.role), str(m.content), str(m.name)] for m in prompt.messages],
+    chat: dict[str, Any] = {
+        "messages": [_message(m) for m in prompt.messages],
         "add_generation_prompt": bool(prompt.add_generation_prompt),
     }
+    tools = getattr(prompt, "tools", ())
+    choice = getattr(prompt, "tool_choice", None)
+    if tools or choice is not None:  # only when set: keys of chats without tools stay as they were
+        chat["tools"] = [[t.name, t.description, t.parameters] for t in tools]
+        chat["tool_choice"] = None if choice is None else [choice.mode, choice.function]
+        chat["parallel_tool_calls"] = bool(getattr(prompt, "parallel_tool_calls", True))
+    return chat
+
+
+def _message(m: ChatMessageLike) -> list[Any]:
+    """A turn: role, content, name, then its tool calls and tool call id when it has them."""
+    turn: list[Any] = [str(m.role), str(m.content), str(m.name)]
+    calls = getattr(m, "tool_calls", ())
+    call_id = getattr(m, "tool_call_id", "")
+    if calls or call_id:
+        turn += [[[c.id, c.name, c.arguments] for c in calls], str(call_id)]
+    return turn
 
 
 def _model(model: ModelLike, field: str) -> ResolvedModel:

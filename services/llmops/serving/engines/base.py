@@ -19,7 +19,7 @@ import json
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from llmops.serving.domain import (
@@ -30,6 +30,7 @@ from llmops.serving.domain import (
     EngineOutput,
     EngineRequest,
     SamplingParams,
+    Tool,
 )
 
 #: Every decoding control of the API (``SamplingParams`` field names).
@@ -94,9 +95,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def tokenize_chat(
-        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool, tools: Sequence[Tool] = ()
     ) -> list[int]:
-        """Token ids of a chat rendered with the model's chat template."""
+        """Token ids of a chat rendered with the model's chat template (offering ``tools``)."""
 
     @abc.abstractmethod
     async def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
@@ -154,6 +155,25 @@ class Engine(abc.ABC):
                 json.loads(value)
             except ValueError:
                 raise InvalidArgument(f"{name}: value must be JSON", field="options.extra_args") from None
+
+    @property
+    def chat_template(self) -> str:
+        """The model's chat template source ("" when it has none): tells whether it renders tools."""
+        return ""
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The Hugging Face tokenizer, for vLLM's tool-call parsers; ``None`` when there is none."""
+        return None
+
+    @property
+    def is_embedding_model(self) -> bool:
+        """True for a model loaded to embed (pooling) rather than to generate."""
+        return False
+
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """One vector per tokenized input, in order (embedding models only)."""
+        raise FailedPrecondition(f"{self.served_name} is not an embedding model")
 
     def stats(self) -> EngineStats | None:
         """Current load, when the engine can tell (engines exporting their own metrics need not)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from llmops.common.errors import Unavailable
-from llmops.serving.domain import ChatMessage, EngineKind, EngineOptions, EngineOutput, EngineRequest
+from llmops.serving.domain import ChatMessage, EngineKind, EngineOptions, EngineOutput, EngineRequest, Tool
 from llmops.serving.engines.base import ALL_OPTIONS, AdapterInfo, Engine, EngineStats
 from llmops.serving.engines.beam import beam_search
 from llmops.serving.engines.sampling import CompletionTracker, TokenSampler, beam_deltas, prompt_logprobs
@@ -147,7 +147,7 @@ class FakeEngine(Engine):
         return [BOS, *ids] if add_special_tokens else ids
 
     async def tokenize_chat(
-        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool, tools: Sequence[Tool] = ()
     ) -> list[int]:
         rendered = "".join(f"<{m.role}>\n{m.content}\n" for m in messages)
         if add_generation_prompt:

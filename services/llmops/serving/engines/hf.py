@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.common.errors import InvalidArgument, Unavailable
-from llmops.serving.domain import ChatMessage
+from llmops.serving.domain import ChatMessage, Tool
 from llmops.serving.engines.base import Engine
 
 
@@ -29,15 +29,27 @@ class HFTokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def encode_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
+    @property
+    def chat_template(self) -> str:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else ""
+
+    def encode_chat(
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool, tools: Sequence[Tool] = ()
+    ) -> list[int]:
+        if not self.chat_template:
             raise InvalidArgument("this model has no chat template: send a text prompt", field="prompt.chat")
-        conversation = [
-            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in messages
-        ]
+        conversation = [_message(m) for m in messages]
+        extra: dict[str, Any] = {}
+        if tools:
+            extra["tools"] = [
+                {"type": "function", "function": {"name": t.name, "description": t.description,
+                                                  "parameters": json.loads(t.parameters or '{"type": "object"}')}}
+                for t in tools
+            ]  # fmt: skip
         try:
             rendered = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=False, **extra
             )
         except Exception as exc:  # jinja2's TemplateError, raise_exception() in the template
             raise InvalidArgument(
@@ -54,6 +66,21 @@ class HFTokenizer:
 
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:
         return [self.token_text(t) for t in token_ids]
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    """A turn as chat templates expect it (OpenAI's shape: tool calls with JSON-text arguments)."""
+    turn: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name:
+        turn["name"] = m.name
+    if m.tool_calls:
+        turn["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        turn["tool_call_id"] = m.tool_call_id
+    return turn
 
 
 def end_token_ids(path: Path, tokenizer: Any) -> list[int]:
@@ -82,6 +109,32 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def is_causal_lm(config: dict[str, Any]) -> bool:
+    """Whether a config names a generating architecture (else an encoder, loaded to embed)."""
+    architectures = config.get("architectures") or ["ForCausalLM"]
+    return any(
+        str(a).endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures
+    )
+
+
+def sentence_pooling(path: Path) -> tuple[str, bool]:
+    """(pooling mode "mean" | "cls", normalize) from a sentence-transformers layout; mean and no
+    normalizing for a plain encoder."""
+    mode, normalize = "mean", False
+    try:
+        pooling = json.loads((Path(path) / "1_Pooling" / "config.json").read_text())
+        if pooling.get("pooling_mode_cls_token"):
+            mode = "cls"
+    except (OSError, ValueError):
+        pass
+    try:
+        modules = json.loads((Path(path) / "modules.json").read_text())
+        normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return mode, normalize
+
+
 class HFTokenizerEngine(Engine):
     """An engine that tokenizes with :class:`HFTokenizer` (set ``_tokenizer`` when it starts)."""
 
@@ -99,9 +152,17 @@ class HFTokenizerEngine(Engine):
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     async def tokenize_chat(
-        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool, tools: Sequence[Tool] = ()
     ) -> list[int]:
-        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    @property
+    def chat_template(self) -> str:
+        return self.tokenizer.chat_template
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        return self.tokenizer.tokenizer
 
     async def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -15,20 +15,27 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmops.common.errors import InvalidArgument, NotFound, Unavailable
+from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from llmops.common.formats import NO_INFERENCE_MODE, own_quant_method
 from llmops.common.formats import load_model as load_quantized
-from llmops.serving.domain import EngineKind, EngineOptions, EngineOutput, EngineRequest
+from llmops.serving.domain import Decoding, EngineKind, EngineOptions, EngineOutput, EngineRequest
 from llmops.serving.engines.base import AdapterInfo, EngineStats, decode_extra_args
 from llmops.serving.engines.beam import beam_search
-from llmops.serving.engines.hf import HFTokenizer, HFTokenizerEngine, read_config
+from llmops.serving.engines.guided import Grammars, Guide
+from llmops.serving.engines.hf import (
+    HFTokenizer,
+    HFTokenizerEngine,
+    is_causal_lm,
+    read_config,
+    sentence_pooling,
+)
 from llmops.serving.engines.sampling import CompletionTracker, TokenSampler, beam_deltas, prompt_logprobs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,6 +61,9 @@ class TransformersEngine(HFTokenizerEngine):
         self._running = 0
         self._cache_tokens = 0
         self._adapters: dict[str, AdapterInfo] = {}
+        self._grammars: Grammars | None = None
+        #: (pooling mode, normalize) for a model loaded to embed; ``None`` for a generator.
+        self._pooling: tuple[str, bool] | None = None
         #: How gradients are off while decoding; ``no_grad`` for models whose tensors need version counters.
         self._grad_off: Callable[[], contextlib.AbstractContextManager[Any]] = torch.inference_mode
 
@@ -75,6 +85,53 @@ class TransformersEngine(HFTokenizerEngine):
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise InvalidArgument("num_threads must be an integer >= 1", field="options.extra_args")
 
+    @property
+    def is_embedding_model(self) -> bool:
+        return self._pooling is not None
+
+    def check_decoding(self, decoding: Decoding) -> None:
+        super().check_decoding(decoding)
+        if decoding.structured_output is not None:
+            self._grammar_cache().compile(decoding.structured_output)  # refused now, not mid-stream
+
+    def _grammar_cache(self) -> Grammars:
+        if self._grammars is None:
+            try:
+                self._grammars = Grammars(self.tokenizer.tokenizer, self._vocab_size, self.tokenizer.end_ids)
+            except ImportError:
+                raise InvalidArgument(
+                    "structured outputs need xgrammar, which this server lacks",
+                    field="sampling.structured_output",
+                ) from None
+        return self._grammars
+
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        if self._pooling is None:
+            raise FailedPrecondition(f"{self.served_name} was loaded to generate, not to embed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._embed, inputs)
+
+    def _embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        assert self._pooling is not None
+        mode, normalize = self._pooling
+        pad = int(getattr(self.tokenizer.tokenizer, "pad_token_id", 0) or 0)
+        width = max(len(ids) for ids in inputs)
+        ids = torch.tensor(
+            [[*x, *[pad] * (width - len(x))] for x in inputs], device=self._device
+        )  # (batch, len)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in inputs], device=self._device)
+        with self._grad_off():
+            hidden = self._model(
+                input_ids=ids, attention_mask=mask
+            ).last_hidden_state.float()  # (batch, len, dim)
+        if mode == "cls":
+            vectors = hidden[:, 0]  # (batch, dim)
+        else:
+            weights = mask.unsqueeze(-1).float()  # (batch, len, 1)
+            vectors = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        if normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        return [[float(v) for v in row] for row in vectors.tolist()]
+
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -89,7 +146,12 @@ class TransformersEngine(HFTokenizerEngine):
             dtype = torch.float32 if device == "cpu" else torch.bfloat16
         model: Any
         own_format = own_quant_method(config)
-        if own_format is None:
+        if not is_causal_lm(config):  # an encoder (sentence-transformers layout): load it to embed
+            from transformers import AutoModel
+
+            model = AutoModel.from_pretrained(str(self.model_path), dtype=dtype)
+            self._pooling = sentence_pooling(self.model_path)
+        elif own_format is None:
             model = AutoModelForCausalLM.from_pretrained(str(self.model_path), dtype=dtype)
         else:  # INT8 dynamic / quanto INT4 folders: a layout of ours that from_pretrained cannot read
             if device != "cpu" or dtype is not torch.float32:
@@ -136,6 +198,8 @@ class TransformersEngine(HFTokenizerEngine):
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._model is None:
             raise Unavailable("the model is not loaded")
+        if self._pooling is not None:
+            raise FailedPrecondition(f"{self.served_name} is an embedding model: it does not generate")
         loop = asyncio.get_running_loop()
         if request.decoding.use_beam_search:
             yield await self._beam(request)
@@ -194,13 +258,18 @@ class TransformersEngine(HFTokenizerEngine):
             )
             for i in range(d.n)
         ]
+        guide = None
+        if d.structured_output is not None:
+            guide = Guide(self._grammar_cache().compile(d.structured_output), self._vocab_size, d.n)
         pending = first
         for step in range(d.max_tokens):
             if cancelled.is_set():
                 return
-            tokens, raw = sampler.step(logits, step)
+            tokens, raw = sampler.step(logits if guide is None else guide.mask(logits), step)
             for tracker in trackers:
                 if not tracker.finished:
+                    if guide is not None:
+                        guide.advance(tracker.index, int(tokens[tracker.index]))
                     pending.deltas.append(
                         tracker.advance(int(tokens[tracker.index]), raw[tracker.index], step)
                     )

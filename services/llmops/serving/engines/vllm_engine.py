@@ -24,7 +24,7 @@ import itertools
 import json
 import os
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from llmops.serving.domain import (
     EngineOutput,
     EngineRequest,
     FinishReason,
+    StructuredOutput,
     TokenLogprob,
     TopLogprob,
 )
@@ -103,6 +104,13 @@ def engine_args(model_path: Path, served_name: str, options: EngineOptions) -> A
         "max_lora_rank": options.max_lora_rank,
     }
     kwargs.update({name: value for name, value in optional.items() if value})
+    # Guided JSON without free whitespace (vLLM reads this per engine, not per request): a model may
+    # otherwise fill its whole budget with the blanks JSON allows between tokens.
+    from vllm.config import StructuredOutputsConfig
+
+    kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+        backend="xgrammar", disable_any_whitespace=True
+    )
     if options.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
     if options.enable_prefix_caching is not None:
@@ -115,6 +123,22 @@ def engine_args(model_path: Path, served_name: str, options: EngineOptions) -> A
             raise InvalidArgument(f"vLLM has no engine argument {name!r}", field="options.extra_args")
         kwargs[name] = value
     return AsyncEngineArgs(**kwargs)
+
+
+def structured_outputs(so: StructuredOutput | None) -> Any:
+    """vLLM's guided-decoding parameters, enforced by its xgrammar backend (what its ``auto`` choice
+    picks on this CPU build; named in :func:`engine_args`, which turning free whitespace off requires)."""
+    if so is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if so.json_schema is not None:
+        return StructuredOutputsParams(json=so.json_schema)
+    if so.json_object:
+        return StructuredOutputsParams(json_object=True)
+    if so.regex is not None:
+        return StructuredOutputsParams(regex=so.regex)
+    return StructuredOutputsParams(choice=list(so.choice))
 
 
 def sampling_params(d: Decoding) -> Any:
@@ -142,6 +166,7 @@ def sampling_params(d: Decoding) -> Any:
         prompt_logprobs=d.prompt_logprobs,
         skip_special_tokens=d.skip_special_tokens,
         logit_bias=dict(d.logit_bias) or None,
+        structured_outputs=structured_outputs(d.structured_output),
         output_kind=RequestOutputKind.DELTA,
     )
 
@@ -248,6 +273,28 @@ class VLLMEngine(HFTokenizerEngine):
     @property
     def max_concurrency(self) -> int:
         return int(self.engine.vllm_config.scheduler_config.max_num_seqs)
+
+    @property
+    def is_embedding_model(self) -> bool:
+        return str(self.engine.model_config.runner_type) == "pooling"
+
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        if not self.is_embedding_model:
+            raise FailedPrecondition(f"{self.served_name} was loaded to generate, not to embed")
+        from vllm.inputs import tokens_input
+        from vllm.pooling_params import PoolingParams
+
+        async def one(token_ids: Sequence[int]) -> list[float]:
+            rid = f"embed-{uuid.uuid4().hex}"
+            last = None
+            async for out in self._translate_errors(
+                self.engine.encode(tokens_input(list(token_ids)), PoolingParams(task="embed"), rid)
+            ):
+                last = out
+            assert last is not None
+            return [float(x) for x in last.outputs.data.tolist()]
+
+        return list(await asyncio.gather(*(one(ids) for ids in inputs)))
 
     def num_unfinished_requests(self) -> int:
         """Requests vLLM still tracks (0 once every stream has ended or been aborted)."""

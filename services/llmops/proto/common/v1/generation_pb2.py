@@ -25,29 +25,37 @@ _sym_db = _symbol_database.Default()
 from llmops.proto.common.v1 import usage_pb2 as llmops_dot_common_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!llmops/common/v1/generation.proto\x12\x10llmops.common.v1\x1a\x1cllmops/common/v1/usage.proto\"\x80\x01\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x30\n\x06tokens\x18\x02 \x01(\x0b\x32\x1e.llmops.common.v1.PromptTokensH\x00\x12,\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1c.llmops.common.v1.ChatPromptH\x00\x42\x06\n\x04kind\"!\n\x0cPromptTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"{\n\nChatPrompt\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.llmops.common.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x82\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x32\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x1c.llmops.common.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xf4\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.llmops.common.v1.TokenLogprob\x12\x35\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1e.llmops.common.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x1f\n\x12\x63umulative_logprob\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_cumulative_logprob\"\xbf\x01\n\x0fGeneratedOutput\x12\x31\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x1c.llmops.common.v1.Completion\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x37\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x1e.llmops.common.v1.TokenLogprob\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.llmops.common.v1.Usage*\x99\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!llmops/common/v1/generation.proto\x12\x10llmops.common.v1\x1a\x1cllmops/common/v1/usage.proto\"\x80\x01\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x30\n\x06tokens\x18\x02 \x01(\x0b\x32\x1e.llmops.common.v1.PromptTokensH\x00\x12,\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1c.llmops.common.v1.ChatPromptH\x00\x42\x06\n\x04kind\"!\n\x0cPromptTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x8f\x02\n\nChatPrompt\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.llmops.common.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12%\n\x05tools\x18\x03 \x03(\x0b\x32\x16.llmops.common.v1.Tool\x12\x31\n\x0btool_choice\x18\x04 \x01(\x0b\x32\x1c.llmops.common.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x16\n\x14_parallel_tool_calls\"\x80\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12.\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1a.llmops.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"S\n\nToolChoice\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .llmops.common.v1.ToolChoiceMode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x82\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x32\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x1c.llmops.common.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xa4\x02\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.llmops.common.v1.TokenLogprob\x12\x35\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1e.llmops.common.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x1f\n\x12\x63umulative_logprob\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12.\n\ntool_calls\x18\x08 \x03(\x0b\x32\x1a.llmops.common.v1.ToolCallB\x15\n\x13_cumulative_logprob\"\xbf\x01\n\x0fGeneratedOutput\x12\x31\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x1c.llmops.common.v1.Completion\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x37\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x1e.llmops.common.v1.TokenLogprob\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.llmops.common.v1.Usage*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*\x99\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmops.proto.common.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1075
-  _globals['_FINISHREASON']._serialized_end=1228
+  _globals['_TOOLCHOICEMODE']._serialized_start=1553
+  _globals['_TOOLCHOICEMODE']._serialized_end=1719
+  _globals['_FINISHREASON']._serialized_start=1722
+  _globals['_FINISHREASON']._serialized_end=1875
   _globals['_PROMPT']._serialized_start=86
   _globals['_PROMPT']._serialized_end=214
   _globals['_PROMPTTOKENS']._serialized_start=216
   _globals['_PROMPTTOKENS']._serialized_end=249
-  _globals['_CHATPROMPT']._serialized_start=251
-  _globals['_CHATPROMPT']._serialized_end=374
-  _globals['_CHATMESSAGE']._serialized_start=376
-  _globals['_CHATMESSAGE']._serialized_end=434
-  _globals['_TOKENLOGPROB']._serialized_start=437
-  _globals['_TOKENLOGPROB']._serialized_end=567
-  _globals['_TOPLOGPROB']._serialized_start=569
-  _globals['_TOPLOGPROB']._serialized_end=631
-  _globals['_COMPLETION']._serialized_start=634
-  _globals['_COMPLETION']._serialized_end=878
-  _globals['_GENERATEDOUTPUT']._serialized_start=881
-  _globals['_GENERATEDOUTPUT']._serialized_end=1072
+  _globals['_CHATPROMPT']._serialized_start=252
+  _globals['_CHATPROMPT']._serialized_end=523
+  _globals['_CHATMESSAGE']._serialized_start=526
+  _globals['_CHATMESSAGE']._serialized_end=654
+  _globals['_TOOL']._serialized_start=656
+  _globals['_TOOL']._serialized_end=722
+  _globals['_TOOLCHOICE']._serialized_start=724
+  _globals['_TOOLCHOICE']._serialized_end=807
+  _globals['_TOOLCALL']._serialized_start=809
+  _globals['_TOOLCALL']._serialized_end=864
+  _globals['_TOKENLOGPROB']._serialized_start=867
+  _globals['_TOKENLOGPROB']._serialized_end=997
+  _globals['_TOPLOGPROB']._serialized_start=999
+  _globals['_TOPLOGPROB']._serialized_end=1061
+  _globals['_COMPLETION']._serialized_start=1064
+  _globals['_COMPLETION']._serialized_end=1356
+  _globals['_GENERATEDOUTPUT']._serialized_start=1359
+  _globals['_GENERATEDOUTPUT']._serialized_end=1550
 # @@protoc_insertion_point(module_scope)

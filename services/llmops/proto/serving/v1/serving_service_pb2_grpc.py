@@ -87,6 +87,11 @@ class ServingServiceStub:
                 request_serializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llmops.serving.v1.ServingService/Embed',
+                request_serializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.WatchLoad = channel.unary_stream(
                 '/llmops.serving.v1.ServingService/WatchLoad',
                 request_serializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.WatchLoadRequest.SerializeToString,
@@ -177,6 +182,14 @@ class ServingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed turns texts (or token ids) into vectors with a model loaded as an embedding (pooling)
+        model; FAILED_PRECONDITION for a model loaded to generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchLoad(self, request, context):
         """WatchLoad streams this server's load (queued and running requests and KV-cache usage per
         model) for routers: a report at once, then one whenever the load changes (at most one per
@@ -233,6 +246,11 @@ def add_ServingServiceServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.EmbedRequest.FromString,
+                    response_serializer=llmops_dot_serving_dot_v1_dot_serving__service__pb2.EmbedResponse.SerializeToString,
             ),
             'WatchLoad': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchLoad,
@@ -491,6 +509,33 @@ class ServingService:
             '/llmops.serving.v1.ServingService/UnloadAdapter',
             llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterRequest.SerializeToString,
             llmops_dot_serving_dot_v1_dot_serving__service__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmops.serving.v1.ServingService/Embed',
+            llmops_dot_serving_dot_v1_dot_serving__service__pb2.EmbedRequest.SerializeToString,
+            llmops_dot_serving_dot_v1_dot_serving__service__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

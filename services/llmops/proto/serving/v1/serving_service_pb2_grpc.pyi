@@ -76,6 +76,10 @@ class ServingServiceStub:
     """
     UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_serving_service_pb2.UnloadAdapterRequest, _serving_service_pb2.UnloadAdapterResponse]
     """UnloadAdapter removes a LoRA adapter from a loaded base model."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_serving_service_pb2.EmbedRequest, _serving_service_pb2.EmbedResponse]
+    """Embed turns texts (or token ids) into vectors with a model loaded as an embedding (pooling)
+    model; FAILED_PRECONDITION for a model loaded to generate.
+    """
     WatchLoad: _grpc.UnaryStreamMultiCallable[_serving_service_pb2.WatchLoadRequest, _serving_service_pb2.WatchLoadResponse]
     """WatchLoad streams this server's load (queued and running requests and KV-cache usage per
     model) for routers: a report at once, then one whenever the load changes (at most one per
@@ -128,6 +132,10 @@ class ServingServiceAsyncStub(ServingServiceStub):
     """
     UnloadAdapter: _aio.UnaryUnaryMultiCallable[_serving_service_pb2.UnloadAdapterRequest, _serving_service_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
     """UnloadAdapter removes a LoRA adapter from a loaded base model."""
+    Embed: _aio.UnaryUnaryMultiCallable[_serving_service_pb2.EmbedRequest, _serving_service_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embed turns texts (or token ids) into vectors with a model loaded as an embedding (pooling)
+    model; FAILED_PRECONDITION for a model loaded to generate.
+    """
     WatchLoad: _aio.UnaryStreamMultiCallable[_serving_service_pb2.WatchLoadRequest, _serving_service_pb2.WatchLoadResponse]  # type: ignore[assignment]
     """WatchLoad streams this server's load (queued and running requests and KV-cache usage per
     model) for routers: a report at once, then one whenever the load changes (at most one per
@@ -231,6 +239,16 @@ class ServingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_serving_service_pb2.UnloadAdapterResponse, _abc.Awaitable[_serving_service_pb2.UnloadAdapterResponse]]:
         """UnloadAdapter removes a LoRA adapter from a loaded base model."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _serving_service_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_serving_service_pb2.EmbedResponse, _abc.Awaitable[_serving_service_pb2.EmbedResponse]]:
+        """Embed turns texts (or token ids) into vectors with a model loaded as an embedding (pooling)
+        model; FAILED_PRECONDITION for a model loaded to generate.
+        """
 
     @_abc_1.abstractmethod
     def WatchLoad(
