@@ -11,16 +11,14 @@ from llmops.common.response_cache import keys
 from llmops.common.response_cache.domain import (
     CacheKey,
     CacheStats,
-    ChatMessage,
     InvalidationScope,
     LookupOutcome,
-    Prompt,
     ResolvedModel,
-    SamplingParams,
     StoreOutcome,
 )
+from llmops.common.response_cache.proto import prompt_from_proto, sampling_from_proto
 from llmops.proto.cache.v1 import cache_service_pb2 as pb
-from llmops.proto.common.v1 import generation_pb2, model_pb2, sampling_pb2
+from llmops.proto.common.v1 import model_pb2
 
 LOOKUP_OUTCOMES = {
     LookupOutcome.HIT: pb.CACHE_OUTCOME_HIT,
@@ -39,54 +37,6 @@ STORE_OUTCOMES = {
 
 def model_from_proto(message: model_pb2.ResolvedModel) -> ResolvedModel:
     return ResolvedModel(message.name, message.version, message.alias)
-
-
-def prompt_from_proto(message: generation_pb2.Prompt) -> Prompt:
-    kind = message.WhichOneof("kind")
-    if kind == "text":
-        return Prompt(text=message.text)
-    if kind == "tokens":
-        if not message.tokens.token_ids:
-            raise InvalidArgument("at least one token id", field="key.prompt.tokens.token_ids")
-        return Prompt(token_ids=tuple(message.tokens.token_ids))
-    if kind == "chat":
-        if not message.chat.messages:
-            raise InvalidArgument("at least one message", field="key.prompt.chat.messages")
-        return Prompt(
-            messages=tuple(ChatMessage(m.role, m.content, m.name) for m in message.chat.messages),
-            add_generation_prompt=(
-                message.chat.add_generation_prompt if message.chat.HasField("add_generation_prompt") else True
-            ),
-        )
-    raise InvalidArgument("one of text, tokens or chat must be set", field="key.prompt")
-
-
-def sampling_from_proto(m: sampling_pb2.SamplingParams) -> SamplingParams:
-    return SamplingParams(
-        greedy=m.greedy,
-        temperature=m.temperature if m.HasField("temperature") else None,
-        top_k=m.top_k,
-        top_p=m.top_p if m.HasField("top_p") else None,
-        min_p=m.min_p,
-        repetition_penalty=m.repetition_penalty if m.HasField("repetition_penalty") else None,
-        presence_penalty=m.presence_penalty,
-        frequency_penalty=m.frequency_penalty,
-        logit_bias=dict(m.logit_bias),
-        stop=tuple(m.stop),
-        stop_token_ids=tuple(m.stop_token_ids),
-        include_stop_str_in_output=m.include_stop_str_in_output,
-        ignore_eos=m.ignore_eos,
-        max_tokens=m.max_tokens if m.HasField("max_tokens") else None,
-        min_tokens=m.min_tokens,
-        seed=m.seed if m.HasField("seed") else None,
-        n=m.n,
-        use_beam_search=m.use_beam_search,
-        beam_width=m.beam_width,
-        length_penalty=m.length_penalty if m.HasField("length_penalty") else None,
-        logprobs=m.logprobs if m.HasField("logprobs") else None,
-        prompt_logprobs=m.prompt_logprobs if m.HasField("prompt_logprobs") else None,
-        skip_special_tokens=m.skip_special_tokens if m.HasField("skip_special_tokens") else None,
-    )
 
 
 def key_from_proto(message: pb.CacheKey, has_key: bool) -> CacheKey:

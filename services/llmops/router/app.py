@@ -8,10 +8,12 @@ from prometheus_client import CollectorRegistry
 
 from llmops.common.app import ServiceApp
 from llmops.common.errors import InvalidArgument
+from llmops.common.response_cache.cache import ResponseCache
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import RouterSection, Settings
 from llmops.proto.router.v1 import router_service_pb2_grpc as rpb_grpc
 from llmops.proto.serving.v1 import serving_service_pb2_grpc as pb_grpc
+from llmops.router.cached import FrontCache
 from llmops.router.discovery import Discovery, DnsDiscovery, StaticDiscovery
 from llmops.router.endpoints import Endpoint, EndpointPool
 from llmops.router.grpc_app import ROUTER_SERVICE_NAME, SERVING_SERVICE_NAME, RouterAdmin, ServingProxy
@@ -51,7 +53,14 @@ class RouterApp(ServiceApp):
         self.pool = EndpointPool(
             load_interval_ms=s.load_interval_ms, stale_ms=s.stale_ms, on_report=self._reported
         )
-        self.router = Router(self.pool, s, self.metrics, seed=seed)
+        self.cache: ResponseCache | None = None
+        front = None
+        if settings.redis_url and s.cache_in_front:
+            from llmops.common.response_cache.build import build_response_cache
+
+            self.cache = build_response_cache(settings, registry)
+            front = FrontCache(self.cache)
+        self.router = Router(self.pool, s, self.metrics, front=front, seed=seed)
         self.discovery: Discovery = build_discovery(s, self.pool)
         self.proxy = ServingProxy(self.router)
         self.admin = RouterAdmin(self.router, s.discovery)
@@ -76,12 +85,18 @@ class RouterApp(ServiceApp):
         return bool(self.pool.ready)
 
     async def start(self) -> None:
+        if self.cache is not None:
+            from llmops.common.response_cache.build import start_backend
+
+            await start_backend(self.cache)  # fails open: Redis down now is logged, not fatal
         self.pool.start()
         await self.discovery.start()
 
     async def close(self) -> None:
         await self.discovery.close()
         await self.pool.close()
+        if self.cache is not None:
+            await self.cache.backend.close()
 
 
 def build_app(settings: Settings, registry: CollectorRegistry) -> ServiceApp:

@@ -6,13 +6,14 @@ the hot path. Flow of one generation:
 
 1. the route: policy from the policy header (else the session header's presence, else settings),
    prompt block hashes for prefix affinity; a bad header is INVALID_ARGUMENT;
-2. the response cache in front (when configured): a deterministic request already answered is
-   replayed without touching a replica (:mod:`llmops.router.cached`);
-3. candidates: ready replicas with the model READY; none -> the request is held (counted in
+2. candidates: ready replicas with the model READY; none -> the request is held (counted in
    ``llmops_router_pending_requests{model}``) until one appears or its deadline passes
    (DEADLINE_EXCEEDED), or ``max_hold_seconds`` without a deadline (UNAVAILABLE);
-4. the policy picks one; the call goes there with the caller's API key and remaining deadline;
-5. a replica that fails before its first answer (UNAVAILABLE: dead, unreachable, draining;
+3. the policy picks one;
+4. the response cache in front (when configured, :mod:`llmops.router.cached`): a deterministic
+   request already answered on the chosen replica's version is served without touching a replica;
+5. the call goes there with the caller's API key and remaining deadline;
+6. a replica that fails before its first answer (UNAVAILABLE: dead, unreachable, draining;
    RESOURCE_EXHAUSTED: its queue is full) is left for another, up to ``max_attempts``; once a
    stream has delivered a message, a replica failure ends it with UNAVAILABLE.
 """
@@ -34,6 +35,7 @@ from llmops.common.domain import ResolvedModel
 from llmops.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from llmops.common.settings import RouterSection
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
+from llmops.router.cached import FrontCache, request_key
 from llmops.router.endpoints import Endpoint, EndpointPool, ModelSlot
 from llmops.router.metrics import RouterMetrics
 from llmops.router.policy import Candidate, Decision, Policies, Policy, prompt_blocks, token_blocks
@@ -108,9 +110,16 @@ class Router:
     """Routes serving calls over an :class:`EndpointPool`."""
 
     def __init__(
-        self, pool: EndpointPool, settings: RouterSection, metrics: RouterMetrics, *, seed: int | None = None
+        self,
+        pool: EndpointPool,
+        settings: RouterSection,
+        metrics: RouterMetrics,
+        *,
+        front: FrontCache | None = None,
+        seed: int | None = None,
     ) -> None:
         self.pool = pool
+        self.front = front
         self.settings = settings
         self.metrics = metrics
         self.policy = Policy(settings.policy)
@@ -268,10 +277,30 @@ class Router:
     # --- calls -------------------------------------------------------------------------------------
 
     async def unary(self, method: str, request: Any, route: Route) -> Any:
-        """Forward a unary call (Generate, Tokenize, Detokenize) with retries before any answer."""
+        """Forward a unary call (Generate, Tokenize, Detokenize, Embed); Generate meets the cache first."""
+        first = await self.pick(route, set())
+        if method == "Generate" and self.front is not None:
+            model = first.slot.model
+            key = request_key(request, model)
+            if key is not None and model is not None:
+                response = await self.front.generate(
+                    request,
+                    key,
+                    first.slot.served_name,
+                    model,
+                    lambda: self._forward(method, request, route, first),
+                )
+                if response.cached:
+                    self.stats.cache_hits += 1
+                    self._answered(route, model, "OK")
+                return response
+        return await self._forward(method, request, route, first)
+
+    async def _forward(self, method: str, request: Any, route: Route, first: Decision) -> Any:
+        """The call on ``first``'s replica, then on others while replicas fail before answering."""
         tried: set[str] = set()
         for attempt in range(1, self.settings.max_attempts + 1):
-            decision = await self.pick(route, tried)
+            decision = first if attempt == 1 else await self.pick(route, tried)
             endpoint = decision.endpoint
             self._begin(endpoint)
             try:
@@ -297,9 +326,20 @@ class Router:
 
     async def stream(self, request: pb.GenerateStreamRequest, route: Route) -> AsyncIterator[Any]:
         """Forward GenerateStream: retried elsewhere before the first message, UNAVAILABLE after."""
+        first = await self.pick(route, set())
+        model = first.slot.model
+        key = request_key(request, model) if self.front is not None else None
+        if key is not None and model is not None and self.front is not None:
+            replayed = await self.front.replay(request, key, first.slot.served_name, model)
+            if replayed is not None:
+                self.stats.cache_hits += 1
+                self._answered(route, model, "OK")
+                for message in replayed:
+                    yield message
+                return
         tried: set[str] = set()
         for attempt in range(1, self.settings.max_attempts + 1):
-            decision = await self.pick(route, tried)
+            decision = first if attempt == 1 else await self.pick(route, tried)
             endpoint = decision.endpoint
             self._begin(endpoint)
             call = endpoint.connect()[1].GenerateStream(

@@ -129,8 +129,11 @@ class RunningRouter:
         await self.app.close()
 
 
-async def start_router(addresses: list[str], **router: object) -> RunningRouter:
+async def start_router(
+    addresses: list[str], env: dict[str, str] | None = None, **router: object
+) -> RunningRouter:
     env = {
+        **(env or {}),
         "LLMOPS_HEALTH_POLL_SECONDS": "0.05",
         "LLMOPS_GRACE_SECONDS": "1",
         "LLMOPS_ROUTER_HTTP_PORT": "0",
@@ -175,8 +178,10 @@ async def fleet() -> AsyncIterator[Fleet]:
 async def make_router() -> AsyncIterator[Callable[..., Awaitable[RunningRouter]]]:
     routers: list[RunningRouter] = []
 
-    async def make(addresses: list[str], **router: object) -> RunningRouter:
-        running = await start_router(addresses, **router)
+    async def make(
+        addresses: list[str], env: dict[str, str] | None = None, **router: object
+    ) -> RunningRouter:
+        running = await start_router(addresses, env, **router)
         routers.append(running)
         return running
 
