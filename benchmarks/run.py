@@ -26,6 +26,7 @@ BENCHMARKS = {
     "cache": "benchmarks.cache.run",
     "serving": "benchmarks.serving.run",
     "ray_overhead": "benchmarks.serving.ray_overhead",
+    "structured": "benchmarks.serving.structured",
     "quantization": "benchmarks.quantization.run",
     "training": "benchmarks.training.run",
 }
