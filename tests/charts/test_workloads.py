@@ -179,8 +179,10 @@ def test_serving_pods_request_gpus_and_land_on_gpu_nodes(renders: dict[str, Rend
         assert resources["limits"][gpu["resourceName"]] == count, pod.where
         assert container["image"].startswith(values["gpuImage"]["repository"] + ":")
         node_selector = pod.spec.get("nodeSelector") or {}
-        assert gpu["nodeSelector"].items() <= node_selector.items(), pod.where
-        for toleration in gpu["tolerations"] + serving["tolerations"]:
+        # exactly the GPU selector and the extra one: a profile that nulls the GPU one replaces it
+        assert node_selector == (gpu["nodeSelector"] or {}) | serving["nodeSelector"], pod.where
+        assert node_selector, f"{pod.where} would land on any node"
+        for toleration in (gpu["tolerations"] or []) + serving["tolerations"]:
             assert toleration in pod.spec["tolerations"], pod.where
         if pod.owner_kind == "Deployment":
             mounts = {m["mountPath"] for m in container["volumeMounts"]}

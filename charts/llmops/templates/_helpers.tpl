@@ -10,7 +10,10 @@ Names. Kubernetes names and label values are at most 63 characters, so every nam
 {{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
-{{- if contains $name .Release.Name }}
+{{- if regexMatch "^[0-9]" .Release.Name }}
+{{- /* Service and RayCluster names must start with a letter (DNS-1035) */}}
+{{- printf "%s-%s" $name .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else if contains $name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- else }}
 {{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
@@ -130,6 +133,11 @@ llmops.io/model: {{ .model.name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 
+{{/* Secret with the in-release Redis's password, when it has one. */}}
+{{- define "llmops.redisPasswordSecret" -}}
+{{- if .Values.redis.enabled }}{{ .Values.redis.auth.existingSecret }}{{ end }}
+{{- end }}
+
 {{- define "llmops.mlflowTrackingUri" -}}
 {{- if .Values.mlflow.enabled }}
 {{- printf "http://%s:5000" (include "llmops.componentName" (dict "root" . "component" "mlflow")) }}
@@ -183,6 +191,16 @@ capabilities:
     secretKeyRef:
       name: {{ . }}
       key: {{ $.Values.auth.serviceKey.secretKey }}
+{{- end }}
+{{- with (include "llmops.redisPasswordSecret" .) }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.redis.auth.secretKey }}
+{{- /* Kubernetes puts the password in: $(VAR) of an earlier variable is expanded. */}}
+- name: LLMOPS_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" (include "llmops.componentName" (dict "root" $ "component" "redis")) | quote }}
 {{- end }}
 {{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret }}
 - name: LLMOPS_REDIS_URL
@@ -296,6 +314,9 @@ Takes (dict "root" $ "role" "head"|"worker" "group" "cpu" "image" ... "pullPolic
 {{- define "llmops.rayPodTemplate" -}}
 {{- $root := .root -}}
 metadata:
+  annotations:
+    {{- /* the settings the Ray processes read: a change makes KubeRay replace the pods */}}
+    checksum/config: {{ include "llmops.configChecksum" (dict "root" $root "component" .envFromComponent) }}
   labels:
     {{- include "llmops.labels" (dict "root" $root "component" .component) | nindent 4 }}
     llmops.io/ray-node: {{ .group }}
@@ -407,6 +428,15 @@ securityContext:
 {{- $_ := set $limits .name .count }}
 {{- $_ := set $resources "requests" $requests }}
 {{- $_ := set $resources "limits" $limits }}
+{{- toYaml $resources }}
+{{- end }}
+
+{{/* Resources with an ephemeral-storage request when they name none: (dict "resources" $r "size" "10Gi"). */}}
+{{- define "llmops.withEphemeralStorage" -}}
+{{- $resources := deepCopy .resources }}
+{{- $requests := $resources.requests | default dict }}
+{{- if not (hasKey $requests "ephemeral-storage") }}{{ $_ := set $requests "ephemeral-storage" .size }}{{ end }}
+{{- $_ := set $resources "requests" $requests }}
 {{- toYaml $resources }}
 {{- end }}
 
