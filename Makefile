@@ -125,8 +125,8 @@ bench-serving: setup ## Serving: engine vs our gRPC vs OpenAI HTTP at concurrenc
 	$(PY) -m benchmarks.serving.run
 
 .PHONY: bench-training
-bench-training: setup ## Training: LoRA tokens/s through a job vs the same loop in-process, submit-to-first-step
-	$(PY) -m benchmarks.training.run
+bench-training: setup ## Training: LoRA tokens/s through a job vs in-process, submit-to-first-step; 2 DDP workers vs 1
+	$(PY) -m benchmarks.training.run; one=$$?; $(PY) -m benchmarks.training.ddp; two=$$?; exit $$((one || two))
 
 .PHONY: bench-structured
 bench-structured: setup ## Structured outputs: vLLM tokens/s guided by a JSON schema vs free decoding

@@ -29,6 +29,7 @@ BENCHMARKS = {
     "structured": "benchmarks.serving.structured",
     "quantization": "benchmarks.quantization.run",
     "training": "benchmarks.training.run",
+    "training_ddp": "benchmarks.training.ddp",
 }
 
 

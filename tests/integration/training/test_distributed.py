@@ -16,15 +16,11 @@ submit --num-workers 2`` starts it and ``llmops train watch`` shows it; cancel s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -36,6 +32,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
+from benchmarks.training.ray_cluster import BIN, RayCluster, free_port, ray_env, start_cluster, stop_cluster
 from llmops.common.artifacts.client import upload_directory
 from llmops.common.clients import TrainingClient
 from llmops.common.tiny_model import build_tiny_model
@@ -47,99 +44,8 @@ from tests.integration.training.conftest import DataRepo, make_data_repo, spec, 
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 RANK = re.compile(r"rank (\d+) runs on .* pid (\d+)")
 RESUMED = re.compile(r"workers resume from step (\d+)")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return {**env, **extra}
-
-
-@dataclass
-class RayCluster:
-    address: str
-    #: Each node's temp folder: the head's, then the worker node's.
-    temps: tuple[Path, Path]
-
-    def node_of(self, pid: int) -> int:
-        """Which node (0 head, 1 worker) runs process ``pid``: the temp folder of its raylet."""
-        for parent in psutil.Process(pid).parents():
-            command = " ".join(parent.cmdline())
-            for index, temp in enumerate(self.temps):
-                if "raylet" in command and str(temp) in command:
-                    return index
-        raise AssertionError(f"process {pid} runs under no raylet of this cluster")
-
-
-def start_cluster() -> RayCluster:
-    root = Path(tempfile.mkdtemp(prefix="llmops-ddp-", dir="/tmp"))  # short: Ray's socket paths
-    head, node = root / "h", root / "n"
-    for temp in (head, node):
-        (temp / "tmp").mkdir(parents=True)
-    port = _free_port()
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000"]
-    common.append("--disable-usage-stats")
-    cluster = RayCluster(f"127.0.0.1:{port}", (head, node))
-    try:
-        subprocess.run(
-            [
-                BIN / "ray",
-                "start",
-                "--head",
-                f"--port={port}",
-                "--include-dashboard=false",
-                f"--temp-dir={head}",
-                *common,
-                '--system-config={"worker_niceness": 0}',
-            ],
-            check=True,
-            capture_output=True,
-            env=_env(TMPDIR=str(head / "tmp")),
-            timeout=120,
-        )
-        subprocess.run(
-            [BIN / "ray", "start", f"--address={cluster.address}", f"--temp-dir={node}", *common],
-            check=True,
-            capture_output=True,
-            env=_env(TMPDIR=str(node / "tmp")),
-            timeout=120,
-        )
-    except BaseException:
-        stop_cluster(cluster)
-        raise
-    return cluster
-
-
-def stop_cluster(cluster: RayCluster) -> None:
-    """Stop this cluster's processes only (``ray stop`` would stop every Ray on the machine)."""
-    marks = [str(temp) for temp in cluster.temps]
-    found: dict[int, psutil.Process] = {}
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            command = " ".join(process.info["cmdline"] or [])
-            if any(mark in command for mark in marks):
-                found[process.pid] = process
-                found.update({child.pid: child for child in process.children(recursive=True)})
-        except psutil.Error:
-            continue
-    for process in found.values():
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    _, alive = psutil.wait_procs(list(found.values()), timeout=10)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(alive, timeout=10)
-    subprocess.run(["rm", "-rf", str(cluster.temps[0].parent)], check=False)
 
 
 @dataclass
@@ -161,7 +67,7 @@ class Service:
             [BIN / "llmops", "serve", "training", "--config", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env=ray_env(),
         )
         self.client = TrainingClient.connect(self.address, timeout=60)
         await self.client.wait_ready(timeout=180, interval=0.2)
@@ -207,7 +113,9 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
-    found = start_cluster()
+    # Ray Train registers a reported checkpoint when its controller next polls the workers (every
+    # 2 s by default): polled often here, a worker killed after a checkpoint event resumes from it.
+    found = start_cluster(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
     try:
         yield found
     finally:
@@ -225,7 +133,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, cluster: RayCluster) -
     )
     repo = make_data_repo(root / "datarepo")
     storage = root / "checkpoints"
-    port = _free_port()
+    port = free_port()
     config = root / "training.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -285,6 +193,16 @@ def _train_steps(found: list[job_pb2.JobEvent]) -> list[tuple[int, float]]:
     ]
 
 
+def _story(found: list[job_pb2.JobEvent]) -> str:
+    """The events in short, for a failing assertion's message."""
+    lines = []
+    for event in found:
+        kind = str(event.WhichOneof("payload"))
+        detail = f"{event.step.phase} {event.step.step}" if kind == "step" else ""
+        lines.append(f"{event.sequence} {kind} {detail or (event.log.message if kind == 'log' else '')}")
+    return "\n".join(lines)
+
+
 def _ranks(found: list[job_pb2.JobEvent]) -> dict[int, int]:
     """Rank -> pid, from the coordinator's ``rank N runs on <host> pid P`` lines (the latest wins)."""
     ranks = {}
@@ -319,14 +237,19 @@ async def test_two_workers_log_one_workers_loss_at_the_same_global_batch(stack: 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "llmops"), *args], capture_output=True, text=True, env=_env(), timeout=timeout, check=False
+        [str(BIN / "llmops"), *args],
+        capture_output=True,
+        text=True,
+        env=ray_env(),
+        timeout=timeout,
+        check=False,
     )
 
 
 async def test_a_killed_worker_and_a_restarted_service_lose_no_step_and_run_once(stack: Stack) -> None:
     submitted = await asyncio.to_thread(
         _cli,
-        "train", "submit", "tiny:1", "data/sft.jsonl", "--num-workers", "2", "--max-steps", "40",
+        "train", "submit", "tiny:1", "data/sft.jsonl", "--num-workers", "2", "--max-steps", "150",
         "--batch-size", "2", "--checkpoint-every", "5", "--log-every", "1", "--lora-dropout", "0",
         "--cpus", "1", "--address", stack.service.address, "--json",
     )  # fmt: skip
@@ -348,24 +271,27 @@ async def test_a_killed_worker_and_a_restarted_service_lose_no_step_and_run_once
     during = await _follow(
         stack.client, job_id, resumed_and_checkpointed, from_sequence=before[-1].sequence + 1
     )
+    assert not during[-1].HasField("finished"), _story(before + during)
     await stack.service.kill()  # a crash mid-job: the job runs on in the cluster
     client = await stack.service.start()
     found = await _follow(client, job_id)
 
-    assert found[-1].HasField("finished"), found[-1]
+    story = _story(found)
+    assert found[-1].HasField("finished"), story
+    assert any(e.HasField("log") and RESUMED.search(e.log.message) for e in found), story
     steps = [s for s, _ in _train_steps(found)]
     resume_at = next(int(m[1]) for e in found if e.HasField("log") and (m := RESUMED.search(e.log.message)))
     cut = next(i for i, e in enumerate(found) if e.HasField("log") and RESUMED.search(e.log.message))
     after_resume = [s for s, _ in _train_steps(found[cut:])]
-    assert after_resume == list(range(resume_at + 1, 41))  # from the checkpoint, no gap or repeat
+    assert after_resume == list(range(resume_at + 1, 151))  # from the checkpoint, no gap or repeat
     first = [s for s, _ in _train_steps(found[:cut])]
     assert first == list(range(1, len(first) + 1)) and first[-1] >= resume_at
-    assert steps[-1] == 40
-    assert any(e.HasField("log") and "follows the job" in e.log.message for e in found)
+    assert steps[-1] == 150
+    assert any(e.HasField("log") and "follows the job" in e.log.message for e in found), story
     assert [e.HasField("started") for e in found].count(True) == 1  # one attempt: never started twice
     assert len(during) > 0
     job = (await client.unary(client.stub.GetJob, pb.GetJobRequest(job_id=job_id))).job
-    assert job.state == job_pb2.JOB_STATE_SUCCEEDED and job.current_step == 40
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED and job.current_step == 150
 
     result = found[-1].finished.result
     version = (
