@@ -399,6 +399,13 @@ class RouterSection(ServiceEndpoint):
     max_hold_seconds: float = Field(
         default=60.0, ge=0, description="Longest a request without a deadline waits for a ready replica."
     )
+    traffic_split: bool = Field(
+        default=False,
+        description="Split each registry model's traffic by the registry's alias weights (registry.address).",
+    )
+    split_refresh_seconds: float = Field(
+        default=2.0, gt=0, description="How often the alias weights of a routed model are read again."
+    )
     cache_in_front: bool = Field(
         default=True, description="With redis_url set: answer deterministic requests from the response cache."
     )

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry
 
 from llmops.common.app import ServiceApp
+from llmops.common.clients import RegistryClient
 from llmops.common.errors import InvalidArgument
 from llmops.common.response_cache.cache import ResponseCache
 from llmops.common.server import ServiceBinding
@@ -19,6 +20,7 @@ from llmops.router.endpoints import Endpoint, EndpointPool
 from llmops.router.grpc_app import ROUTER_SERVICE_NAME, SERVING_SERVICE_NAME, RouterAdmin, ServingProxy
 from llmops.router.metrics import RouterMetrics
 from llmops.router.service import Router
+from llmops.router.split import AliasSplitter
 
 
 def build_discovery(settings: RouterSection, pool: EndpointPool) -> Discovery:
@@ -60,7 +62,12 @@ class RouterApp(ServiceApp):
 
             self.cache = build_response_cache(settings, registry)
             front = FrontCache(self.cache)
-        self.router = Router(self.pool, s, self.metrics, front=front, seed=seed)
+        self.registry: RegistryClient | None = None
+        splitter = None
+        if s.traffic_split:
+            self.registry = RegistryClient.connect(settings.registry.address, timeout=5)
+            splitter = AliasSplitter(self.registry.get_alias_weights, s.split_refresh_seconds, seed=seed)
+        self.router = Router(self.pool, s, self.metrics, front=front, splitter=splitter, seed=seed)
         self.discovery: Discovery = build_discovery(s, self.pool)
         self.proxy = ServingProxy(self.router)
         self.admin = RouterAdmin(self.router, s.discovery)
@@ -95,6 +102,10 @@ class RouterApp(ServiceApp):
     async def close(self) -> None:
         await self.discovery.close()
         await self.pool.close()
+        if self.router.splitter is not None:
+            await self.router.splitter.close()
+        if self.registry is not None:
+            await self.registry.close()
         if self.cache is not None:
             await self.cache.backend.close()
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from llmops.common.clients import API_KEY_METADATA, translate
+from llmops.common.clients import API_KEY_METADATA, TrafficSplit, translate
 from llmops.common.domain import ResolvedModel
 from llmops.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from llmops.common.settings import RouterSection
@@ -39,6 +39,7 @@ from llmops.router.cached import FrontCache, request_key
 from llmops.router.endpoints import Endpoint, EndpointPool, ModelSlot
 from llmops.router.metrics import RouterMetrics
 from llmops.router.policy import Candidate, Decision, Policies, Policy, prompt_blocks, token_blocks
+from llmops.router.split import AliasSplitter
 
 Metadata = Sequence[tuple[str, Any]]
 SESSION_PATTERN = re.compile(r"^[A-Za-z0-9._:@/=+-]{1,128}$")
@@ -116,10 +117,12 @@ class Router:
         metrics: RouterMetrics,
         *,
         front: FrontCache | None = None,
+        splitter: AliasSplitter | None = None,
         seed: int | None = None,
     ) -> None:
         self.pool = pool
         self.front = front
+        self.splitter = splitter
         self.settings = settings
         self.metrics = metrics
         self.policy = Policy(settings.policy)
@@ -204,6 +207,13 @@ class Router:
         if not candidates:
             candidates = await self._hold(route, exclude)
             started = time.perf_counter()
+        if self.splitter is not None and candidates[0][1].model is not None:
+            ref = route.selector.model_ref if route.selector.WhichOneof("kind") == "model_ref" else None
+            if ref is None or not (ref.alias or ref.version):  # a pinned alias or version is not split
+                split = await self.splitter.split(candidates[0][1].model.name)
+                if split is not None:
+                    started = time.perf_counter()
+                    candidates = self._split(split, route, candidates)
         decision = self.policies.choose(route.policy, candidates, route.blocks, route.session)
         elapsed = time.perf_counter() - started
         stats = self.stats
@@ -214,6 +224,15 @@ class Router:
         self.metrics.decision_seconds.observe(elapsed)
         self.metrics.decisions.labels(decision.policy.value, decision.outcome).inc()
         return decision
+
+    def _split(self, split: TrafficSplit, route: Route, candidates: list[Candidate]) -> list[Candidate]:
+        assert self.splitter is not None
+        chosen = self.splitter.choose(split, route.session)
+        if chosen is None:
+            return candidates
+        _, version = chosen
+        narrowed = [c for c in candidates if c[1].model is not None and c[1].model.version == version]
+        return narrowed or candidates  # no replica of the drawn version: serve from what there is
 
     async def _hold(self, route: Route, exclude: set[str]) -> list[Candidate]:
         if exclude and self.candidates(route.selector, set()):
