@@ -604,8 +604,14 @@ def test_helm_test_pod_checks_every_enabled_service(renders: dict[str, Rendered]
     probes = {}
     for container in pod["spec"]["containers"]:
         assert container["image"].startswith(values["tests"]["image"]["repository"] + ":")
-        args = dict(arg.lstrip("-").split("=", 1) for arg in container["args"])
+        args = dict([*arg.lstrip("-").split("=", 1), ""][:2] for arg in container["args"])
         probes[args["addr"]] = args["service"]
+        if values["tls"]["existingSecret"]:  # helm test speaks TLS where the servers do
+            assert "tls" in args and args["tls-ca-cert"] == "/etc/llmops/tls/ca.crt", container["name"]
+            assert ("tls-client-cert" in args) == values["tls"]["mutual"]
+        else:
+            assert "tls" not in args
+    suffix = f".{NAMESPACE}.svc" if values["tls"]["existingSecret"] else ""
     expected = {}
     services = {s["metadata"]["name"]: s for s in rendered.of_kind("Service")}
     for pod_template, container in _llmops_containers(rendered):
@@ -616,7 +622,7 @@ def test_helm_test_pod_checks_every_enabled_service(renders: dict[str, Rendered]
             if labels_match({"matchLabels": s["spec"]["selector"]}, pod_template.labels)
             and s["spec"].get("clusterIP") != "None"
         ]
-        expected[f"{target['metadata']['name']}:{values['ports']['grpc']}"] = (
+        expected[f"{target['metadata']['name']}{suffix}:{values['ports']['grpc']}"] = (
             f"llmops.{service}.v1.{service.title()}Service"
         )
     assert probes == expected
@@ -694,6 +700,12 @@ def test_notes_say_what_was_installed_and_how_to_check_it(
         assert any(f"{address}:" in notes for address in addresses), f"NOTES do not say where {service} is"
     assert "grpc.health.v1.Health/Check" in notes
     assert f"helm test {RELEASE}" in notes
+    # the commands NOTES gives must work against the servers as configured
+    values = load_values(name)
+    if values["tls"]["existingSecret"]:
+        assert "-plaintext" not in notes and "grpcurl -cacert ca.crt" in notes
+    else:
+        assert "grpcurl -plaintext" in notes
     for service in rendered.of_kind("RayService"):
         assert f"{service['metadata']['name']}-serve-svc" in notes
 
