@@ -244,11 +244,15 @@ def main() -> int:
 
         def play(original: dict[str, Any], played: dict[str, Any], with_claims: bool) -> None:
             name = km.name_of(original)
-            manifest = km.dump([*configmaps, *(claims if with_claims else []), played])
             aliases = km.service_aliases(docs, original)
-            with console.status(f"podman kube play {name} (aliases {', '.join(aliases) or '-'})"):
-                starts[name] = time.monotonic()
-                pods_of[name] = session.play(name, manifest, aliases)
+            starts[name] = time.monotonic()
+            pods_of[name] = []
+            for index, replica in enumerate(km.replicas_of(played)):
+                manifest = km.dump([*configmaps, *(claims if with_claims and index == 0 else []), replica])
+                with console.status(
+                    f"podman kube play {km.name_of(replica)} (aliases {', '.join(aliases) or '-'})"
+                ):
+                    pods_of[name] += session.play(km.name_of(replica), manifest, aliases)
 
         def wait(original: dict[str, Any]) -> None:
             name = km.name_of(original)

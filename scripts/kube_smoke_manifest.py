@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ NOT_PLAYED = {
 # What a workaround may never change: what the container runs, sees and listens on.
 GUARDED_CONTAINER_FIELDS = ("command", "args", "env", "envFrom", "ports", "volumeMounts")
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+# Kubernetes variable references in command and args: $(NAME), and $$ for a literal $.
+VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,33 @@ def secret_refs(spec: dict[str, Any]) -> list[str]:
     return found
 
 
-def apply_workarounds(doc: dict[str, Any]) -> tuple[dict[str, Any], list[Workaround]]:
+def container_env(container: dict[str, Any], configmaps: list[dict[str, Any]]) -> dict[str, str]:
+    """The variables the kubelet expands $(NAME) with: envFrom ConfigMaps in order, then env values."""
+    by_name = {name_of(c): c.get("data") or {} for c in configmaps}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(by_name.get(source["configMapRef"]["name"], {}))
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+    return env
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """A command or argument as the kubelet passes it: $(NAME) replaced when NAME is set, $$ -> $."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return VAR_REF.sub(substitute, value)
+
+
+def apply_workarounds(
+    doc: dict[str, Any], configmaps: list[dict[str, Any]] | None = None
+) -> tuple[dict[str, Any], list[Workaround]]:
     """The workload as the smoke plays it, and the workarounds that made it so."""
     played = copy.deepcopy(doc)
     name = name_of(doc)
@@ -148,7 +177,29 @@ def apply_workarounds(doc: dict[str, Any]) -> tuple[dict[str, Any], list[Workaro
                 "podman 4.3 kube play has no StatefulSet",
             )
         )
+    replicas = played["spec"].get("replicas", 1)
+    if replicas > 1:
+        done.append(
+            Workaround(
+                name,
+                f"{replicas} replicas played as {replicas} one-replica copies ({name}-r0...), each on its own",
+                "one `kube play` puts all replicas in one network namespace, where their ports clash",
+            )
+        )
     for container in spec.get("containers", []):
+        env = container_env(container, configmaps or [])
+        for field in ("command", "args"):
+            values = container.get(field) or []
+            expanded = [expand(v, env) for v in values]
+            if expanded != values:
+                container[field] = expanded
+                done.append(
+                    Workaround(
+                        name,
+                        f"{container['name']}: $(VAR) in {field} expanded by the smoke, as the kubelet does",
+                        "podman passes $(VAR) references literally",
+                    )
+                )
         for probe in PROBES:
             if probe in container:
                 kind = next(k for k in ("grpc", "httpGet", "tcpSocket", "exec") if k in container[probe])
@@ -162,19 +213,39 @@ def apply_workarounds(doc: dict[str, Any]) -> tuple[dict[str, Any], list[Workaro
     return played, done
 
 
-def guarded_view(doc: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a workload that no workaround may change."""
+def replicas_of(played: dict[str, Any]) -> list[dict[str, Any]]:
+    """One single-replica copy per replica (named <name>-r<i>), or the workload itself."""
+    count = int(played["spec"].get("replicas", 1))
+    if count <= 1:
+        return [played]
+    copies = []
+    for index in range(count):
+        one = copy.deepcopy(played)
+        one["metadata"]["name"] = f"{name_of(played)}-r{index}"
+        one["spec"]["replicas"] = 1
+        copies.append(one)
+    return copies
+
+
+def guarded_view(doc: dict[str, Any], configmaps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The parts of a workload that no workaround may change, command and args as the kubelet expands them."""
     spec = pod_spec(doc)
-    containers = {
-        c["name"]: {field: c.get(field) for field in GUARDED_CONTAINER_FIELDS}
-        for c in [*spec.get("initContainers", []), *spec.get("containers", [])]
-    }
+    containers = {}
+    for c in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+        view = {field: c.get(field) for field in GUARDED_CONTAINER_FIELDS}
+        env = container_env(c, configmaps or [])
+        for field in ("command", "args"):
+            if view[field] is not None:
+                view[field] = [expand(v, env) for v in view[field]]
+        containers[c["name"]] = view
     return {"containers": containers, "volumes": spec.get("volumes")}
 
 
-def guard(original: dict[str, Any], played: dict[str, Any]) -> None:
+def guard(
+    original: dict[str, Any], played: dict[str, Any], configmaps: list[dict[str, Any]] | None = None
+) -> None:
     """Raises GuardError when the played workload differs in args, env, ports or volumes."""
-    before, after = guarded_view(original), guarded_view(played)
+    before, after = guarded_view(original, configmaps), guarded_view(played, configmaps)
     if before == after:
         return
     changed = []
@@ -193,9 +264,10 @@ def plan(docs: list[dict[str, Any]]) -> tuple[list[tuple[dict[str, Any], dict[st
     """(original, played) per workload, guarded, and every workaround applied."""
     pairs = []
     all_workarounds: list[Workaround] = []
+    configmaps = [d for d in docs if d["kind"] == "ConfigMap"]
     for doc in workloads(docs):
-        played, done = apply_workarounds(doc)
-        guard(doc, played)
+        played, done = apply_workarounds(doc, configmaps)
+        guard(doc, played, configmaps)
         pairs.append((doc, played))
         all_workarounds += done
     return pairs, all_workarounds
@@ -215,5 +287,5 @@ def dump(docs: list[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
-def fingerprint(doc: dict[str, Any]) -> str:
-    return json.dumps(guarded_view(doc), sort_keys=True)
+def fingerprint(doc: dict[str, Any], configmaps: list[dict[str, Any]] | None = None) -> str:
+    return json.dumps(guarded_view(doc, configmaps), sort_keys=True)

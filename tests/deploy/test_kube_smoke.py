@@ -35,7 +35,7 @@ CHART = ROOT / "charts" / "llmops"
 #: Leaf paths of the local profile, as dotted patterns: what the profile may change.
 ALLOWED = (
     r"image\.(repository|tag|pullPolicy)",
-    r"redis\.image\.(repository|tag|pullPolicy)",
+    r"(redis|mlflow)\.image\.(repository|tag|pullPolicy)",
     r"(\w+\.)?resources\..*",
     r"serving\.(engine|models)",
     r"serving\.gpu\.enabled",
@@ -104,8 +104,29 @@ def test_the_real_plan_passes_the_guard_and_lists_its_workarounds(rendered: list
     pairs, workarounds = km.plan(rendered)
     assert len(pairs) == len(km.workloads(rendered))
     assert any("StatefulSet" in w.change for w in workarounds)
+    configmaps = [d for d in rendered if d["kind"] == "ConfigMap"]
     for original, played in pairs:
-        assert km.fingerprint(original) == km.fingerprint(played)
+        assert km.fingerprint(original, configmaps) == km.fingerprint(played, configmaps)
+
+
+def test_variable_references_expand_as_the_kubelet_does() -> None:
+    env = {"URI": "sqlite:////var/lib/mlflow/mlflow.db"}
+    assert km.expand("$(URI)", env) == "sqlite:////var/lib/mlflow/mlflow.db"
+    assert km.expand("$$(URI)", env) == "$(URI)"
+    assert km.expand("$(UNSET)", env) == "$(UNSET)"
+    container = {"name": "m", "args": ["--uri", "$(URI)"], "env": [{"name": "URI", "value": env["URI"]}]}
+    doc = {
+        "kind": "Deployment",
+        "metadata": {"name": "m"},
+        "spec": {"template": {"spec": {"containers": [container]}}},
+    }
+    played, done = km.apply_workarounds(doc)
+    assert km.pod_spec(played)["containers"][0]["args"] == ["--uri", env["URI"]]
+    assert any("$(VAR)" in w.change for w in done)
+    km.guard(doc, played)
+    km.pod_spec(played)["containers"][0]["args"][1] = "sqlite:////elsewhere.db"
+    with pytest.raises(km.GuardError, match="args"):
+        km.guard(doc, played)
 
 
 def _mutate(field: str) -> Any:
@@ -134,8 +155,8 @@ def test_guard_fails_a_workaround_that_touches_what_the_container_sees(
 ) -> None:
     real = km.apply_workarounds
 
-    def bad(doc: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
-        played, done = real(doc)
+    def bad(doc: dict[str, Any], configmaps: Any = None) -> tuple[dict[str, Any], list[Any]]:
+        played, done = real(doc, configmaps)
         if km.name_of(doc) == "llmops-registry":
             played = copy.deepcopy(played)
             _mutate(field)(played)
