@@ -272,18 +272,18 @@ class Router:
             raise DeadlineExceeded("the deadline passed before a replica answered")
         return left
 
-    def _answered(self, route: Route, model: ResolvedModel | None, code: str) -> None:
+    def answered(self, route: Route, model: ResolvedModel | None, code: str) -> None:
         version = f"{model.name}:{model.version}" if model is not None else ""
         self.metrics.requests.labels(route.model, version, code).inc()
         if model is not None:
             self.stats.versions[model] = self.stats.versions.get(model, 0) + 1
 
-    def _begin(self, endpoint: Endpoint) -> None:
+    def begin(self, endpoint: Endpoint) -> None:
         endpoint.in_flight += 1
         endpoint.requests += 1
         self.metrics.endpoint_in_flight.labels(endpoint.address).set(endpoint.in_flight)
 
-    def _end(self, endpoint: Endpoint) -> None:
+    def end(self, endpoint: Endpoint) -> None:
         endpoint.in_flight -= 1
         self.metrics.endpoint_in_flight.labels(endpoint.address).set(endpoint.in_flight)
 
@@ -311,7 +311,7 @@ class Router:
                 )
                 if response.cached:
                     self.stats.cache_hits += 1
-                    self._answered(route, model, "OK")
+                    self.answered(route, model, "OK")
                 return response
         return await self._forward(method, request, route, first)
 
@@ -321,7 +321,7 @@ class Router:
         for attempt in range(1, self.settings.max_attempts + 1):
             decision = first if attempt == 1 else await self.pick(route, tried)
             endpoint = decision.endpoint
-            self._begin(endpoint)
+            self.begin(endpoint)
             try:
                 response = await getattr(endpoint.connect()[1], method)(
                     request, timeout=self._timeout(route), metadata=route.metadata
@@ -332,14 +332,14 @@ class Router:
                     self._failed(route, endpoint, exc)
                     continue
                 if method == "Generate":
-                    self._answered(route, None, exc.code().name)
+                    self.answered(route, None, exc.code().name)
                 raise translate(exc) from None
             finally:
-                self._end(endpoint)
+                self.end(endpoint)
             if method == "Generate":
                 answered = response.model if response.HasField("model") else None
                 model = ResolvedModel(answered.name, answered.version, answered.alias) if answered else None
-                self._answered(route, model or decision.slot.model, "OK")
+                self.answered(route, model or decision.slot.model, "OK")
             return response
         raise Unavailable(f"no replica of {route.model} answered")  # pragma: no cover - loop returns
 
@@ -352,7 +352,7 @@ class Router:
             replayed = await self.front.replay(request, key, first.slot.served_name, model)
             if replayed is not None:
                 self.stats.cache_hits += 1
-                self._answered(route, model, "OK")
+                self.answered(route, model, "OK")
                 for message in replayed:
                     yield message
                 return
@@ -360,7 +360,7 @@ class Router:
         for attempt in range(1, self.settings.max_attempts + 1):
             decision = first if attempt == 1 else await self.pick(route, tried)
             endpoint = decision.endpoint
-            self._begin(endpoint)
+            self.begin(endpoint)
             call = endpoint.connect()[1].GenerateStream(
                 request, timeout=self._timeout(route), metadata=route.metadata
             )
@@ -375,7 +375,7 @@ class Router:
                             if end.HasField("model")
                             else decision.slot.model
                         )
-                        self._answered(route, model, "OK")
+                        self.answered(route, model, "OK")
                     yield message
                 return
             except grpc.aio.AioRpcError as exc:
@@ -383,7 +383,7 @@ class Router:
                     tried.add(endpoint.address)
                     self._failed(route, endpoint, exc)
                     continue
-                self._answered(route, None, exc.code().name)
+                self.answered(route, None, exc.code().name)
                 if started and exc.code() in _REPLICA_BROKE:
                     self.pool.mark_failed(endpoint)
                     raise Unavailable(
@@ -392,7 +392,7 @@ class Router:
                 raise translate(exc) from None
             finally:
                 call.cancel()
-                self._end(endpoint)
+                self.end(endpoint)
 
     async def list_models(self, metadata: Metadata) -> pb.ListModelsResponse:
         """Models of every ready replica, one entry per served name (READY ones first)."""
