@@ -57,6 +57,10 @@ first) and 15 s for the process to exit after draining.
 {{- if has $c (list "training" "quantization") }}
 {{- with (include "llmops.rayAddress" $root) }}{{ $_ := set $data "LLMOPS_RAY_ADDRESS" . }}{{ end }}
 {{- end }}
+{{- if eq $c "training" }}
+{{- with $values.checkpointStorage }}{{ $_ := set $data "LLMOPS_TRAINING_CHECKPOINT_STORAGE" . }}{{ end }}
+{{- $_ := set $data "LLMOPS_TRAINING_MAX_WORKER_FAILURES" (toString $values.maxWorkerFailures) }}
+{{- end }}
 {{- if eq $c "serving" }}
 {{- $_ := set $data "LLMOPS_SERVING_ENGINE" $values.engine }}
 {{- $_ := set $data "LLMOPS_SERVING_MAX_WAITING" (toString $values.maxWaiting) }}
