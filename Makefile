@@ -136,6 +136,10 @@ bench-structured: setup ## Structured outputs: vLLM tokens/s guided by a JSON sc
 bench-serving-ray: setup ## What Ray Serve's gRPC proxy adds per call vs a replica's own gRPC server
 	$(PY) -m benchmarks.serving.ray_overhead
 
+.PHONY: bench-router
+bench-router: setup ## Router: round-robin vs least-loaded vs prefix affinity on 2 vLLM replicas (1 core each), router cost (BENCH_ARGS=--full)
+	$(PY) -m benchmarks.router.run $(BENCH_ARGS)
+
 ##@ Load tests
 
 SERVING ?=
