@@ -68,6 +68,7 @@ from llmops.serving.domain import (
     UnloadResult,
     Usage,
 )
+from llmops.serving.embeddings import embed
 from llmops.serving.engines.base import Engine
 from llmops.serving.lifecycle import ModelLifecycle
 from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
@@ -83,8 +84,6 @@ from llmops.serving.validation import (
 )
 
 log = logging.getLogger(__name__)
-#: Inputs of one embeddings request (OpenAI's bound).
-MAX_EMBED_INPUTS = 2048
 
 
 @dataclass
@@ -509,41 +508,9 @@ class ServingService(ModelLifecycle):
         """One vector per input from an embedding model (FAILED_PRECONDITION for a generator)."""
         request_id = check_request_id(request.request_id) or uuid.uuid4().hex
         entry = await self._select(request.model)
-        engine = entry.engine
-        assert engine is not None
-        if not engine.is_embedding_model:
-            raise FailedPrecondition(f"{entry.served_name} is loaded to generate, not to embed")
-        if not 1 <= len(request.inputs) <= MAX_EMBED_INPUTS:
-            raise InvalidArgument(f"1-{MAX_EMBED_INPUTS} inputs", field="input")
-        batch: list[list[int]] = []
-        for i, item in enumerate(request.inputs):
-            field = f"input[{i}]"
-            if isinstance(item, str):
-                check_prompt_size(item, None, engine.max_model_len, field)
-                ids = await engine.tokenize(item, add_special_tokens=True)
-            else:
-                check_token_ids(item, engine.vocab_size, field)
-                ids = list(item)
-            if not ids:
-                raise InvalidArgument("must not be empty", field=field)
-            if len(ids) > engine.max_model_len:
-                raise InvalidArgument(
-                    f"{len(ids)} tokens exceed the model's context of {engine.max_model_len}", field=field
-                )
-            batch.append(ids)
-        in_flight = entry.enter()
-        try:
-            vectors = await engine.embed(batch)
-        finally:
-            entry.leave(in_flight)
-        self.metrics.prompt_tokens.labels(entry.served_name).inc(sum(len(ids) for ids in batch))
-        return EmbedResult(
-            request_id=request_id,
-            served_name=entry.served_name,
-            model=entry.info.model,
-            embeddings=tuple(tuple(v) for v in vectors),
-            prompt_tokens=sum(len(ids) for ids in batch),
-        )
+        result = await embed(entry, request, request_id)
+        self.metrics.prompt_tokens.labels(entry.served_name).inc(result.prompt_tokens)
+        return result
 
     # --- re-exported for the APIs -----------------------------------------------------------------
 
