@@ -34,7 +34,7 @@ API_VERSIONS = ("monitoring.coreos.com/v1", "ray.io/v1", "keda.sh/v1alpha1")
 VALUES_SETS: dict[str, Path | None] = {"defaults": None} | {
     path.stem: path for path in sorted((CHART / "ci").glob("*.yaml"))
 }
-LLMOPS_SERVICES = ("registry", "training", "quantization", "serving", "cache")
+LLMOPS_SERVICES = ("registry", "training", "quantization", "serving", "cache", "router")
 
 Doc = dict[str, Any]
 

@@ -199,3 +199,69 @@ def test_release_names_that_used_to_break_the_render(helm: str, release: str) ->
             assert len(name) + 11 <= 63, f"controller-revision-hash of {name} exceeds 63 characters"
         if doc["kind"] in ("RayCluster", "RayService", "Service"):
             assert name[0].isalpha(), f"{doc['kind']} {name} must start with a letter"
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in VALUES_SETS if load_values(n)["monitoring"]["serviceMonitor"]["enabled"]]
+)
+def test_ray_pods_and_ray_serve_replicas_are_scraped(renders: dict[str, Rendered], name: str) -> None:
+    """Defects 2 and 15: nothing scraped the RayService replicas, nor any Ray node's metrics."""
+    rendered = renders[name]
+    monitors = [m for m in rendered.of_kind("ServiceMonitor") if m["spec"]["jobLabel"] == "llmops.io/job"]
+    ray_pods = [p for p in rendered.pod_templates() if p.owner_kind in ("RayCluster", "RayService")]
+    if not ray_pods:
+        assert not monitors
+        return
+    [monitor] = monitors
+    services = [
+        s for s in rendered.of_kind("Service")
+        if all(s["metadata"]["labels"].get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+    ]  # fmt: skip
+    endpoints = {e["port"] for e in monitor["spec"]["endpoints"]}
+    scraped: dict[str, set[str]] = {}
+    for service in services:
+        job = service["metadata"]["labels"]["llmops.io/job"]
+        for port in service["spec"]["ports"]:
+            assert port["name"] in endpoints
+            for pod in rendered.pods_selected_by({"matchLabels": service["spec"]["selector"]}):
+                assert port["targetPort"] in pod.container_ports(), (
+                    f"{pod.where} has no port {port['targetPort']}"
+                )
+                scraped.setdefault(pod.where, set()).add(f"{job}:{port['name']}")
+    for pod in ray_pods:
+        assert "ray:ray-metrics" in scraped.get(pod.where, set()), f"{pod.where}: Ray metrics not scraped"
+        if pod.owner_kind == "RayService" and pod.role != "head":
+            assert "serving:metrics" in scraped[pod.where], f"{pod.where}: serving metrics not scraped"
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in VALUES_SETS if load_values(n)["serving"]["autoscaling"]["mode"] == "rayservice"]
+)
+def test_ray_serve_replicas_reach_redis_and_mlflow(renders: dict[str, Rendered], name: str) -> None:
+    """Defect 2: the Redis and MLflow NetworkPolicies left out the RayService pods."""
+    rendered = renders[name]
+    replica = next(p for p in rendered.pod_templates() if p.owner_kind == "RayService" and p.role != "head")
+    for target in ("redis", "mlflow"):
+        policies = [
+            p for p in rendered.of_kind("NetworkPolicy") if p["metadata"]["name"].endswith(f"-{target}")
+        ]
+        for policy in policies:
+            peers = [peer for rule in policy["spec"]["ingress"] for peer in rule.get("from", [])]
+            assert any(
+                rendered.pods_selected_by(peer.get("podSelector"))
+                and replica in rendered.pods_selected_by(peer["podSelector"])
+                for peer in peers
+                if "podSelector" in peer
+            ), f"{target} refuses the serving replicas"
+
+
+def test_monitoring_resources_carry_the_release_label_prometheus_selects(helm: str) -> None:
+    """Defect 15: kube-prometheus-stack selects ServiceMonitors and rules by `release`."""
+    rendered = render(
+        helm,
+        sets=["monitoring.serviceMonitor.labels.release=kps", "monitoring.prometheusRule.labels.release=kps"],
+    )
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        assert rendered.of_kind(kind)
+        for doc in rendered.of_kind(kind):
+            assert doc["metadata"]["labels"]["release"] == "kps", doc["metadata"]["name"]

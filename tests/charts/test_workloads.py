@@ -127,7 +127,12 @@ def test_no_serving_workload_has_two_autoscalers(renders: dict[str, Rendered], n
     targets = [h["spec"]["scaleTargetRef"]["name"] for h in rendered.of_kind("HorizontalPodAutoscaler")]
     targets += [s["spec"]["scaleTargetRef"]["name"] for s in rendered.of_kind("ScaledObject")]
     assert len(targets) == len(set(targets)), f"a Deployment has two autoscalers: {targets}"
-    assert set(targets) <= {d["metadata"]["name"] for d in rendered.serving_deployments()}
+    routers = {
+        d["metadata"]["name"]
+        for d in rendered.of_kind("Deployment")
+        if d["metadata"]["labels"].get("app.kubernetes.io/component") == "router"
+    }  # the router has its own HPA (on CPU): it is not a serving workload
+    assert set(targets) <= {d["metadata"]["name"] for d in rendered.serving_deployments()} | routers
     if rendered.of_kind("RayService"):
         assert not targets and not rendered.serving_deployments()
 
@@ -336,8 +341,9 @@ def test_every_container_runs_locked_down(renders: dict[str, Rendered], name: st
 def test_workloads_have_their_own_service_account_and_none_talks_to_the_api(
     renders: dict[str, Rendered], name: str
 ) -> None:
-    """No llmops code calls the Kubernetes API: no Role, no mounted token (a token nobody uses is
-    only something to steal)."""
+    """Only the router calls the Kubernetes API (it reads EndpointSlices to find serving replicas):
+    no other pod mounts a token (a token nobody uses is only something to steal), and the one Role
+    reads EndpointSlices and nothing else."""
     rendered, values = renders[name], load_values(name)
     accounts = {sa["metadata"]["name"]: sa for sa in rendered.of_kind("ServiceAccount")}
     for account in accounts.values():
@@ -346,13 +352,19 @@ def test_workloads_have_their_own_service_account_and_none_talks_to_the_api(
         account = pod.spec.get("serviceAccountName")
         if pod.role == "head" or pod.owner_kind == "Pod":
             continue  # KubeRay gives the head its autoscaler's account; the test pod needs none
-        assert pod.spec.get("automountServiceAccountToken") is False, pod.where
+        uses_api = _component(pod) == "router"
+        assert bool(pod.spec.get("automountServiceAccountToken")) is uses_api, pod.where
         if not values["serviceAccount"]["create"]:
             assert account == "default", pod.where
             continue
         assert account in accounts, f"{pod.where} uses ServiceAccount {account!r}, which is not rendered"
-    for kind in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"):
-        assert not rendered.of_kind(kind), f"{kind} rendered, but nothing uses the Kubernetes API"
+    for role in rendered.of_kind("Role"):
+        assert role["metadata"]["labels"]["app.kubernetes.io/component"] == "router", role["metadata"]["name"]
+        for rule in role["rules"]:
+            assert set(rule["resources"]) <= {"endpointslices"}, rule
+            assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+    for kind in ("ClusterRole", "ClusterRoleBinding"):
+        assert not rendered.of_kind(kind), f"{kind} rendered"
 
 
 # --- Services, ServiceMonitors and what they point at ---------------------------------------------
@@ -378,7 +390,11 @@ def test_service_monitor_scrapes_every_llmops_pod_once_on_its_metrics_port(
     renders: dict[str, Rendered], name: str
 ) -> None:
     rendered = renders[name]
-    [monitor] = rendered.of_kind("ServiceMonitor")
+    [monitor] = [
+        m
+        for m in rendered.of_kind("ServiceMonitor")
+        if m["spec"]["jobLabel"] == "app.kubernetes.io/component"
+    ]
     spec = monitor["spec"]
     assert spec["namespaceSelector"]["matchNames"] == [NAMESPACE]
     services = [

@@ -363,6 +363,11 @@ spec:
         - name: serve-grpc
           containerPort: 9000
           protocol: TCP
+        {{- if ne .role "head" }}
+        - name: metrics
+          containerPort: {{ $root.Values.ports.metrics }}
+          protocol: TCP
+        {{- end }}
         {{- end }}
       envFrom:
         - configMapRef:
