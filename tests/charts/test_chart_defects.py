@@ -151,6 +151,8 @@ def test_gpu_count_reaches_vllm_tensor_parallel_size(renders: dict[str, Rendered
         engine = model.get("engine") or serving["engine"]
         if serving["gpu"]["enabled"] and gpus > 1 and engine == "vllm":
             assert options.get("tensor_parallel_size") == gpus, deployment["metadata"]["name"]
+        if name == "gpu-hpa-values":  # a 70B model fits its GPUs once: replacing loads unload first
+            assert env["LLMOPS_SERVING_REPLACE_UNLOADS_FIRST"] == "true"
     for service in rendered.of_kind("RayService"):
         [app] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
         if app["args"]["num_gpus"] > 1 and app["args"]["engine"] == "vllm":

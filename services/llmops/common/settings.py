@@ -254,6 +254,14 @@ class ServingSection(ServiceEndpoint):
     alias_poll_seconds: float = Field(
         default=30.0, gt=0, description="How often a model loaded with follow_alias checks its alias."
     )
+    replace_unloads_first: bool = Field(
+        default=False,
+        description=(
+            "A replacing load (a new version, a followed alias that moved) unloads the old model before "
+            "loading the new one, for models that do not fit twice in the pod's GPU memory; the model "
+            "answers UNAVAILABLE while the new one loads. False: the old one serves until the new one is READY."
+        ),
+    )
 
 
 class CacheSection(ServiceEndpoint):

@@ -138,6 +138,7 @@ class ServingApp(ServiceApp):
             limits=Limits(max_tokens=s.max_tokens_limit),
             drain_timeout=s.drain_timeout_seconds,
             alias_poll_seconds=s.alias_poll_seconds,
+            replace_unloads_first=s.replace_unloads_first,
         )
         self.cache: ResponseCache | None = None
         if settings.redis_url:

@@ -27,3 +27,6 @@ class ServingConfig:
     limits: Limits = field(default_factory=Limits)
     drain_timeout: float = 30.0
     alias_poll_seconds: float = 30.0
+    #: A replacing load frees the old model before loading the new one (for models that do not fit
+    #: twice on the pod's GPUs); the name answers UNAVAILABLE meanwhile.
+    replace_unloads_first: bool = False

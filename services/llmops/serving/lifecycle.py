@@ -99,6 +99,16 @@ class ModelLifecycle:
         existing = self._models.get(served_name)
         if existing is not None and existing.state is not ModelState.FAILED and not request.replace:
             raise AlreadyExists(f"a model is already served as {served_name!r} (set replace to swap it)")
+        if (
+            existing is not None
+            and existing.state is not ModelState.FAILED
+            and self.config.replace_unloads_first
+        ):
+            # one copy fits (e.g. a 70B model on the pod's GPUs): free it before loading the next
+            await self._retire(existing, self.config.drain_timeout)
+            if self._models.get(served_name) is existing:
+                del self._models[served_name]
+            existing = None
         kind = request.engine or self.config.default_engine
         resolved = await self._resolver.resolve(source)
         engine = self._factory(kind, resolved.path, served_name, request.options)

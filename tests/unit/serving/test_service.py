@@ -10,6 +10,7 @@ refused, not ignored; metrics count what happened.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import ClassVar
 
@@ -396,3 +397,37 @@ async def test_engine_metrics_under_vllm_names_for_engines_without_their_own() -
             "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds"} <= set(families)  # fmt: skip
     tokens = next(s for s in families["vllm:generation_tokens"].samples if s.name.endswith("_total"))
     assert tokens.labels == {"model_name": "fake", "engine": "0"} and tokens.value == 4
+
+
+@pytest.mark.parametrize("unload_first", [False, True])
+async def test_a_replacing_load_can_unload_first_for_models_that_fit_once(unload_first: bool) -> None:
+    """A 70B model on two GPUs does not fit twice: with replace_unloads_first the old copy is shut
+    down before the new engine is built; by default the old one serves until the new one is READY."""
+    from pathlib import Path
+
+    from prometheus_client import CollectorRegistry
+
+    from llmops.serving.config import ServingConfig
+    from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
+    from llmops.serving.service import ServingService
+    from tests.unit.serving.conftest import StaticResolver
+
+    engines: list[FakeEngine] = []
+    running_when_built: list[list[bool]] = []
+
+    def factory(kind: EngineKind, path: Path, served_name: str, options: EngineOptions) -> FakeEngine:
+        running_when_built.append([engine.started for engine in engines])
+        engines.append(FakeEngine(path, served_name, options, context=2048))
+        return engines[-1]
+
+    config = ServingConfig(default_engine=EngineKind.FAKE, replace_unloads_first=unload_first)
+    service = ServingService(
+        factory, StaticResolver(), ServingMetrics(CollectorRegistry()), EngineShimMetrics(), config
+    )
+    load = LoadRequest(ModelSource(local_path="/models/fake"), served_name="fake")
+    await service.load_model(load)
+    await service.load_model(dataclasses.replace(load, replace=True))
+    assert running_when_built == [[], [not unload_first]]
+    assert [m.state for m in service.list_models()] == [ModelState.READY]
+    assert not engines[0].started and engines[1].started
+    await service.close()
