@@ -125,6 +125,14 @@ def _stats(step: job_pb2.JobStep) -> str:
         parts.append(f"lr {step.learning_rate:.2e}")
     if step.tokens_per_second:
         parts.append(f"{step.tokens_per_second:,.0f} tok/s")
+    # A data-parallel job: each worker's own seconds per step (worker<rank>_step_seconds), in rank order.
+    per_worker = sorted(
+        (int(name[6:-13]), value)
+        for name, value in step.metrics.items()
+        if name.startswith("worker") and name.endswith("_step_seconds") and name[6:-13].isdigit()
+    )
+    if per_worker:
+        parts.append("s/step by worker " + "/".join(f"{value:.2f}" for _, value in per_worker))
     return "  ".join(parts)
 
 

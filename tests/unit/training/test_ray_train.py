@@ -42,3 +42,22 @@ def test_rank_step_times_join_rank_zeros_step_events_and_ranks_are_logged() -> N
 def test_checkpoints_are_named_where_ray_train_storage_keeps_them(tmp_path: Path) -> None:
     assert checkpoint_uri(str(tmp_path), "tj-1", 5) == (tmp_path / "tj-1" / "checkpoint-5").as_uri()
     assert checkpoint_uri("s3://bucket/runs/", "tj-1", 5) == "s3://bucket/runs/tj-1/checkpoint-5"
+
+
+def test_the_progress_bar_shows_each_workers_step_time_in_rank_order() -> None:
+    from llmops.proto.common.v1 import job_pb2
+    from llmops.training.cli import _stats
+
+    step = job_pb2.JobStep(
+        step=3,
+        total_steps=10,
+        loss=1.5,
+        metrics={
+            "worker0_step_seconds": 0.3,
+            "worker10_step_seconds": 0.5,
+            "worker2_step_seconds": 0.4,
+            "x": 1,
+        },
+    )
+    assert _stats(step) == "step 3/10  loss 1.5000  s/step by worker 0.30/0.40/0.50"
+    assert "by worker" not in _stats(job_pb2.JobStep(step=3, loss=1.5))  # one worker: as before
