@@ -274,8 +274,11 @@ def plan(docs: list[dict[str, Any]]) -> tuple[list[tuple[dict[str, Any], dict[st
 
 
 def startup_budget(container: dict[str, Any]) -> float:
-    """Seconds the kubelet would give a container to pass its start-up (or first readiness) probe."""
-    probe = container.get("startupProbe") or container.get("readinessProbe") or container.get("livenessProbe")
+    """Seconds before the kubelet would restart a container that never comes up.
+
+    The start-up probe's budget when there is one (liveness waits for it), else the liveness probe's;
+    a container with neither is never restarted for being slow: 60 s is the smoke's own limit."""
+    probe = container.get("startupProbe") or container.get("livenessProbe")
     if not probe:
         return 60.0
     return float(probe.get("initialDelaySeconds", 0)) + float(probe.get("periodSeconds", 10)) * float(
