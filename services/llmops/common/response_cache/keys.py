@@ -21,6 +21,8 @@ Canonical form, so that equal requests always hash equal:
 * ``logit_bias`` is sorted by token id; ``stop_token_ids`` is a set (sorted, deduplicated). ``stop``
   strings keep their order (which one matched is part of the answer).
 * Fields whose unset and zero differ (``logprobs``, ``max_tokens``...) keep ``null`` apart from 0.
+* A structured-output constraint, a chat's tools, tool choice and ``parallel_tool_calls``, and a turn's
+  tool calls and tool call id are hashed only when set, so requests without them keep their keys.
 
 Anything not normalized above changes the digest when it changes: normalizing too little only costs
 hits, normalizing too much would serve a wrong answer.
