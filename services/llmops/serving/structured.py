@@ -209,7 +209,7 @@ def parse_calls(plan: ToolPlan, text: str, tokenizer: Any) -> tuple[str, list[To
     if not info.tools_called:
         return text, []
     calls = [ToolCall(call_id(), c.function.name, c.function.arguments) for c in info.tool_calls]
-    return info.content or "", calls
+    return info.content or "", calls if plan.parallel else calls[:1]
 
 
 async def with_tool_calls(

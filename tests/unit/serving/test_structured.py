@@ -151,6 +151,10 @@ def test_auto_mode_parses_hermes_calls_with_vllms_parser() -> None:
     assert content == "Let me look."
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Rome"})]
     assert parse_calls(plan, "just text", tokenizer) == ("just text", [])
+    two = text + '<tool_call>{"name": "get_weather", "arguments": {"city": "Pisa"}}</tool_call>'
+    assert len(parse_calls(plan, two, tokenizer)[1]) == 2
+    single = plan_tools(chat(WEATHER, parallel=False), None, HERMES)
+    assert single is not None and len(parse_calls(single, two, tokenizer)[1]) == 1
 
 
 async def events(*texts: str) -> AsyncGenerator[Any, None]:
