@@ -2,7 +2,8 @@
 
 Invariants: a replica loads its start-up model and reports where its own gRPC server listens; that
 server answers directly (the hot path); Ray Serve's gRPC proxy reaches the same replica, with domain
-errors keeping their status code; the replica's health check passes only with a model ready.
+errors keeping their status code, and Serve's HTTP proxy reaches its OpenAI API; the replica's
+health check passes only with a model ready.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ async def test_ray_serve_replica_direct_and_through_the_proxy(
 
     from llmops.serving.serve_app import SERVICER_FUNCTION, deployment
 
-    proxy_port = _free_port()
+    proxy_port, http_proxy_port = _free_port(), _free_port()
     temp = str(ray_runtime)
     try:
         serve.start(
-            http_options={"host": "127.0.0.1", "port": _free_port()},
+            http_options={"host": "127.0.0.1", "port": http_proxy_port},
             grpc_options=gRPCOptions(port=proxy_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
         )
         env = {"LLMOPS_HOST": "127.0.0.1", "LLMOPS_SERVING_PORT": "0", "LLMOPS_SERVING_METRICS_PORT": "0",
@@ -76,5 +77,13 @@ async def test_ray_serve_replica_direct_and_through_the_proxy(
                 await proxied.Generate(_request("fake", top_p=2.0), metadata=metadata, timeout=30)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "sampling.top_p" in (info.value.details() or "")
+        # Serve's HTTP proxy reaches the OpenAI API through the replica's __call__ (the RayService
+        # mode, where replicas bind no HTTP port of their own)
+        import httpx
+
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_proxy_port}", timeout=30) as client:
+            models = await client.get("/llmops-serving/v1/models")
+            assert models.status_code == 200, models.text
+            assert [m["id"] for m in models.json()["data"]] == ["fake"]
     finally:
         serve.shutdown()
