@@ -110,7 +110,7 @@ def pod_environment(
     for mount in mounts:
         target = root / mount["mountPath"].lstrip("/")
         target.mkdir(parents=True, exist_ok=True)
-        volume = volumes[mount["name"]]
+        volume = volumes.get(mount["name"], {})  # absent: a StatefulSet's volumeClaimTemplates
         if "configMap" in volume:
             data = _config_map_data(rendered, volume["configMap"]["name"])
             if data is None and not volume["configMap"].get("optional"):
@@ -185,7 +185,7 @@ def pod_environment(
     # a mounted file a setting names must be a key the Secret has or the values document
     for var, value in env.items():
         for mount in mounts:
-            volume = volumes[mount["name"]]
+            volume = volumes.get(mount["name"], {})
             prefix = mount["mountPath"].rstrip("/") + "/"
             if "secret" in volume and value.startswith(prefix):
                 key = value[len(prefix) :]
@@ -244,8 +244,9 @@ def bound_ports(args: list[str], env: dict[str, str]) -> set[int]:
         int(options.get("--port", section.port)),
         int(options.get("--metrics-port", section.metrics_port)),
     }
-    if service == "serving" and settings.serving.http_enabled:
-        ports.add(settings.serving.http_port)
+    http = {"serving": settings.serving, "router": settings.router}.get(service)
+    if http is not None and http.http_enabled:
+        ports.add(http.http_port)
     return ports
 
 
@@ -356,3 +357,17 @@ def test_the_contract_catches_an_argument_llmops_does_not_take(helm: str, tmp_pa
     assert code == 2 and "--http-port" in output
     code, output = serve_check(container["args"], env | {"LLMOPS_SERVING_HTTP_PROT": "8000"})
     assert code == 2 and "LLMOPS_SERVING_HTTP_PROT" in output
+
+
+@pytest.mark.parametrize("name", list(VALUES_SETS))
+def test_every_config_map_and_secret_any_pod_reads_is_rendered_or_documented(
+    contract_renders: dict[str, Rendered], name: str, tmp_path: Path
+) -> None:
+    """All pods, not only llmops ones (MLflow's backend-store and S3 Secrets, Redis's password)."""
+    rendered = contract_renders[name]
+    problems: list[str] = []
+    for index, pod in enumerate(rendered.pod_templates()):
+        for container in pod.containers:
+            _, missing = pod_environment(rendered, pod, container, tmp_path / str(index))
+            problems += [f"{pod.where} {container['name']}: {m}" for m in missing]
+    assert not problems, "\n".join(problems)
