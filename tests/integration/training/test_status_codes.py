@@ -67,7 +67,7 @@ SUBMIT_CASES: list[tuple[str, pb.TrainingJobSpec, grpc.StatusCode, str]] = [
     ("longer than the model", spec(max_seq_length=1 << 16), INVALID, "max_seq_length"),
     ("dpo beta on lora", spec(dpo_beta=0.5), INVALID, "dpo_beta"),
     ("lora rank", _with(_lora_r), INVALID, "spec.lora.r"),
-    ("two workers", _with(lambda m: setattr(m, "num_workers", 2)), INVALID, "num_workers"),
+    ("too many workers", _with(lambda m: setattr(m, "num_workers", 600)), INVALID, "num_workers"),
     (
         "bad output name",
         _with(lambda m: setattr(m, "output_model_name", "Bad Name")),
