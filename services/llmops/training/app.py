@@ -70,6 +70,7 @@ def build_runner(settings: Settings) -> JobRunner:
         storage_path=storage,
         default_cpus=section.default_cpus,
         max_failures=section.max_worker_failures,
+        fixed_cluster=not settings.ray_address,  # the embedded runtime: this machine's CPUs, no more
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmops.training.distributed import checkpoint_uri
-from llmops.training.runners.ray_train import TrainCoordinator, coordinator_name
+from llmops.training.runners.ray_train import TrainCoordinator, coordinator_name, cpus_per_worker
 
 
 def test_rank_step_times_join_rank_zeros_step_events_and_ranks_are_logged() -> None:
@@ -61,3 +61,11 @@ def test_the_progress_bar_shows_each_workers_step_time_in_rank_order() -> None:
     )
     assert _stats(step) == "step 3/10  loss 1.5000  s/step by worker 0.30/0.40/0.50"
     assert "by worker" not in _stats(job_pb2.JobStep(step=3, loss=1.5))  # one worker: as before
+
+
+def test_ranks_share_an_embedded_runtime_and_ask_a_cluster_for_what_they_need() -> None:
+    assert cpus_per_worker(3.0, 2.0, 2, 2.0, fixed=True) == 3.0  # the job's own figure stands
+    assert cpus_per_worker(0.0, 2.0, 2, 2.0, fixed=True) == 1.0  # 2 ranks on a 2-core embedded runtime
+    assert cpus_per_worker(0.0, 2.0, 4, 2.0, fixed=True) == 1.0  # never below one
+    assert cpus_per_worker(0.0, 2.0, 2, 8.0, fixed=True) == 2.0  # it fits: the default
+    assert cpus_per_worker(0.0, 2.0, 8, 4.0, fixed=False) == 2.0  # a cluster grows: ask for the default

@@ -38,6 +38,18 @@ def coordinator_name(job_id: str) -> str:
     return PREFIX + job_id
 
 
+def cpus_per_worker(
+    requested: float, default: float, workers: int, cluster_cpus: float, fixed: bool
+) -> float:
+    """CPUs of each rank: the job's, else the default, cut to share a ``fixed`` cluster (the embedded
+    runtime, which never grows) so the job fits it instead of waiting forever; at least one."""
+    if requested:
+        return requested
+    if fixed and cluster_cpus and default * workers > cluster_cpus:
+        return max(1.0, float(int(cluster_cpus // workers)))
+    return default
+
+
 class TrainCoordinator:
     """The detached actor that drives one data-parallel job (wrapped with ``ray.remote`` at start)."""
 
@@ -179,6 +191,7 @@ class DistributedRunner(JobRunner):
         namespace: str = "llmops-training",
         default_cpus: float = 1.0,
         max_failures: int = 2,
+        fixed_cluster: bool = False,
     ) -> None:
         import ray  # connected by ``single`` (which connects nothing under ``serve --check``)
 
@@ -188,6 +201,7 @@ class DistributedRunner(JobRunner):
         self._namespace = namespace
         self._default_cpus = default_cpus
         self._max_failures = max_failures
+        self._fixed_cluster = fixed_cluster
         self._actor_class = ray.remote(TrainCoordinator)
 
     def start(self, plan: WorkerPlan, resources: Resources) -> Attempt:
@@ -207,7 +221,13 @@ class DistributedRunner(JobRunner):
         ).remote(name, self._namespace)
         options = {
             "storage_path": self._storage_path,
-            "cpus_per_worker": resources.cpus or self._default_cpus,
+            "cpus_per_worker": cpus_per_worker(
+                resources.cpus,
+                self._default_cpus,
+                plan.num_workers,
+                self._ray.cluster_resources().get("CPU", 0.0) if self._fixed_cluster else 0.0,
+                self._fixed_cluster,
+            ),
             "gpus_per_worker": resources.gpus,
             "max_failures": self._max_failures,
         }
