@@ -20,6 +20,7 @@ Usage: python scripts/kube_smoke.py [--values FILE ...] [--keep-going]
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import signal
@@ -46,6 +47,8 @@ from kube_smoke_podman import PodmanSession
 ROOT = km.ROOT
 LLMOPS = str(ROOT / ".venv" / "bin" / "llmops")
 MODEL_NAME = "tiny"
+# Pod names are global to podman: one run at a time.
+LOCK_FILE = "/tmp/llmops-kube-smoke.lock"
 console = Console()
 
 
@@ -145,8 +148,8 @@ def register_model(registry: str) -> str:
             LLMOPS,
             "models",
             "register",
-            path,
             MODEL_NAME,
+            path,
             "--alias",
             "champion",
             "--address",
@@ -216,6 +219,12 @@ def main() -> int:
         "--values", action="append", type=Path, help="values files (default ci/local-values.yaml)"
     )
     args = parser.parse_args()
+    lock = os.open(LOCK_FILE, os.O_CREAT | os.O_WRONLY, 0o644)  # held until the process exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        console.print(f"[red]another kube-smoke is running (lock {LOCK_FILE})[/]")
+        return 1
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     t0 = time.monotonic()
@@ -335,9 +344,14 @@ def main() -> int:
 
         mlflow_pod = pods_of[next(km.name_of(o) for o, _ in others if km.name_of(o).endswith("-mlflow"))][0]
         mlflow = f"http://{session.ip(session.containers(mlflow_pod)[0])}:5000"
-        with urllib.request.urlopen(
-            f"{mlflow}/api/2.0/mlflow/registered-models/search", timeout=10
-        ) as response:
+        mlflow_name = km.service_aliases(
+            docs, next(o for o, _ in others if km.name_of(o).endswith("-mlflow"))
+        )[0]
+        # As a client in the cluster calls it: by its Service name (MLflow refuses other Host headers).
+        search = urllib.request.Request(
+            f"{mlflow}/api/2.0/mlflow/registered-models/search", headers={"Host": f"{mlflow_name}:5000"}
+        )
+        with urllib.request.urlopen(search, timeout=10) as response:
             names = [m["name"] for m in json.load(response).get("registered_models", [])]
         if MODEL_NAME not in names:
             raise SmokeFailure(f"MLflow answers but lists {names}, not {MODEL_NAME}")
@@ -380,7 +394,14 @@ def main() -> int:
             f"[green]ok[/]  SIGTERM: the open stream finished ({len(drained)} characters) and serving "
             f"exited after {exited:.1f} s (grace {grace:.0f} s)"
         )
-    except (SmokeFailure, km.GuardError, RuntimeError, subprocess.SubprocessError) as exc:
+    except (
+        SmokeFailure,
+        km.GuardError,
+        RuntimeError,
+        OSError,
+        grpc.RpcError,
+        subprocess.SubprocessError,
+    ) as exc:
         failed = True
         console.print(f"[red]FAIL[/] {exc}")
     except Interrupted as exc:

@@ -61,8 +61,9 @@ sys.exit(subprocess.run(cmd, input=data).returncode)
 class PodmanSession:
     """Pods on one podman network, each played from its own YAML; `close()` removes them all."""
 
-    def __init__(self, network: str = NETWORK) -> None:
-        self.network = network
+    def __init__(self, network: str | None = None) -> None:
+        # One network per run: two runs at once never remove each other's.
+        self.network = network or f"{NETWORK}-{os.getpid()}"
         self.tmp = Path(tempfile.mkdtemp(prefix="llmops-kube-smoke-"))
         self.pods: list[str] = []
         self.volumes_before: set[str] = set()
