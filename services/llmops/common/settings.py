@@ -359,7 +359,8 @@ class RouterSection(ServiceEndpoint):
         default="", description="dns: the headless Service's name (each A record is a replica)."
     )
     kubernetes_service: str = Field(
-        default="", description="kubernetes: the Service whose EndpointSlices list the replicas."
+        default="",
+        description="kubernetes: the Service whose EndpointSlices list the replicas, or a label selector (k=v,...) over several.",
     )
     kubernetes_namespace: str = Field(
         default="", description="kubernetes: its namespace; empty: the pod's own."

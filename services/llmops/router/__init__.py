@@ -15,5 +15,11 @@ prefix_affinity | session_affinity) overrides the policy and ``x-llmops-session-
 time p50/p99) and per-version traffic. Settings: ``router.*`` in :mod:`llmops.common.settings`
 (``LLMOPS_ROUTER_*``).
 
+The OpenAI HTTP API is on ``router.http_port`` (a routing proxy to each replica's own HTTP API).
+With ``LLMOPS_REDIS_URL`` set the response cache is looked up before any replica is called; with
+``LLMOPS_ROUTER_TRAFFIC_SPLIT=true`` (and ``LLMOPS_REGISTRY_ADDRESS``) the registry's alias weights
+split each model's traffic, sticky per session. ``llmops up --serving-replicas 2`` runs the
+embedded stack with two replicas behind the router.
+
 Replicas report their load through ``ServingService.WatchLoad`` (see :mod:`llmops.serving.load`).
 """

@@ -61,7 +61,8 @@ class SliceTable:
 
 
 class KubernetesDiscovery(Discovery):
-    """Watches the EndpointSlices labelled ``kubernetes.io/service-name=<service>``."""
+    """Watches the EndpointSlices of a Service (``kubernetes.io/service-name=<service>``), or of
+    every Service a label selector picks (``service`` holding ``=``, e.g. the chart's serving Services)."""
 
     name = "kubernetes"
 
@@ -98,7 +99,8 @@ class KubernetesDiscovery(Discovery):
         except config.ConfigException:
             config.load_kube_config()
         api = client.DiscoveryV1Api()
-        selector = f"{SERVICE_LABEL}={self.service}"
+        # a Service name, or a label selector over several Services' slices (slices copy their labels)
+        selector = self.service if "=" in self.service else f"{SERVICE_LABEL}={self.service}"
         while not self._stop.is_set():
             try:
                 listed = api.list_namespaced_endpoint_slice(self.namespace, label_selector=selector)

@@ -59,12 +59,24 @@ def up(
     engine: Annotated[str, typer.Option(help="Serving engine: vllm | transformers")] = "",
     prometheus: Annotated[bool, typer.Option("--prometheus/--no-prometheus")] = True,
     mlflow_ui: Annotated[bool, typer.Option("--mlflow-ui/--no-mlflow-ui")] = True,
+    serving_replicas: Annotated[
+        int,
+        typer.Option(
+            "--serving-replicas", min=1, help="Serving replicas; more than 1 puts the router in front"
+        ),
+    ] = 1,
 ) -> None:
-    """Start the embedded stack: Redis, the five services (training with a local Ray), Prometheus, MLflow UI."""
+    """Start the embedded stack: Redis, the services (training with a local Ray), Prometheus, MLflow UI."""
     settings = _settings(data_dir)
     env = {"LLMOPS_SERVING_ENGINE": engine} if engine else {}
     options = options_from_settings(
-        settings, free_ports=free_ports, env=env, prometheus=prometheus, mlflow_ui=mlflow_ui, detached=True
+        settings,
+        free_ports=free_ports,
+        env=env,
+        prometheus=prometheus,
+        mlflow_ui=mlflow_ui,
+        detached=True,
+        serving_replicas=serving_replicas,
     )
     with err.status("starting the stack...") as spinner:
         stack = LocalStack(options, progress=lambda line: spinner.update(line))

@@ -39,7 +39,7 @@ from llmops.stack.dashboards import RULES, local_rules
 STATE_FILE = "stack.json"
 #: Start order: each service may call the ones before it.
 SERVICES = ("registry", "cache", "quantization", "training", "serving")
-_GRPC_NAMES = {s: f"llmops.{s}.v1.{s.capitalize()}Service" for s in SERVICES}
+_GRPC_NAMES = {s: f"llmops.{s}.v1.{s.capitalize()}Service" for s in (*SERVICES, "router")}
 _LISTENING = re.compile(r"llmops (\w+) listening grpc=(\d+) metrics=(\d+|None)")
 
 
@@ -95,6 +95,9 @@ class StackOptions:
     grace_seconds: float = 15.0
     #: Outlive the starting process (``llmops up``); otherwise every part dies with it.
     detached: bool = False
+    #: Serving replicas; more than one puts the router in front of them (parts ``serving``,
+    #: ``serving-2``... and ``router``; ``LLMOPS_SERVING_ADDRESS`` of later parts is the router).
+    serving_replicas: int = 1
 
 
 def options_from_settings(settings: Any, *, free_ports: bool = False, **fields: Any) -> StackOptions:
@@ -165,7 +168,10 @@ class LocalStack:
             env = self._start_redis()
             env["LLMOPS_QUANTIZATION_USE_REGISTRY"] = "true"  # one registry holds every version
             for service in self.options.services:
-                env.update(self._start_service(service, env))
+                if service == "serving" and self.options.serving_replicas > 1:
+                    env.update(self._start_fleet(env))
+                else:
+                    env.update(self._start_service(service, env))
             if self.options.prometheus and shutil.which("prometheus"):
                 self._start_prometheus()
             if self.options.mlflow_ui:
@@ -219,9 +225,28 @@ class LocalStack:
         self._wait(lambda: ping(port), process, "redis", log)
         return {"LLMOPS_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
 
-    def _start_service(self, service: str, env: dict[str, str]) -> dict[str, str]:
+    def _start_fleet(self, env: dict[str, str]) -> dict[str, str]:
+        """N serving replicas, then the router in front of them (it follows the registry's alias weights)."""
+        addresses = []
+        for index in range(self.options.serving_replicas):
+            name = "serving" if index == 0 else f"serving-{index + 1}"
+            extra = {} if index == 0 else {"LLMOPS_SERVING_HTTP_PORT": str(free_port())}
+            addresses.append(
+                self._start_service("serving", {**env, **extra}, name=name)["LLMOPS_SERVING_ADDRESS"]
+            )
+        router_env = {
+            **env,
+            "LLMOPS_ROUTER_ENDPOINTS": ",".join(addresses),
+            "LLMOPS_ROUTER_TRAFFIC_SPLIT": "true",
+            "LLMOPS_ROUTER_HTTP_PORT": str(free_port()),
+        }
+        router = self._start_service("router", router_env)
+        return {"LLMOPS_SERVING_ADDRESS": router["LLMOPS_ROUTER_ADDRESS"], **router}
+
+    def _start_service(self, service: str, env: dict[str, str], name: str = "") -> dict[str, str]:
+        name = name or service
         upper = service.upper()
-        grpc_port, metrics_port = self.options.ports.get(service, (0, 0))
+        grpc_port, metrics_port = self.options.ports.get(name, (0, 0))
         child_env = {
             "LLMOPS_DATA_DIR": str(self.data_dir),
             "LLMOPS_HOST": "127.0.0.1",
@@ -232,10 +257,10 @@ class LocalStack:
         }
         if service == "serving":
             child_env.setdefault("LLMOPS_SERVING_HTTP_PORT", str(self.options.http_port or free_port()))
-        self._progress(f"{service} starting")
+        self._progress(f"{name} starting")
         args = [sys.executable, "-m", "llmops.cli", "serve", service]
-        process, log = self._spawn(service, args, child_env)
-        part = Part(service, process.pid, log=str(log))
+        process, log = self._spawn(name, args, child_env)
+        part = Part(name, process.pid, log=str(log))
         self._parts.append(part)
         ports: list[tuple[str, str]] = []
 
@@ -252,9 +277,9 @@ class LocalStack:
         self._wait(listening, process, service, log)
         part.address = f"127.0.0.1:{ports[0][0]}"
         part.metrics = f"http://127.0.0.1:{ports[0][1]}/metrics"
-        if service == "serving":
-            part.url = f"http://127.0.0.1:{child_env['LLMOPS_SERVING_HTTP_PORT']}/v1"
-        self._progress(f"{service} ready on {part.address}")
+        if service in ("serving", "router"):
+            part.url = f"http://127.0.0.1:{child_env[f'LLMOPS_{upper}_HTTP_PORT']}/v1"
+        self._progress(f"{name} ready on {part.address}")
         return {f"LLMOPS_{upper}_ADDRESS": part.address}
 
     def _start_prometheus(self) -> None:
@@ -336,7 +361,9 @@ def status(state: StackState) -> list[dict[str, Any]]:
         running = alive(part.pid)
         if not running:
             health = "stopped"
-        elif part.address and part.name in SERVICES:
+        elif part.address and (
+            part.name in SERVICES or part.name == "router" or part.name.startswith("serving-")
+        ):
             health = "SERVING" if _serving(part.address) else "NOT_SERVING"
         elif part.name == "redis":
             from llmops.cache.redis_server import ping

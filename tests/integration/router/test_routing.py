@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import pytest_asyncio
 
 from llmops.proto.common.v1 import generation_pb2, sampling_pb2
 from llmops.proto.router.v1 import router_service_pb2 as rpb
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
-from tests.integration.router.conftest import Fleet, RunningRouter
+from tests.integration.router.conftest import Fleet, Replica, RunningRouter, start_replica
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def shared() -> AsyncIterator[list[Replica]]:
+    """Three plain replicas for the tests that only read (each test has its own router, whose
+    counts start at zero)."""
+    replicas = list(await asyncio.gather(*(start_replica() for _ in range(3))))
+    yield replicas
+    await asyncio.gather(*(r.kill() for r in replicas))
 
 
 def request(prompt: str, max_tokens: int = 4, stream: bool = False) -> pb.GenerateRequest:
@@ -33,8 +44,8 @@ async def served_by(router: RunningRouter) -> dict[str, int]:
     return {e.address: e.requests for e in await router.endpoints()}
 
 
-async def test_answers_through_the_router_match_a_replica(fleet: Fleet, make_router) -> None:
-    replicas = await fleet.start(2)
+async def test_answers_through_the_router_match_a_replica(shared: list[Replica], make_router) -> None:
+    replicas = shared[:2]
     router = await make_router([r.address for r in replicas], policy="round_robin")
     await router.wait_ready(2)
     from llmops.common.clients import ServingClient
@@ -59,8 +70,8 @@ async def test_answers_through_the_router_match_a_replica(fleet: Fleet, make_rou
     assert [m.served_name for m in models.models] == ["tiny"]
 
 
-async def test_round_robin_spreads_and_session_affinity_sticks(fleet: Fleet, make_router) -> None:
-    replicas = await fleet.start(3)
+async def test_round_robin_spreads_and_session_affinity_sticks(shared: list[Replica], make_router) -> None:
+    replicas = shared
     router = await make_router([r.address for r in replicas], policy="round_robin")
     await router.wait_ready(3)
     for i in range(9):
@@ -113,8 +124,10 @@ async def test_prefix_affinity_sticks_until_saturated_then_spills(fleet: Fleet, 
         ((("x-llmops-session-id", "x" * 129),), "x-llmops-session-id"),
     ],
 )
-async def test_bad_routing_headers_are_invalid_argument(fleet: Fleet, make_router, metadata, field) -> None:
-    replicas = await fleet.start(1)
+async def test_bad_routing_headers_are_invalid_argument(
+    shared: list[Replica], make_router, metadata, field
+) -> None:
+    replicas = shared[:1]
     router = await make_router([r.address for r in replicas])
     await router.wait_ready(1)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -130,8 +143,8 @@ async def test_bad_routing_headers_are_invalid_argument(fleet: Fleet, make_route
     assert sum((await served_by(router)).values()) == 0
 
 
-async def test_admin_api_reports_endpoints_policy_and_versions(fleet: Fleet, make_router) -> None:
-    replicas = await fleet.start(2)
+async def test_admin_api_reports_endpoints_policy_and_versions(shared: list[Replica], make_router) -> None:
+    replicas = shared[1:]
     router = await make_router([r.address for r in replicas], policy="least_loaded")
     await router.wait_ready(2)
     policy = await router.admin.GetPolicy(rpb.GetPolicyRequest(), timeout=5)
