@@ -36,6 +36,8 @@ from llmops.serving.domain import (
 
 MAX_CHOICES = 256
 MAX_SCHEMA_BYTES = 64 * 1024
+#: Regexes compile to automata whose size can grow fast with their length: kept short.
+MAX_REGEX_BYTES = 1024
 MAX_TOOLS = 128
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TOOL_MODES = ("auto", "none", "required", "function")
@@ -70,8 +72,8 @@ def check_structured_output(so: StructuredOutput, field: str = "sampling.structu
     if so.json_schema is not None:
         parse_schema(so.json_schema, f"{field}.json_schema")
     elif so.regex is not None:
-        if not so.regex:
-            raise InvalidArgument("must not be empty", field=f"{field}.regex")
+        if not so.regex or len(so.regex.encode()) > MAX_REGEX_BYTES:
+            raise InvalidArgument(f"must be 1-{MAX_REGEX_BYTES} bytes", field=f"{field}.regex")
         try:
             re.compile(so.regex)
         except re.error as exc:

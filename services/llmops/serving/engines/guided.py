@@ -63,7 +63,7 @@ class Grammars:
             else:
                 alternatives = " | ".join(json.dumps(c) for c in constraint.choice)
                 grammar = compiler.compile_grammar(f"root ::= {alternatives}")
-        except RuntimeError as exc:  # xgrammar reports what it cannot compile as RuntimeError
+        except Exception as exc:  # RuntimeError for what xgrammar cannot compile, or its own errors
             raise InvalidArgument(
                 f"the constraint cannot be enforced: {exc}", field="sampling.structured_output"
             ) from None
