@@ -106,6 +106,7 @@ def _seeds(path: Path, adapter: Path) -> dict[str, list[object]]:
         "UnloadModel": [pb.UnloadModelRequest(model=pb.ModelSelector(served_name="fuzz-load"))],
         "LoadAdapter": [pb.LoadAdapterRequest(base=SELECTOR, local_path=str(adapter), adapter_name="lora")],
         "UnloadAdapter": [pb.UnloadAdapterRequest(base=SELECTOR, adapter_name="lora")],
+        "Embed": [pb.EmbedRequest(model=SELECTOR, texts=["hello", "world"])],
     }
 
 
