@@ -78,9 +78,24 @@ class _RankEvents:
         )
 
     def checkpoint(self, step: int) -> None:
-        if self._rank == 0:
-            uri = checkpoint_uri(self._storage_path, self._job_id, step)
-            self._send({"time": time.time(), "kind": "checkpoint", "step": step, "uri": uri}, wait=True)
+        """Rank 0: report the checkpoint once Ray Train has committed it, so the event means what a
+        restarted group resumes from (a report is registered at the controller's next poll)."""
+        if self._rank != 0:
+            return
+        import ray.train
+
+        try:
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=_EVENT_TIMEOUT
+            )
+        except Exception as error:  # training goes on; the checkpoint is reported when it can be
+            message = f"checkpoint {step} not yet committed: {type(error).__name__}"
+            self._send(
+                {"time": time.time(), "kind": "log", "level": "warning", "message": message}, wait=True
+            )
+            return
+        uri = checkpoint_uri(self._storage_path, self._job_id, step)
+        self._send({"time": time.time(), "kind": "checkpoint", "step": step, "uri": uri}, wait=True)
 
     def _send(self, event: dict[str, Any], *, wait: bool) -> None:
         """To the coordinator; rank 0's job events wait, so they arrive in order."""

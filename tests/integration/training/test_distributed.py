@@ -22,7 +22,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,21 +111,33 @@ class Stack:
         return self.service.client
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RayCluster]:
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    root = tmp_path_factory.mktemp("ddp")
     # Ray Train registers a reported checkpoint when its controller next polls the workers (every
     # 2 s by default): polled often here, a worker killed after a checkpoint event resumes from it.
-    found = start_cluster(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    # The cluster starts while the registry does.
+    starting = asyncio.ensure_future(
+        asyncio.to_thread(start_cluster, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    )
     try:
-        yield found
+        registry = await start_registry(root / "registry", tmp_path_factory.getbasetemp())
+    except BaseException:
+        stop_cluster(await starting)
+        raise
+    try:
+        cluster = await starting
+    except BaseException:
+        await stop_registry(registry)
+        raise
+    try:
+        async for found in _stack(root, cluster, registry):
+            yield found
     finally:
-        stop_cluster(found)
+        stop_cluster(cluster)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory, cluster: RayCluster) -> AsyncIterator[Stack]:
-    root = tmp_path_factory.mktemp("ddp")
-    registry = await start_registry(root / "registry", tmp_path_factory.getbasetemp())
+async def _stack(root: Path, cluster: RayCluster, registry: RunningRegistry) -> AsyncIterator[Stack]:
     await upload_directory(
         registry.client,
         rpb.VersionMetadata(model_name="tiny", create_model=True, format=model_pb2.MODEL_FORMAT_FP32),
