@@ -14,7 +14,11 @@ Invariants, on a fresh stack (seeded: the same data, fine-tune and evaluation ev
   whose dvc.lock records them) and its MLflow run;
 * the quantization job measured perplexity on the pipeline's eval text, not its default text;
 * DVC pushed the data to its remote and pulls it back; a repeated deterministic request is answered
-  from the cache with the same text.
+  from the cache with the same text;
+* serving runs as two replicas behind the router: with the challenger on the second replica and alias
+  weights champion 90 / challenger 10, 200 requests with distinct session ids split within 7
+  percentage points of the weights (the draw is a hash of each session id: binomial standard
+  deviation 2.1 points over 200), and each replica answered exactly its version's requests.
 """
 
 from __future__ import annotations
@@ -120,3 +124,23 @@ def test_demo_promotes_the_best_variant_and_serves_it_with_its_lineage(demo_run:
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run([*dvc, "pull", "-q", "build"], cwd=pipeline, check=True, capture_output=True)
     assert sft.read_bytes() == expected
+
+
+def test_the_router_splits_traffic_between_two_replicas_by_alias_weights(demo_run: DemoRun) -> None:
+    result = demo_run.kept
+    split = result.split
+    champion, challenger = "assistant:1", result.reports["register"]["challenger"]
+    assert challenger != champion
+    assert split["weights"] == {"champion": 90, "challenger": 10}
+    assert split["versions"] == {"champion": champion, "challenger": challenger}
+    answered, total = split["per_version"], split["requests"]
+    assert total == 200 and sum(answered.values()) == total and set(answered) <= {champion, challenger}
+    assert abs(answered.get(challenger, 0) / total - 0.10) <= 0.07, answered
+    # both replicas answered, each the requests of the version it serves (none retried elsewhere)
+    per_replica = {name: count for name, (_, count) in split["per_replica"].items()}
+    assert per_replica == {"serving": answered[champion], "serving-2": answered[challenger]}
+    assert per_replica["serving"] > 0 and per_replica["serving-2"] > 0
+    # the table the demo printed
+    table = split["table"]
+    for text in (champion, challenger, "serving-2", f"{answered[challenger]:>8}"):
+        assert text in table, table

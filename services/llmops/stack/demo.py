@@ -13,7 +13,11 @@
 4. Load ``<model>@champion`` into serving on the engine the promotion named (vLLM for full
    precision, transformers for our INT8 format) and send requests: one streamed, one sent twice
    (the second is a cache hit).
-5. Print what happened (versions and lineage, eval numbers, quantization ratios, latencies, the
+5. The traffic split (with ``serving_replicas`` > 1: serving runs as replicas behind the router):
+   the second replica serves ``<model>@challenger``, the registry's alias weights are set (champion
+   90, challenger 10), ``split_requests`` requests with distinct session ids go through the router,
+   and a table shows the requests per replica and per version against the weights.
+6. Print what happened (versions and lineage, eval numbers, quantization ratios, latencies, the
    cache hit) and where to look next, then stop the stack (unless asked to keep it).
 """
 
@@ -48,6 +52,12 @@ class DemoOptions:
     prometheus: bool = True
     scrape_interval: str = "5s"
     mlflow_ui: bool = True
+    #: Serving replicas behind the router (1: serving alone, no router and no split).
+    serving_replicas: int = 2
+    #: Requests sent through the router to show the split (0: no split step).
+    split_requests: int = 200
+    #: Alias weights the split step sets: champion, challenger.
+    split_weights: tuple[int, int] = (90, 10)
 
 
 @dataclasses.dataclass
@@ -57,12 +67,14 @@ class DemoResult:
     reports: dict[str, dict[str, Any]]
     requests: list[dict[str, Any]]
     lineage: list[dict[str, Any]]
+    #: The split step's counts (:func:`llmops.stack.split_demo.show_split`); empty when skipped.
+    split: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _env(state: StackState) -> dict[str, str]:
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for part in state.parts:
-        if part.address and part.name not in ("redis",):
+        if part.address and part.name not in ("redis",) and "-" not in part.name:  # not serving-2...
             env[f"LLMOPS_{part.name.upper()}_ADDRESS"] = part.address
     return env
 
@@ -245,7 +257,26 @@ def run_loop(state: StackState, options: DemoOptions, say: Say = print) -> DemoR
     }
     requests = asyncio.run(_serve_and_ask(state, options, reports["promote"], say))
     lineage = asyncio.run(_lineage(state, options.model))
-    return DemoResult(state, base, reports, requests, lineage)
+    split: dict[str, Any] = {}
+    if (
+        options.split_requests > 0
+        and state.part("router") is not None
+        and state.part("serving-2") is not None
+    ):
+        from llmops.stack.split_demo import show_split
+
+        split = asyncio.run(
+            show_split(
+                state,
+                options.model,
+                options.split_weights,
+                options.split_requests,
+                _load,
+                say,
+                previous=int(str(reports["promote"].get("champion_before", ":0")).rsplit(":", 1)[1]),
+            )
+        )
+    return DemoResult(state, base, reports, requests, lineage, split)
 
 
 def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
@@ -261,6 +292,7 @@ def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
             prometheus=options.prometheus,
             scrape_interval=options.scrape_interval,
             mlflow_ui=options.mlflow_ui,
+            serving_replicas=options.serving_replicas,
             detached=options.keep_running,  # otherwise the stack dies with the demo, however it ends
         ),
         progress=say,
