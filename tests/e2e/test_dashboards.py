@@ -4,7 +4,10 @@ On the demo's stack (every service scraped every second by Prometheus from Debia
 rules loaded), a short headless Locust run with the mixed scenario (unary and streamed generation,
 cache hits, the control plane) and then: every PromQL expression of every dashboard panel, every
 dashboard variable and every recording rule returns data over the stack's lifetime, except the
-panels that read only kube-state-metrics (named here, so the list cannot grow unnoticed); the
+panels that read only kube-state-metrics and the router's retries, which only a replica failing
+before its first answer makes (both named here, so the lists cannot grow unnoticed). The load goes
+through the router in front of the two serving replicas, and one request for a model no replica
+serves is held until its deadline (the held-request, hold-time and error panels); the
 check itself reports a selector that matches nothing as empty; Prometheus loaded every recording
 rule and evaluates them without errors; the plot script draws the run's report from that
 Prometheus.
@@ -20,8 +23,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 
+from llmops.proto.common.v1 import generation_pb2 as generation_pb
+from llmops.proto.serving.v1 import serving_service_pb2 as serving_pb
+from llmops.proto.serving.v1 import serving_service_pb2_grpc as serving_grpc
 from llmops.stack import dashboards
 from llmops.stack.dashboards import Query, evaluate, instant, queries
 from tests.conftest import require_tool
@@ -32,6 +39,9 @@ from tests.e2e.conftest import REPO, DemoRun
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(2400)]
 #: Panels that need a Kubernetes cluster: replicas come from kube-state-metrics.
 CLUSTER_ONLY = {"serving.json panel 'Serving replicas' A", "serving.json panel 'Serving replicas' B"}
+#: Panels that show data only after a fault: a retry needs a replica that fails before its first
+#: answer (tests/integration/router/test_faults.py counts them on real replicas).
+FAULT_ONLY = {"router.json panel 'Errors and retries' B"}
 
 
 def _locust(demo_run: DemoRun, prefix: Path) -> subprocess.CompletedProcess[str]:
@@ -41,7 +51,8 @@ def _locust(demo_run: DemoRun, prefix: Path) -> subprocess.CompletedProcess[str]
         sys.executable, "-m", "locust", "-f", str(REPO / "loadtests" / "locustfile.py"),
         "--headless", "-u", "4", "-r", "4", "-t", "20s", "--only-summary",
         "--scenario", "mixed", "--max-tokens", "8",
-        "--serving", address["serving"], "--registry", address["registry"], "--training", address["training"],
+        # through the router, so its panels and the replicas' both see the load
+        "--serving", address.get("router", address["serving"]), "--registry", address["registry"], "--training", address["training"],
         "--csv", str(prefix), "--html", f"{prefix}.html",
     ]  # fmt: skip
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -57,12 +68,14 @@ def test_every_panel_and_recording_rule_shows_data_after_a_load(demo_run: DemoRu
     with (tmp_path / "run_stats.csv").open() as stats:
         rows = {row["Name"]: row for row in csv.DictReader(stats)}
     assert int(rows["Aggregated"]["Request Count"]) > 0 and rows["Aggregated"]["Failure Count"] == "0"
+    _held_until_deadline(address_of(demo_run, "router"))
     time.sleep(3)  # a scrape and a rule evaluation after the last request
 
     lifetime = time.time() - state.started_at + 30
     outcomes = evaluate(prometheus.url, queries(), {"namespace": "local"}, seconds=lifetime)
     shown = "\n".join(f"{o.status:8} {o.series:3} {o.query.where}: {o.error or o.promql}" for o in outcomes)
-    assert not [o for o in outcomes if o.status in ("empty", "error")], shown
+    missing = {o.query.where for o in outcomes if o.status in ("empty", "error")}
+    assert missing == FAULT_ONLY, shown
     assert {o.query.where for o in outcomes if o.status == "cluster"} == CLUSTER_ONLY, shown
     wheres = {o.query.where for o in outcomes}
     assert len(wheres) == len(outcomes) > 60  # every dashboard's panels and every rule, each once
@@ -87,6 +100,24 @@ def test_every_panel_and_recording_rule_shows_data_after_a_load(demo_run: DemoRu
     assert plots.returncode == 0, plots.stdout + plots.stderr
     assert len(list(report.glob("*.png"))) >= 4
     assert "<img" in (report / "index.html").read_text()
+
+
+def address_of(demo_run: DemoRun, name: str) -> str:
+    (part,) = [p for p in demo_run.result.state.parts if p.name == name]
+    return part.address
+
+
+def _held_until_deadline(router: str) -> None:
+    """A request for a model no replica serves waits in the router until its deadline."""
+    request = serving_pb.GenerateRequest(
+        model=serving_pb.ModelSelector(served_name="no-replica-serves-this"),
+        prompt=generation_pb.Prompt(text="hello"),
+    )
+    with grpc.insecure_channel(router) as channel:
+        stub = serving_grpc.ServingServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Generate(request, timeout=1.5)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def _loaded_rules(prometheus: str) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from llmops.proto.router.v1 import router_service_pb2_grpc as rpb_grpc
 from llmops.proto.serving.v1 import serving_service_pb2_grpc as pb_grpc
 from llmops.router.cached import FrontCache
 from llmops.router.discovery import Discovery, DnsDiscovery, StaticDiscovery
-from llmops.router.endpoints import Endpoint, EndpointPool
+from llmops.router.endpoints import Endpoint, EndpointPool, EndpointState
 from llmops.router.grpc_app import ROUTER_SERVICE_NAME, SERVING_SERVICE_NAME, RouterAdmin, ServingProxy
 from llmops.router.http_app import AuthHook, create_http_app
 from llmops.router.metrics import RouterMetrics
@@ -91,6 +92,9 @@ class RouterApp(ServiceApp):
         self.pool = EndpointPool(
             load_interval_ms=s.load_interval_ms, stale_ms=s.stale_ms, on_report=self._reported
         )
+        # Replicas by state, counted when Prometheus scrapes (no bookkeeping on every state change).
+        for state in EndpointState:
+            self.metrics.endpoints.labels(state.value).set_function(functools.partial(self._count, state))
         self.cache: ResponseCache | None = None
         front = None
         if settings.redis_url and s.cache_in_front:
@@ -112,6 +116,9 @@ class RouterApp(ServiceApp):
         self._http_server: _QuietServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self.admin = RouterAdmin(self.router, s.discovery)
+
+    def _count(self, state: EndpointState) -> int:
+        return sum(e.state is state for e in list(self.pool.endpoints.values()))
 
     def _reported(self, endpoint: Endpoint) -> None:
         for slot in endpoint.models.values():

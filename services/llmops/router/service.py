@@ -32,7 +32,7 @@ import grpc
 
 from llmops.common.clients import API_KEY_METADATA, TrafficSplit, translate
 from llmops.common.domain import ResolvedModel
-from llmops.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from llmops.common.errors import DeadlineExceeded, InvalidArgument, LLMOpsError, Unavailable
 from llmops.common.settings import RouterSection
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
 from llmops.router.cached import FrontCache, request_key
@@ -295,9 +295,18 @@ class Router:
 
     # --- calls -------------------------------------------------------------------------------------
 
+    async def _first(self, route: Route, *, counted: bool) -> Decision:
+        """The first replica; a generation that finds none (held past its deadline) is counted too."""
+        try:
+            return await self.pick(route, set())
+        except LLMOpsError as exc:
+            if counted:
+                self.answered(route, None, exc.code.name)
+            raise
+
     async def unary(self, method: str, request: Any, route: Route) -> Any:
         """Forward a unary call (Generate, Tokenize, Detokenize, Embed); Generate meets the cache first."""
-        first = await self.pick(route, set())
+        first = await self._first(route, counted=method == "Generate")
         if method == "Generate" and self.front is not None:
             model = first.slot.model
             key = request_key(request, model)
@@ -345,7 +354,7 @@ class Router:
 
     async def stream(self, request: pb.GenerateStreamRequest, route: Route) -> AsyncIterator[Any]:
         """Forward GenerateStream: retried elsewhere before the first message, UNAVAILABLE after."""
-        first = await self.pick(route, set())
+        first = await self._first(route, counted=True)
         model = first.slot.model
         key = request_key(request, model) if self.front is not None else None
         if key is not None and model is not None and self.front is not None:

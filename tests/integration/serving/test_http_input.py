@@ -158,7 +158,7 @@ async def test_bodies_that_are_no_json_object_are_400s(connection: Connection, b
 
 
 async def test_unknown_paths_and_methods_answer_in_openai_shape(connection: Connection) -> None:
-    await connection.send(request("POST", "/v1/embeddings", b"{}"))
+    await connection.send(request("POST", "/v1/images/generations", b"{}"))
     assert _error(await connection.reply(), 404)["code"] == "not_found"
     await connection.send(request("GET", COMPLETIONS))
     assert _error(await connection.reply(), 405)["code"] == "method_not_allowed"
