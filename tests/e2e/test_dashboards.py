@@ -116,8 +116,9 @@ def _held_until_deadline(router: str) -> None:
     with grpc.insecure_channel(router) as channel:
         stub = serving_grpc.ServingServiceStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
-            stub.Generate(request, timeout=1.5)
+            stub.Generate(request, timeout=3.0)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "became ready before the deadline" in (raised.value.details() or "")  # the router's answer
 
 
 def _loaded_rules(prometheus: str) -> dict[str, str]:
