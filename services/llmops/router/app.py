@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import logging
-import socket
 from collections.abc import Sequence
-from typing import Any
 
-import uvicorn
-from fastapi import Request
 from prometheus_client import CollectorRegistry
 
 from llmops.common.access import Access
 from llmops.common.app import ServiceApp
-from llmops.common.auth import Identity
 from llmops.common.clients import RegistryClient
 from llmops.common.errors import InvalidArgument
+from llmops.common.http_server import HttpServer, bearer_auth
 from llmops.common.response_cache.cache import ResponseCache
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import RouterSection, Settings
@@ -28,7 +22,7 @@ from llmops.router.cached import FrontCache
 from llmops.router.discovery import Discovery, DnsDiscovery, StaticDiscovery
 from llmops.router.endpoints import Endpoint, EndpointPool, EndpointState
 from llmops.router.grpc_app import ROUTER_SERVICE_NAME, SERVING_SERVICE_NAME, RouterAdmin, ServingProxy
-from llmops.router.http_app import AuthHook, create_http_app
+from llmops.router.http_app import create_http_app
 from llmops.router.metrics import RouterMetrics
 from llmops.router.service import Router
 from llmops.router.split import AliasSplitter
@@ -56,30 +50,6 @@ def build_discovery(settings: RouterSection, pool: EndpointPool) -> Discovery:
     return KubernetesDiscovery(
         pool, settings.kubernetes_service, settings.kubernetes_namespace, settings.replica_port
     )
-
-
-def _http_auth(access: Access) -> AuthHook | None:
-    """``Authorization: Bearer <key>`` checked with the gRPC API's keys and limiter."""
-    authenticator, limiter = access.authenticator, access.limiter
-    if not authenticator.enabled:
-        return None
-
-    async def check(request: Request) -> Identity | None:
-        method = "ListModels" if request.url.path.rstrip("/") == "/v1/models" else "Generate"
-        identity = authenticator.check(request.headers.items(), SERVING_SERVICE_NAME, method)
-        if limiter is not None:
-            await limiter.admit_request(identity)
-        return identity
-
-    return check
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the gRPC runtime owns SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
 
 
 class RouterApp(ServiceApp):
@@ -111,10 +81,9 @@ class RouterApp(ServiceApp):
         self.discovery: Discovery = build_discovery(s, self.pool)
         self.proxy = ServingProxy(self.router)
         self._access = Access.from_settings(settings)
-        self.http = create_http_app(self.router, auth=_http_auth(self._access))
+        self.http = create_http_app(self.router, auth=bearer_auth(self._access, SERVING_SERVICE_NAME))
         self.http_port: int | None = None
-        self._http_server: _QuietServer | None = None
-        self._http_task: asyncio.Task[None] | None = None
+        self._http_server = HttpServer(self.http, "router")
         self.admin = RouterAdmin(self.router, s.discovery)
 
     def _count(self, state: EndpointState) -> int:
@@ -151,41 +120,20 @@ class RouterApp(ServiceApp):
 
     async def start_http(self) -> int:
         """Serve the OpenAI API (TLS with the server's certificate when one is set); returns the port."""
-        host = self.settings.host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY (see serving)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, self.settings.router.http_port))
-        sock.listen(1024)
-        sock.setblocking(False)
-        self.http_port = int(sock.getsockname()[1])
-        tls = self.settings.tls_cert_file is not None and self.settings.tls_key_file is not None
-        config = uvicorn.Config(
-            self.http,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            ssl_certfile=str(self.settings.tls_cert_file) if tls else None,
-            ssl_keyfile=str(self.settings.tls_key_file) if tls else None,
-            timeout_graceful_shutdown=int(self.settings.grace_seconds) or None,
+        self.http_port = await self._http_server.start(
+            self.settings.host,
+            self.settings.router.http_port,
+            grace_seconds=self.settings.grace_seconds,
+            tls_cert_file=self.settings.tls_cert_file,
+            tls_key_file=self.settings.tls_key_file,
         )
-        self._http_server = _QuietServer(config)
-        self._http_task = asyncio.create_task(self._http_server.serve(sockets=[sock]), name="router-http")
-        while not self._http_server.started:
-            if self._http_task.done():
-                self._http_task.result()
-            await asyncio.sleep(0.01)
-        log.info("OpenAI-compatible HTTP API on %s:%d%s", host, self.http_port, " (TLS)" if tls else "")
         return self.http_port
 
     def access(self) -> Access:
         return self._access
 
     async def close(self) -> None:
-        if self._http_server is not None and self._http_task is not None:
-            self._http_server.should_exit = True
-            with contextlib.suppress(Exception):
-                await self._http_task
+        await self._http_server.stop()
         await self.http.state.http_client.aclose()
         await self.discovery.close()
         await self.pool.close()

@@ -13,20 +13,19 @@ Generate; HTTP requests meet the replica's own cache.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from llmops.common.auth import Identity
 from llmops.common.errors import InvalidArgument, LLMOpsError, Unavailable
+from llmops.common.http_server import AuthHook
 from llmops.proto.common.v1 import generation_pb2
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
 from llmops.router.service import Router
 
-AuthHook = Callable[[Request], Awaitable[Identity | None]]
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "host"}
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,

@@ -9,22 +9,17 @@ only while a model is READY. With ``redis_url`` set, generation goes through the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import logging
-import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import uvicorn
-from fastapi import Request
 from prometheus_client import CollectorRegistry
 
 from llmops.common.access import Access
 from llmops.common.app import ServiceApp
-from llmops.common.auth import Identity
 from llmops.common.errors import InvalidArgument
+from llmops.common.http_server import HttpServer, bearer_auth
 from llmops.common.response_cache.cache import ResponseCache
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import Settings
@@ -88,32 +83,6 @@ def startup_load_request(settings: Settings) -> LoadRequest | None:
     )
 
 
-def http_auth(access: Access) -> AuthHook | None:
-    """The OpenAI API's check of ``Authorization: Bearer <key>``, as gRPC's (the same keys and
-    limiter): ``/v1/models`` is ListModels, the rest is Generate; each request takes one from the
-    tenant's request budget."""
-    authenticator, limiter = access.authenticator, access.limiter
-    if not authenticator.enabled:
-        return None
-
-    async def check(request: Request) -> Identity | None:
-        method = "ListModels" if request.url.path.rstrip("/") == "/v1/models" else "Generate"
-        identity = authenticator.check(request.headers.items(), SERVICE_NAME, method)
-        if limiter is not None:
-            await limiter.admit_request(identity)
-        return identity
-
-    return check
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the gRPC runtime owns SIGTERM and drains both."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
-
-
 class ServingApp(ServiceApp):
     """The serving service hosted on the shared runtime, plus its HTTP server."""
 
@@ -159,9 +128,11 @@ class ServingApp(ServiceApp):
         )
         registry.register(EngineMetricsBridge(shim, self.service.refresh_engine_gauges))
         self.servicer = ServingServicer(self.service, http_port=lambda: self.http_port)
-        self.http = create_http_app(self.service, auth=auth if auth is not None else http_auth(self._access))
+        self.http = create_http_app(
+            self.service, auth=auth if auth is not None else bearer_auth(self._access, SERVICE_NAME)
+        )
         self._http_host = http_host or settings.host
-        self._http_server: _QuietServer | None = None
+        self._http_server = HttpServer(self.http, "serving")
         self._http_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None
 
@@ -187,38 +158,14 @@ class ServingApp(ServiceApp):
 
     async def start_http(self) -> int:
         """Serve the OpenAI API; returns the bound port."""
-        family = socket.AF_INET6 if ":" in self._http_host else socket.AF_INET
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
-        # without it Nagle's algorithm meets the client's delayed ACK (+40 ms per response).
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self._http_host, self.settings.serving.http_port))
-        sock.listen(1024)
-        sock.setblocking(False)
-        self.http_port = int(sock.getsockname()[1])
-        config = uvicorn.Config(
-            self.http,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=int(self.settings.grace_seconds) or None,
+        self.http_port = await self._http_server.start(
+            self._http_host, self.settings.serving.http_port, grace_seconds=self.settings.grace_seconds
         )
-        self._http_server = _QuietServer(config)
-        self._http_task = asyncio.create_task(self._http_server.serve(sockets=[sock]), name="serving-http")
-        while not self._http_server.started:
-            if self._http_task.done():
-                self._http_task.result()  # raises the start-up error
-            await asyncio.sleep(0.01)
-        log.info("OpenAI-compatible HTTP API on %s:%d", self._http_host, self.http_port)
         return self.http_port
 
     async def stop_http(self) -> None:
         """Stop accepting HTTP requests and let open ones finish (up to the grace period)."""
-        if self._http_server is not None and self._http_task is not None:
-            self._http_server.should_exit = True
-            with contextlib.suppress(Exception):
-                await self._http_task
-        self._http_server = self._http_task = None
+        await self._http_server.stop()
 
     def access(self) -> Access:
         return self._access

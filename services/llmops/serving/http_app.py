@@ -33,8 +33,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from llmops.common.auth import Identity, acting_as
+from llmops.common.auth import acting_as
 from llmops.common.errors import InvalidArgument, LLMOpsError, NotFound
+from llmops.common.http_server import AuthHook
 from llmops.serving.domain import (
     Completion,
     CompletionDelta,
@@ -56,7 +57,6 @@ from llmops.serving.http_guard import MAX_BODY_BYTES, Guard, error_body, error_h
 from llmops.serving.openai_schema import ChatBody, CompletionBody, EmbeddingBody
 from llmops.serving.service import ServingService
 
-AuthHook = Callable[[Request], Awaitable[Identity | None]]
 __all__ = ["AuthHook", "create_http_app", "error_body"]
 
 
