@@ -226,6 +226,15 @@ class ServingSection(ServiceEndpoint):
     served_name: str | None = Field(
         default=None, description="Name requests use for the start-up model; unset: the model or folder name."
     )
+    pool: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        description=(
+            "Serving pool this replica belongs to (e.g. champion, challenger): the registry's pool record for "
+            "(model, pool) decides the version it serves and rolls the pool's replicas one at a time when it "
+            "changes. Unset: the replica serves its model on its own (follow_alias reloads)."
+        ),
+    )
     engine: Literal["vllm", "transformers", "tensorrt_llm"] = Field(
         default="vllm", description="Engine used for models loaded without an explicit engine."
     )
