@@ -57,6 +57,32 @@ record, never usable.
 """
 Global___VersionStatus: _TypeAlias = VersionStatus  # noqa: Y015
 
+class _ArtifactAccess:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ArtifactAccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArtifactAccess.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ARTIFACT_ACCESS_UNSPECIFIED: _ArtifactAccess.ValueType  # 0
+    ARTIFACT_ACCESS_SHARED_PATH: _ArtifactAccess.ValueType  # 1
+    """A folder on a filesystem artifact store; readers mount it (read-only) and map shared_root to
+    their mount point.
+    """
+    ARTIFACT_ACCESS_PRESIGNED_URL: _ArtifactAccess.ValueType  # 2
+    """Presigned HTTPS (or HTTP) GET URLs of an S3-compatible object store, valid until expires_at."""
+
+class ArtifactAccess(_ArtifactAccess, metaclass=_ArtifactAccessEnumTypeWrapper):
+    """ArtifactAccess is how the files of a version can be read directly."""
+
+ARTIFACT_ACCESS_UNSPECIFIED: ArtifactAccess.ValueType  # 0
+ARTIFACT_ACCESS_SHARED_PATH: ArtifactAccess.ValueType  # 1
+"""A folder on a filesystem artifact store; readers mount it (read-only) and map shared_root to
+their mount point.
+"""
+ARTIFACT_ACCESS_PRESIGNED_URL: ArtifactAccess.ValueType  # 2
+"""Presigned HTTPS (or HTTP) GET URLs of an S3-compatible object store, valid until expires_at."""
+Global___ArtifactAccess: _TypeAlias = ArtifactAccess  # noqa: Y015
+
 @_typing.final
 class Model(_message.Message):
     """Model is a named series of versions."""
@@ -1681,6 +1707,114 @@ class DownloadArtifactResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DownloadArtifactResponse: _TypeAlias = DownloadArtifactResponse  # noqa: Y015
+
+@_typing.final
+class GetArtifactLocationsRequest(_message.Message):
+    """GetArtifactLocationsRequest names a version (an alias or "latest" is resolved now)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    URL_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    url_ttl_seconds: _builtins.int
+    """How long presigned URLs stay valid, in seconds, in [0, 604800]; 0 means the registry's
+    default (registry.presign_seconds). Ignored for shared paths.
+    """
+    @_builtins.property
+    def model(self) -> _model_pb2.ModelRef:
+        """The version; must be READY."""
+
+    def __init__(
+        self,
+        *,
+        model: _model_pb2.ModelRef | None = ...,
+        url_ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "url_ttl_seconds", b"url_ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetArtifactLocationsRequest: _TypeAlias = GetArtifactLocationsRequest  # noqa: Y015
+
+@_typing.final
+class ArtifactLocation(_message.Message):
+    """ArtifactLocation is one file of the version and where to read it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    SHARED_PATH_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    shared_path: _builtins.str
+    url: _builtins.str
+    @_builtins.property
+    def file(self) -> Global___ManifestFile:
+        """Manifest path, size and sha256 of the file."""
+
+    def __init__(
+        self,
+        *,
+        file: Global___ManifestFile | None = ...,
+        shared_path: _builtins.str = ...,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "shared_path", b"shared_path", "url", b"url", "where", b"where"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "shared_path", b"shared_path", "url", b"url", "where", b"where"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_where: _TypeAlias = _typing.Literal["shared_path", "url"]  # noqa: Y015
+    _WhichOneofArgType_where: _TypeAlias = _typing.Literal["where", b"where"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_where) -> _WhichOneofReturnType_where | None: ...
+
+Global___ArtifactLocation: _TypeAlias = ArtifactLocation  # noqa: Y015
+
+@_typing.final
+class GetArtifactLocationsResponse(_message.Message):
+    """GetArtifactLocationsResponse is the version and where each of its files is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ACCESS_FIELD_NUMBER: _builtins.int
+    SHARED_ROOT_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    access: Global___ArtifactAccess.ValueType
+    """How the files are read."""
+    shared_root: _builtins.str
+    """SHARED_PATH: the artifact store's root folder as the registry sees it (the prefix of every
+    shared_path), which a reader replaces with its own mount point; empty otherwise.
+    """
+    @_builtins.property
+    def version(self) -> Global___ModelVersion:
+        """The version, with its manifest and manifest_sha256."""
+
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactLocation]:
+        """Every file of the manifest, sorted by path."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """PRESIGNED_URL: when the URLs stop working; unset for shared paths."""
+
+    def __init__(
+        self,
+        *,
+        version: Global___ModelVersion | None = ...,
+        access: Global___ArtifactAccess.ValueType = ...,
+        shared_root: _builtins.str = ...,
+        files: _abc.Iterable[Global___ArtifactLocation] | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "version", b"version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "expires_at", b"expires_at", "files", b"files", "shared_root", b"shared_root", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetArtifactLocationsResponse: _TypeAlias = GetArtifactLocationsResponse  # noqa: Y015
 
 @_typing.final
 class GetLineageRequest(_message.Message):

@@ -109,6 +109,11 @@ class RegistryServiceStub:
                 request_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.DownloadArtifactResponse.FromString,
                 _registered_method=True)
+        self.GetArtifactLocations = channel.unary_unary(
+                '/llmops.registry.v1.RegistryService/GetArtifactLocations',
+                request_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetArtifactLocationsRequest.SerializeToString,
+                response_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetArtifactLocationsResponse.FromString,
+                _registered_method=True)
         self.GetLineage = channel.unary_unary(
                 '/llmops.registry.v1.RegistryService/GetLineage',
                 request_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetLineageRequest.SerializeToString,
@@ -238,6 +243,18 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetArtifactLocations(self, request, context):
+        """GetArtifactLocations says where a READY version's files can be read directly, without
+        streaming them through the registry: a folder on a volume the reader mounts (a filesystem
+        artifact store) or presigned HTTPS GET URLs of an S3-compatible store, each file with its
+        sha256 so the reader verifies what it read. NOT_FOUND for an unknown version,
+        FAILED_PRECONDITION when it is not READY, has no manifest, or its store cannot be read
+        directly (then DownloadArtifact is the only way).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetLineage(self, request, context):
         """GetLineage returns the chain of versions from the given one back to its root, following
         lineage.parent.
@@ -318,6 +335,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.DownloadArtifactResponse.SerializeToString,
+            ),
+            'GetArtifactLocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetArtifactLocations,
+                    request_deserializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetArtifactLocationsRequest.FromString,
+                    response_serializer=llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetArtifactLocationsResponse.SerializeToString,
             ),
             'GetLineage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLineage,
@@ -708,6 +730,33 @@ class RegistryService:
             '/llmops.registry.v1.RegistryService/DownloadArtifact',
             llmops_dot_registry_dot_v1_dot_registry__service__pb2.DownloadArtifactRequest.SerializeToString,
             llmops_dot_registry_dot_v1_dot_registry__service__pb2.DownloadArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifactLocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmops.registry.v1.RegistryService/GetArtifactLocations',
+            llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetArtifactLocationsRequest.SerializeToString,
+            llmops_dot_registry_dot_v1_dot_registry__service__pb2.GetArtifactLocationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

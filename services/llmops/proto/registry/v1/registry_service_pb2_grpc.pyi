@@ -90,6 +90,14 @@ class RegistryServiceStub:
     does not match its manifest sha256; the client should check the sha256 sent with each file's
     last chunk too.
     """
+    GetArtifactLocations: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetArtifactLocationsRequest, _registry_service_pb2.GetArtifactLocationsResponse]
+    """GetArtifactLocations says where a READY version's files can be read directly, without
+    streaming them through the registry: a folder on a volume the reader mounts (a filesystem
+    artifact store) or presigned HTTPS GET URLs of an S3-compatible store, each file with its
+    sha256 so the reader verifies what it read. NOT_FOUND for an unknown version,
+    FAILED_PRECONDITION when it is not READY, has no manifest, or its store cannot be read
+    directly (then DownloadArtifact is the only way).
+    """
     GetLineage: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetLineageRequest, _registry_service_pb2.GetLineageResponse]
     """GetLineage returns the chain of versions from the given one back to its root, following
     lineage.parent.
@@ -154,6 +162,14 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     order. The server hashes each file as it reads it and ends the call with DATA_LOSS if a file
     does not match its manifest sha256; the client should check the sha256 sent with each file's
     last chunk too.
+    """
+    GetArtifactLocations: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetArtifactLocationsRequest, _registry_service_pb2.GetArtifactLocationsResponse]  # type: ignore[assignment]
+    """GetArtifactLocations says where a READY version's files can be read directly, without
+    streaming them through the registry: a folder on a volume the reader mounts (a filesystem
+    artifact store) or presigned HTTPS GET URLs of an S3-compatible store, each file with its
+    sha256 so the reader verifies what it read. NOT_FOUND for an unknown version,
+    FAILED_PRECONDITION when it is not READY, has no manifest, or its store cannot be read
+    directly (then DownloadArtifact is the only way).
     """
     GetLineage: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetLineageRequest, _registry_service_pb2.GetLineageResponse]  # type: ignore[assignment]
     """GetLineage returns the chain of versions from the given one back to its root, following
@@ -300,6 +316,20 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         order. The server hashes each file as it reads it and ends the call with DATA_LOSS if a file
         does not match its manifest sha256; the client should check the sha256 sent with each file's
         last chunk too.
+        """
+
+    @_abc_1.abstractmethod
+    def GetArtifactLocations(
+        self,
+        request: _registry_service_pb2.GetArtifactLocationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.GetArtifactLocationsResponse, _abc.Awaitable[_registry_service_pb2.GetArtifactLocationsResponse]]:
+        """GetArtifactLocations says where a READY version's files can be read directly, without
+        streaming them through the registry: a folder on a volume the reader mounts (a filesystem
+        artifact store) or presigned HTTPS GET URLs of an S3-compatible store, each file with its
+        sha256 so the reader verifies what it read. NOT_FOUND for an unknown version,
+        FAILED_PRECONDITION when it is not READY, has no manifest, or its store cannot be read
+        directly (then DownloadArtifact is the only way).
         """
 
     @_abc_1.abstractmethod
