@@ -157,12 +157,22 @@ def test_packages_match_folders(files: list[descriptor_pb2.FileDescriptorProto])
         assert f.syntax == "proto3", f.name
         area = f.package.split(".")[1]
         if f.service:
-            assert f.name == f"llmops/{area}/v1/{area}_service.proto", f.name
+            # One service per file, named after it: registry_service.proto holds RegistryService;
+            # a service's package may host more (registry/v1/rollout_service.proto: RolloutService).
+            stem = f.name.rsplit("/", 1)[1].removesuffix("_service.proto")
+            assert f.name == f"llmops/{area}/v1/{stem}_service.proto", f.name
             assert len(f.service) == 1, f.name
+            assert f.service[0].name == stem.title().replace("_", "") + "Service", f.name
 
 
 def test_all_five_services_exist(files: list[descriptor_pb2.FileDescriptorProto]) -> None:
-    services = sorted(f"{f.package}.{s.name}" for f in files for s in f.service)
+    # the six main services; further ones live in their packages (the registry hosts RolloutService)
+    services = sorted(
+        f"{f.package}.{s.name}"
+        for f in files
+        for s in f.service
+        if f.name.endswith(f"/{f.package.split('.')[1]}_service.proto")
+    )
     assert services == [
         "llmops.cache.v1.CacheService",
         "llmops.quantization.v1.QuantizationService",

@@ -446,3 +446,121 @@ class GetPolicyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPolicyResponse: _TypeAlias = GetPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetVersionStatsRequest(_message.Message):
+    """GetVersionStatsRequest asks for per-version SLIs of one model over a recent window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """The registry model name; empty: every model."""
+    window_seconds: _builtins.float
+    """Length of the window ending now, in seconds (0: the router's whole retention, 600 s by
+    default; longer windows are cut to the retention).
+    """
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        window_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetVersionStatsRequest: _TypeAlias = GetVersionStatsRequest  # noqa: Y015
+
+@_typing.final
+class VersionStats(_message.Message):
+    """VersionStats is one version's SLIs over the window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    ERROR_RATIO_FIELD_NUMBER: _builtins.int
+    TTFT_SAMPLES_FIELD_NUMBER: _builtins.int
+    TTFT_P50_SECONDS_FIELD_NUMBER: _builtins.int
+    TTFT_P95_SECONDS_FIELD_NUMBER: _builtins.int
+    INTER_TOKEN_SAMPLES_FIELD_NUMBER: _builtins.int
+    INTER_TOKEN_P50_SECONDS_FIELD_NUMBER: _builtins.int
+    INTER_TOKEN_P95_SECONDS_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    """Attempts answered (or failed) by a replica of this version."""
+    errors: _builtins.int
+    """Of those, server-side failures (INTERNAL, UNKNOWN, UNAVAILABLE, RESOURCE_EXHAUSTED,
+    DEADLINE_EXCEEDED, DATA_LOSS); caller mistakes do not count.
+    """
+    error_ratio: _builtins.float
+    """errors / requests (0 without requests)."""
+    ttft_samples: _builtins.int
+    """Streams whose first token arrived (time-to-first-token samples)."""
+    ttft_p50_seconds: _builtins.float
+    """Median time to first token."""
+    ttft_p95_seconds: _builtins.float
+    """95th percentile of time to first token."""
+    inter_token_samples: _builtins.int
+    """Inter-token samples (one per streamed delta after the first, divided by its tokens)."""
+    inter_token_p50_seconds: _builtins.float
+    """Median inter-token latency."""
+    inter_token_p95_seconds: _builtins.float
+    """95th percentile of inter-token latency."""
+    @_builtins.property
+    def model(self) -> _model_pb2.ResolvedModel:
+        """The model version (alias unset)."""
+
+    def __init__(
+        self,
+        *,
+        model: _model_pb2.ResolvedModel | None = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        error_ratio: _builtins.float = ...,
+        ttft_samples: _builtins.int = ...,
+        ttft_p50_seconds: _builtins.float = ...,
+        ttft_p95_seconds: _builtins.float = ...,
+        inter_token_samples: _builtins.int = ...,
+        inter_token_p50_seconds: _builtins.float = ...,
+        inter_token_p95_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_ratio", b"error_ratio", "errors", b"errors", "inter_token_p50_seconds", b"inter_token_p50_seconds", "inter_token_p95_seconds", b"inter_token_p95_seconds", "inter_token_samples", b"inter_token_samples", "model", b"model", "requests", b"requests", "ttft_p50_seconds", b"ttft_p50_seconds", "ttft_p95_seconds", b"ttft_p95_seconds", "ttft_samples", b"ttft_samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionStats: _TypeAlias = VersionStats  # noqa: Y015
+
+@_typing.final
+class GetVersionStatsResponse(_message.Message):
+    """GetVersionStatsResponse holds per-version SLIs, sorted by model and version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    window_seconds: _builtins.float
+    """The window actually covered, in seconds."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionStats]:
+        """The versions with at least one request in the window."""
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___VersionStats] | None = ...,
+        window_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetVersionStatsResponse: _TypeAlias = GetVersionStatsResponse  # noqa: Y015

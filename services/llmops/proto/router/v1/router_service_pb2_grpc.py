@@ -50,6 +50,11 @@ class RouterServiceStub:
                 request_serializer=llmops_dot_router_dot_v1_dot_router__service__pb2.GetPolicyRequest.SerializeToString,
                 response_deserializer=llmops_dot_router_dot_v1_dot_router__service__pb2.GetPolicyResponse.FromString,
                 _registered_method=True)
+        self.GetVersionStats = channel.unary_unary(
+                '/llmops.router.v1.RouterService/GetVersionStats',
+                request_serializer=llmops_dot_router_dot_v1_dot_router__service__pb2.GetVersionStatsRequest.SerializeToString,
+                response_deserializer=llmops_dot_router_dot_v1_dot_router__service__pb2.GetVersionStatsResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -77,6 +82,14 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetVersionStats(self, request, context):
+        """GetVersionStats returns each version's SLIs (TTFT, inter-token latency, errors) over the last
+        window_seconds, as this router measured them: what a rollout controller judges a step on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +107,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.GetPolicy,
                     request_deserializer=llmops_dot_router_dot_v1_dot_router__service__pb2.GetPolicyRequest.FromString,
                     response_serializer=llmops_dot_router_dot_v1_dot_router__service__pb2.GetPolicyResponse.SerializeToString,
+            ),
+            'GetVersionStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVersionStats,
+                    request_deserializer=llmops_dot_router_dot_v1_dot_router__service__pb2.GetVersionStatsRequest.FromString,
+                    response_serializer=llmops_dot_router_dot_v1_dot_router__service__pb2.GetVersionStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class RouterService:
             '/llmops.router.v1.RouterService/GetPolicy',
             llmops_dot_router_dot_v1_dot_router__service__pb2.GetPolicyRequest.SerializeToString,
             llmops_dot_router_dot_v1_dot_router__service__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVersionStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmops.router.v1.RouterService/GetVersionStats',
+            llmops_dot_router_dot_v1_dot_router__service__pb2.GetVersionStatsRequest.SerializeToString,
+            llmops_dot_router_dot_v1_dot_router__service__pb2.GetVersionStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

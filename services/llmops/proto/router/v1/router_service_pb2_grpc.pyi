@@ -42,6 +42,10 @@ class RouterServiceStub:
     """GetStats returns routing statistics since the router started."""
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.GetPolicyRequest, _router_service_pb2.GetPolicyResponse]
     """GetPolicy returns the routing policy in force and its parameters."""
+    GetVersionStats: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.GetVersionStatsRequest, _router_service_pb2.GetVersionStatsResponse]
+    """GetVersionStats returns each version's SLIs (TTFT, inter-token latency, errors) over the last
+    window_seconds, as this router measured them: what a rollout controller judges a step on.
+    """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -54,6 +58,10 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """GetStats returns routing statistics since the router started."""
     GetPolicy: _aio.UnaryUnaryMultiCallable[_router_service_pb2.GetPolicyRequest, _router_service_pb2.GetPolicyResponse]  # type: ignore[assignment]
     """GetPolicy returns the routing policy in force and its parameters."""
+    GetVersionStats: _aio.UnaryUnaryMultiCallable[_router_service_pb2.GetVersionStatsRequest, _router_service_pb2.GetVersionStatsResponse]  # type: ignore[assignment]
+    """GetVersionStats returns each version's SLIs (TTFT, inter-token latency, errors) over the last
+    window_seconds, as this router measured them: what a rollout controller judges a step on.
+    """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     """RouterService is the router's admin API."""
@@ -81,5 +89,15 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.GetPolicyResponse, _abc.Awaitable[_router_service_pb2.GetPolicyResponse]]:
         """GetPolicy returns the routing policy in force and its parameters."""
+
+    @_abc_1.abstractmethod
+    def GetVersionStats(
+        self,
+        request: _router_service_pb2.GetVersionStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.GetVersionStatsResponse, _abc.Awaitable[_router_service_pb2.GetVersionStatsResponse]]:
+        """GetVersionStats returns each version's SLIs (TTFT, inter-token latency, errors) over the last
+        window_seconds, as this router measured them: what a rollout controller judges a step on.
+        """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
