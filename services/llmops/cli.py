@@ -129,6 +129,10 @@ def serve(
             console.print(f"[red]error:[/red] {service}: {type(exc).__name__}: {exc}", highlight=False)
             raise typer.Exit(2) from None
         typer.echo(f"llmops {service}: settings and app graph OK ({', '.join(hosted)})")
+        if service == "serving" and settings.serving.faults.enabled:
+            typer.echo(
+                f"WARNING: fault injection is on (serving.faults): {settings.serving.faults.describe()}"
+            )
         return
     configure_logging(settings.log_level, settings.log_format)
     section = settings.section(service)  # type: ignore[arg-type]

@@ -2,7 +2,8 @@
 
 Values come from (lowest to highest priority) the defaults here, a YAML file (``from_file`` or the
 ``LLMOPS_CONFIG_FILE`` variable), and ``LLMOPS_*`` environment variables. A top-level field ``x`` is
-``LLMOPS_X``; a field ``y`` of the section ``serving`` is ``LLMOPS_SERVING_Y``. Unknown keys in the
+``LLMOPS_X``; a field ``y`` of the section ``serving`` is ``LLMOPS_SERVING_Y`` (a field ``z`` of a model
+``y`` inside it, ``LLMOPS_SERVING_Y__Z``; or the whole of ``y`` as JSON). Unknown keys in the
 file and unknown ``LLMOPS_*`` variables are rejected as typos, and a bad value stops start-up with a
 :class:`SettingsError` that names the variable or key.
 """
@@ -212,6 +213,46 @@ class QuantizationSection(JobServiceSection):
     )
 
 
+class ServingFaults(_Model):
+    """Fault injection: a testing feature, off by default (every field 0).
+
+    Makes a serving replica worse on purpose, to test what watches it (rollout SLO gates, the
+    router's error accounting, alerts): every generation waits ``ttft_delay_ms`` before its first
+    token and ``inter_token_delay_ms`` before each later one, and a share ``error_ratio`` of
+    generations (drawn from a random generator seeded with ``seed``) fail before their first token
+    with INTERNAL (``injected fault``): a server error the router counts, does not retry on another
+    replica and does not take for a dead replica. Environment:
+    ``LLMOPS_SERVING_FAULTS__TTFT_DELAY_MS=200`` (or ``LLMOPS_SERVING_FAULTS='{"error_ratio": 0.2}'``).
+    A replica with faults on logs a warning at start and ``llmops serve serving --check`` says so.
+    """
+
+    ttft_delay_ms: float = Field(
+        default=0.0, ge=0, le=600_000, description="Added before the first token (ms)."
+    )
+    inter_token_delay_ms: float = Field(
+        default=0.0, ge=0, le=60_000, description="Added before each token after the first (ms)."
+    )
+    error_ratio: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of generations failed with INTERNAL before their first token.",
+    )
+    seed: int = Field(default=0, description="Seed of the generator that draws the failing generations.")
+
+    @property
+    def enabled(self) -> bool:
+        """True when any fault is set."""
+        return bool(self.ttft_delay_ms or self.inter_token_delay_ms or self.error_ratio)
+
+    def describe(self) -> str:
+        """The faults in effect, for logs and ``--check``."""
+        return (
+            f"ttft +{self.ttft_delay_ms:g} ms, inter-token +{self.inter_token_delay_ms:g} ms, "
+            f"errors {self.error_ratio:.0%} (seed {self.seed})"
+        )
+
+
 class ServingSection(ServiceEndpoint):
     """Serving service settings."""
 
@@ -270,6 +311,10 @@ class ServingSection(ServiceEndpoint):
             "loading the new one, for models that do not fit twice in the pod's GPU memory; the model "
             "answers UNAVAILABLE while the new one loads. False: the old one serves until the new one is READY."
         ),
+    )
+    faults: ServingFaults = Field(
+        default_factory=ServingFaults,
+        description="Fault injection for tests (added latency, injected errors); off by default.",
     )
 
 
@@ -592,6 +637,16 @@ def _env_path(var: str) -> tuple[str, ...] | None:
             section_cls = Settings.model_fields[service].annotation
             if isinstance(section_cls, type) and field in section_cls.model_fields:
                 return (service, field)
+            # a field of a nested model: LLMOPS_SERVING_FAULTS__ERROR_RATIO -> serving.faults.error_ratio
+            outer, _, inner = field.partition("__")
+            if inner and isinstance(section_cls, type) and outer in section_cls.model_fields:
+                nested = section_cls.model_fields[outer].annotation
+                if (
+                    isinstance(nested, type)
+                    and issubclass(nested, BaseModel)
+                    and inner in nested.model_fields
+                ):
+                    return (service, outer, inner)
     if name in Settings.model_fields and name not in SERVICE_NAMES:
         return (name,)
     return None

@@ -27,6 +27,7 @@ from llmops.proto.serving.v1 import serving_service_pb2_grpc
 from llmops.serving.config import EngineFactory, ServingConfig
 from llmops.serving.domain import EngineKind, EngineOptions, LoadRequest, ModelRef, ModelSource
 from llmops.serving.engines.base import Engine
+from llmops.serving.faults import FaultInjector
 from llmops.serving.grpc_app import SERVICE_NAME, ServingServicer
 from llmops.serving.http_app import AuthHook, create_http_app
 from llmops.serving.metrics import EngineMetricsBridge, EngineShimMetrics, ServingMetrics
@@ -125,6 +126,7 @@ class ServingApp(ServiceApp):
             config,
             cache=self.cache,
             limiter=self._access.limiter,
+            faults=FaultInjector.from_settings(s.faults),
         )
         registry.register(EngineMetricsBridge(shim, self.service.refresh_engine_gauges))
         self.servicer = ServingServicer(self.service, http_port=lambda: self.http_port)
@@ -147,6 +149,8 @@ class ServingApp(ServiceApp):
         ]
 
     async def start(self) -> None:
+        if self.service.faults is not None:
+            self.service.faults.warn()
         if self.cache is not None:
             from llmops.common.response_cache.build import start_backend
 

@@ -70,6 +70,7 @@ from llmops.serving.domain import (
 )
 from llmops.serving.embeddings import embed
 from llmops.serving.engines.base import Engine
+from llmops.serving.faults import FaultInjector
 from llmops.serving.lifecycle import ModelLifecycle
 from llmops.serving.metrics import EngineShimMetrics, ServingMetrics
 from llmops.serving.models import Aborted, InFlight, ServedModel
@@ -116,10 +117,13 @@ class ServingService(ModelLifecycle):
         config: ServingConfig | None = None,
         cache: ResponseCache | None = None,
         limiter: RateLimiter | None = None,
+        faults: FaultInjector | None = None,
     ) -> None:
         super().__init__(engine_factory, resolver, metrics, shim, config or ServingConfig())
         self.cache = cache
         self.limiter = limiter
+        #: ``serving.faults`` (tests only): added latency and errors on every generation's stream
+        self.faults = faults
         self._charges: set[asyncio.Task[None]] = set()
 
     # --- generation -------------------------------------------------------------------------------
@@ -418,6 +422,8 @@ class ServingService(ModelLifecycle):
         last_at = started
         in_flight.tokens = prompt_len
         stream = p.engine.generate(p.engine_request)
+        if self.faults is not None:
+            stream = self.faults.wrap(stream)
         try:
             while True:
                 try:
