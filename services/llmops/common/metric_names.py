@@ -50,6 +50,11 @@ SERVING_GENERATED_TOKENS_TOTAL: Final = "llmops_serving_generated_tokens_total"
 SERVING_PROMPT_TOKENS_TOTAL: Final = "llmops_serving_prompt_tokens_total"
 SERVING_REQUESTS_TOTAL: Final = "llmops_serving_requests_total"
 SERVING_MODEL_LOADED: Final = "llmops_serving_model_loaded"
+#: One observation per phase per model load (``phase``: see :data:`COLD_START_PHASES`).
+SERVING_COLD_START_SECONDS: Final = "llmops_serving_cold_start_seconds"
+#: Cold-start phases, in order: artifact download (resolve), weight load, engine start (compile,
+#: KV cache, warm-up), and the first request's time to its first token on the fresh engine.
+COLD_START_PHASES: Final[tuple[str, ...]] = ("resolve", "weights", "engine_start", "first_token")
 
 # --- cache ----------------------------------------------------------------------------------------
 CACHE_REQUESTS_TOTAL: Final = "llmops_cache_requests_total"
@@ -106,6 +111,7 @@ ALL_METRICS: Final[dict[str, str]] = {
     SERVING_PROMPT_TOKENS_TOTAL: COUNTER,
     SERVING_REQUESTS_TOTAL: COUNTER,
     SERVING_MODEL_LOADED: GAUGE,
+    SERVING_COLD_START_SECONDS: HISTOGRAM,
     CACHE_REQUESTS_TOTAL: COUNTER,
     CACHE_LOOKUP_SECONDS: HISTOGRAM,
     CACHE_ENTRIES: GAUGE,
@@ -146,6 +152,7 @@ METRIC_LABELS: Final[dict[str, tuple[str, ...]]] = {
     SERVING_PROMPT_TOKENS_TOTAL: ("model",),
     SERVING_REQUESTS_TOTAL: ("model", "finish_reason"),
     SERVING_MODEL_LOADED: ("model", "engine"),
+    SERVING_COLD_START_SECONDS: ("model", "phase"),
     CACHE_REQUESTS_TOTAL: ("result",),
     CACHE_LOOKUP_SECONDS: (),
     CACHE_ENTRIES: (),
@@ -192,6 +199,11 @@ CACHE_LOOKUP_BUCKETS: Final[tuple[float, ...]] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
 
+#: A cold-start phase takes from milliseconds (a cached artifact) to minutes (a large model's weights).
+COLD_START_BUCKETS: Final[tuple[float, ...]] = (
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
 #: A routing decision is pure Python over a handful of replicas: tens of microseconds.
 ROUTER_DECISION_BUCKETS: Final[tuple[float, ...]] = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
@@ -203,6 +215,7 @@ HISTOGRAM_BUCKETS: Final[dict[str, tuple[float, ...]]] = {
     SERVING_TIME_TO_FIRST_TOKEN_SECONDS: TTFT_BUCKETS,
     SERVING_INTER_TOKEN_LATENCY_SECONDS: INTER_TOKEN_LATENCY_BUCKETS,
     SERVING_REQUEST_DURATION_SECONDS: REQUEST_DURATION_BUCKETS,
+    SERVING_COLD_START_SECONDS: COLD_START_BUCKETS,
     CACHE_LOOKUP_SECONDS: CACHE_LOOKUP_BUCKETS,
     ROUTER_DECISION_SECONDS: ROUTER_DECISION_BUCKETS,
     ROUTER_HOLD_SECONDS: REQUEST_DURATION_BUCKETS,

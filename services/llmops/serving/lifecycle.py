@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from llmops.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, LLMOpsError, NotFound
+from llmops.serving.coldstart import ColdStart
 from llmops.serving.config import EngineFactory, ServingConfig
 from llmops.serving.domain import (
     LoadedAdapter,
@@ -110,7 +112,9 @@ class ModelLifecycle:
                 del self._models[served_name]
             existing = None
         kind = request.engine or self.config.default_engine
+        cold_start = ColdStart(self.metrics.cold_start, served_name)
         resolved = await self._resolver.resolve(source)
+        cold_start.resolved()
         engine = self._factory(kind, resolved.path, served_name, request.options)
         engine.check_options(request.options)
         entry = new_entry(
@@ -122,6 +126,7 @@ class ModelLifecycle:
             model_format=resolved.format,
             follow_alias=request.follow_alias,
         )
+        entry.cold_start = cold_start
         if existing is None or existing.state is ModelState.FAILED:
             self._models[served_name] = entry  # listed as LOADING meanwhile
         if request.no_wait:
@@ -141,6 +146,7 @@ class ModelLifecycle:
         assert engine is not None
         name = entry.served_name
         log.info("loading %s into %s from %s", name, engine.kind.value, engine.model_path)
+        started = time.perf_counter()
         try:
             await engine.start()
         except BaseException as exc:
@@ -152,6 +158,9 @@ class ModelLifecycle:
             if isinstance(exc, LLMOpsError | asyncio.CancelledError):
                 raise
             raise FailedPrecondition(f"loading {name} failed: {message}") from exc
+        if entry.cold_start is not None:
+            entry.cold_start.engine_started(time.perf_counter() - started, engine.load_phases)
+            entry.cold_start.ready(engine.kind.value)
         entry.admission = Admission(engine.max_concurrency, self.config.max_waiting)
         entry.set_state(ModelState.READY)
         old = self._models.get(name)

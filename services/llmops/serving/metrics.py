@@ -74,6 +74,13 @@ class ServingMetrics:
             ["model", "engine"],
             registry=registry,
         )
+        self.cold_start = Histogram(
+            names.SERVING_COLD_START_SECONDS,
+            "Seconds of each cold-start phase of a model load (resolve, weights, engine_start, first_token).",
+            ["model", "phase"],
+            buckets=names.HISTOGRAM_BUCKETS[names.SERVING_COLD_START_SECONDS],
+            registry=registry,
+        )
 
 
 class EngineShimMetrics:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from llmops.common.errors import DeadlineExceeded, ResourceExhausted
+from llmops.serving.coldstart import ColdStart
 from llmops.serving.domain import (
     EngineOptions,
     LoadedAdapter,
@@ -131,6 +132,8 @@ class ServedModel:
     adapters: dict[str, LoadedAdapter] = field(default_factory=dict)
     load_task: asyncio.Task[None] | None = None
     watch_task: asyncio.Task[None] | None = None
+    #: This load's cold-start phases, until its first request's first token is observed.
+    cold_start: ColdStart | None = None
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

@@ -444,6 +444,9 @@ class ServingService(ModelLifecycle):
                     if first_at is None:
                         first_at = now
                         self.metrics.ttft.labels(name).observe(now - p.arrival)
+                        if p.entry.cold_start is not None:  # the load's first token: its last phase
+                            p.entry.cold_start.first_token(now - p.arrival)
+                            p.entry.cold_start = None
                         if shim is not None:
                             shim.ttft.labels(*shim_labels).observe(now - p.arrival)
                     else:

@@ -78,6 +78,9 @@ class Engine(abc.ABC):
         self.model_path = Path(model_path)
         self.served_name = served_name
         self.options = options
+        #: Seconds of the last :meth:`start` by phase, where the engine can tell: ``weights`` (reading
+        #: the weights) and ``engine_start`` (the rest). Empty: the whole start counts as engine start.
+        self.load_phases: dict[str, float] = {}
 
     # --- required ---------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -135,6 +136,7 @@ class TransformersEngine(HFTokenizerEngine):
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM
 
+        began = time.perf_counter()
         threads = decode_extra_args(self.options).get("num_threads")
         if isinstance(threads, int):
             torch.set_num_threads(threads)
@@ -162,6 +164,7 @@ class TransformersEngine(HFTokenizerEngine):
             if own_format in NO_INFERENCE_MODE:
                 self._grad_off = torch.no_grad
         self._model = model.to(self._device).eval()
+        self.load_phases = {"weights": time.perf_counter() - began}  # the rest of start: engine start
         self._tokenizer = HFTokenizer(self.model_path)
         configured = int(config.get("max_position_embeddings") or 2048)
         if self.options.max_model_len > configured:

@@ -47,6 +47,7 @@ from llmops.serving.engines.base import ALL_OPTIONS, AdapterInfo, decode_extra_a
 from llmops.serving.engines.beam import beam_search
 from llmops.serving.engines.hf import HFTokenizer, HFTokenizerEngine, read_config
 from llmops.serving.engines.sampling import beam_deltas
+from llmops.serving.engines.vllm_phases import engine_core_log, weights_seconds
 from llmops.serving.validation import MAX_BEAM_WIDTH, MAX_LOGPROBS
 
 _DTYPES = {"": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -233,7 +234,10 @@ class VLLMEngine(HFTokenizerEngine):
 
         args = engine_args(self.model_path, self.served_name, self.options)
         self._tokenizer = await asyncio.to_thread(HFTokenizer, self.model_path)
-        self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        with engine_core_log() as read_log:  # the EngineCore logs its weight-loading time there
+            self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            weights = weights_seconds(read_log())
+        self.load_phases = {"weights": weights} if weights is not None else {}
         # vLLM's EngineCore does not watch for its parent's death (a SIGKILLed serving process left
         # it and its worker running): the reaper kills it when this process ends, however it ends.
         # The worker follows its EngineCore (vLLM's death pipe).

@@ -1,0 +1,63 @@
+"""How long vLLM's EngineCore spent reading the weights, for the ``weights`` cold-start phase.
+
+vLLM loads the model inside its EngineCore child process and reports the time only in its log
+("Loading weights took 0.12 seconds"). :func:`engine_core_log` gives the child, for the duration of
+one engine start, vLLM's own logging configuration plus a file handler (through
+``VLLM_LOGGING_CONFIG_PATH``, which a spawned child reads when it imports vLLM); its console output
+is unchanged. The parent has configured its logging already and is not affected. Where the operator
+set their own ``VLLM_LOGGING_CONFIG_PATH`` (or turned vLLM's logging configuration off), nothing is
+changed and the split is unknown (the whole start counts as engine start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+_WEIGHTS = (
+    re.compile(r"Loading weights took ([0-9.]+) seconds"),
+    re.compile(r"Model loading took .*? and ([0-9.]+) seconds"),
+)
+_CONFIG_VARIABLE = "VLLM_LOGGING_CONFIG_PATH"
+
+
+def weights_seconds(log_text: str) -> float | None:
+    """The weight-loading seconds vLLM logged (None when it logged none)."""
+    for pattern in _WEIGHTS:
+        found = pattern.findall(log_text)
+        if found:
+            return float(found[-1])
+    return None
+
+
+@contextlib.contextmanager
+def engine_core_log() -> Iterator[Callable[[], str]]:
+    """While active, EngineCore processes vLLM spawns also log to a file; yields its reader."""
+    if os.environ.get(_CONFIG_VARIABLE) or os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0":
+        yield lambda: ""
+        return
+    from vllm.logger import DEFAULT_LOGGING_CONFIG
+
+    with tempfile.TemporaryDirectory(prefix="llmops-vllm-log-") as folder:
+        log_file = Path(folder) / "engine-core.log"
+        config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
+        config["handlers"]["llmops_phases"] = {
+            "class": "logging.FileHandler",
+            "filename": str(log_file),
+            "level": "INFO",
+            "formatter": "vllm",
+        }
+        config["loggers"]["vllm"]["handlers"] = [*config["loggers"]["vllm"]["handlers"], "llmops_phases"]
+        config_file = Path(folder) / "logging.json"
+        config_file.write_text(json.dumps(config))
+        os.environ[_CONFIG_VARIABLE] = str(config_file)
+        try:
+            yield lambda: log_file.read_text(errors="replace") if log_file.is_file() else ""
+        finally:
+            os.environ.pop(_CONFIG_VARIABLE, None)
