@@ -96,6 +96,23 @@ class RegistrySection(ServiceEndpoint):
         description="URI schemes RegisterVersion accepts as source_uri (the server reads them).",
     )
     mlflow_telemetry: bool = Field(default=False, description="Leave MLflow's usage telemetry on.")
+    artifacts_destination: str | None = Field(
+        default=None,
+        description=(
+            "The MLflow server's --artifacts-destination (e.g. s3://bucket/mlartifacts), so versions stored "
+            "under mlflow-artifacts:/ URIs can be located in the store and read directly by serving pods."
+        ),
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint presigned URLs point at; unset: MLFLOW_S3_ENDPOINT_URL, else AWS.",
+    )
+    presign_seconds: int = Field(
+        default=3600,
+        ge=60,
+        le=604800,
+        description="How long presigned artifact URLs stay valid when the caller asks for no other expiry.",
+    )
 
 
 class JobServiceSection(ServiceEndpoint):
@@ -253,6 +270,41 @@ class ServingFaults(_Model):
         )
 
 
+class WeightsSection(_Model):
+    """How a serving replica gets a registry version's files (see llmops.common.artifacts.direct)."""
+
+    source: Literal["store", "registry"] = Field(
+        default="store",
+        description=(
+            "store: read the files straight from the artifact store (a shared volume or presigned S3 URLs "
+            "from the registry's GetArtifactLocations), never through the registry process. registry: stream "
+            "them through the registry's DownloadArtifact (the laptop/legacy path; one process carries every "
+            "replica's bytes)."
+        ),
+    )
+    shared_mount: Path | None = Field(
+        default=None,
+        description=(
+            "This replica's mount of the registry's filesystem artifact store: replaces the registry's "
+            "artifact root in the paths it returns. Unset: the paths as the registry sees them (same machine)."
+        ),
+    )
+    download_concurrency: int = Field(
+        default=4, ge=1, le=64, description="Files downloaded at once from presigned URLs."
+    )
+    read_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A read from the store that sends nothing for this long fails the load with UNAVAILABLE.",
+    )
+    url_ttl_seconds: int = Field(
+        default=0,
+        ge=0,
+        le=604800,
+        description="Validity asked of presigned URLs; 0: the registry's default.",
+    )
+
+
 class ServingSection(ServiceEndpoint):
     """Serving service settings."""
 
@@ -303,6 +355,10 @@ class ServingSection(ServiceEndpoint):
     )
     alias_poll_seconds: float = Field(
         default=30.0, gt=0, description="How often a model loaded with follow_alias checks its alias."
+    )
+    weights: WeightsSection = Field(
+        default_factory=WeightsSection,
+        description="Where registry versions' files are read from; the node cache is model_cache_dir.",
     )
     replace_unloads_first: bool = Field(
         default=False,
@@ -510,7 +566,13 @@ class Settings(_Model):
         default=2.0, gt=0, description="How often readiness checks run to update grpc.health.v1."
     )
     data_dir: Path = Field(default=Path(".llmops"), description="Folder for local state (SQLite, artifacts).")
-    model_cache_dir: Path | None = Field(default=None, description="Where served models are unpacked.")
+    model_cache_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Node-local cache of served versions' files, keyed by manifest sha256 (share it between the "
+            "replicas of a node); unset: <data_dir>/serving/models."
+        ),
+    )
     redis_url: str | None = Field(default=None, description="redis://host:port/db of the cache and limits.")
     mlflow_tracking_uri: str | None = Field(default=None, description="MLflow tracking/registry store URI.")
     mlflow_artifact_root: str | None = Field(default=None, description="MLflow artifact root (file or s3).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from llmops.common.server import ServiceBinding
 from llmops.common.settings import Settings
 from llmops.proto.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from llmops.registry.grpc_app import SERVICE_NAME, RegistryServicer
+from llmops.registry.locations import LocationConfig, LocationService
 from llmops.registry.metrics import RegistryMetrics
 from llmops.registry.requests import RegistryLimits
 from llmops.registry.service import RegistryService
@@ -52,8 +54,15 @@ class RegistryPaths:
 class RegistryApp(ServiceApp):
     """The registry service hosted on one server."""
 
-    def __init__(self, service: RegistryService, paths: RegistryPaths | None = None) -> None:
+    def __init__(
+        self,
+        service: RegistryService,
+        paths: RegistryPaths | None = None,
+        *,
+        locations: LocationConfig | None = None,
+    ) -> None:
         self.service = service
+        self.locations = LocationService(service, locations or LocationConfig())
         self.store: RegistryStore = service.store
         self.paths = paths
         self._ready = False
@@ -64,7 +73,7 @@ class RegistryApp(ServiceApp):
         return [
             ServiceBinding(
                 SERVICE_NAME,
-                RegistryServicer(self.service),
+                RegistryServicer(self.service, self.locations),
                 pb_grpc.add_RegistryServiceServicer_to_server,
                 readiness=self.readiness,
             )
@@ -132,4 +141,11 @@ def build_app(settings: Settings, registry: CollectorRegistry) -> RegistryApp:
         source_uri_schemes=tuple(section.source_uri_schemes),
     )
     service = RegistryService(store, paths.staging_dir, RegistryMetrics(registry), limits)
-    return RegistryApp(service, paths)
+    locations = LocationConfig(
+        artifact_root=paths.artifact_root,
+        artifacts_destination=section.artifacts_destination,
+        # MLflow's S3 store reads this variable; the registry presigns at the same endpoint.
+        s3_endpoint_url=section.s3_endpoint_url or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None,
+        default_ttl_seconds=section.presign_seconds,
+    )
+    return RegistryApp(service, paths, locations=locations)

@@ -12,6 +12,7 @@ from llmops.proto.registry.v1 import registry_service_pb2 as pb
 from llmops.proto.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from llmops.registry import convert
 from llmops.registry.domain import DownloadRequest, UploadPart
+from llmops.registry.locations import Access, LocationConfig, LocationService
 from llmops.registry.service import RegistryService
 from llmops.registry.weights_service import WeightsService
 
@@ -32,9 +33,10 @@ async def _upload_parts(requests: AsyncIterator[pb.RegisterVersionRequest]) -> A
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
     """Adapts :class:`RegistryService` to the generated servicer interface."""
 
-    def __init__(self, service: RegistryService) -> None:
+    def __init__(self, service: RegistryService, locations: LocationService | None = None) -> None:
         self.service = service
         self.weights = WeightsService(service.store)
+        self.locations = locations or LocationService(service, LocationConfig())
 
     async def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.CreateModelResponse:
         model = await self.service.create_model(
@@ -186,6 +188,25 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 file_index=chunk.file_index,
                 file_count=chunk.file_count,
             )
+
+    async def GetArtifactLocations(
+        self, request: pb.GetArtifactLocationsRequest, context: Context
+    ) -> pb.GetArtifactLocationsResponse:
+        found = await self.locations.locations(model_ref_from_proto(request.model), request.url_ttl_seconds)
+        response = pb.GetArtifactLocationsResponse(
+            version=convert.version_to_proto(found.version), shared_root=found.shared_root
+        )
+        shared = found.access is Access.SHARED_PATH
+        response.access = pb.ARTIFACT_ACCESS_SHARED_PATH if shared else pb.ARTIFACT_ACCESS_PRESIGNED_URL
+        for item in found.files:
+            location = response.files.add(file=convert.manifest_to_proto((item.file,))[0])
+            if shared:
+                location.shared_path = item.where
+            else:
+                location.url = item.where
+        if found.expires_at is not None:
+            response.expires_at.CopyFrom(convert.timestamp(found.expires_at))
+        return response
 
     async def GetLineage(self, request: pb.GetLineageRequest, context: Context) -> pb.GetLineageResponse:
         chain = await self.service.lineage(model_ref_from_proto(request.model), request.max_depth)

@@ -59,10 +59,23 @@ def default_resolver(settings: Settings) -> ModelResolver:
     """Local folders, plus registry references when the registry package is part of this build."""
     registry: ModelResolver | None = None
     if importlib.util.find_spec("llmops.common.artifacts.client") is not None:
+        from llmops.common.artifacts.direct import DirectFetcher
         from llmops.common.clients import RegistryClient
 
         cache = settings.model_cache_dir or settings.data_dir / "serving" / "models"
-        registry = RegistryResolver(RegistryClient.connect(settings.registry.address, timeout=600), cache)
+        weights = settings.serving.weights
+        fetcher = DirectFetcher(
+            shared_mount=weights.shared_mount,
+            concurrency=weights.download_concurrency,
+            read_timeout=weights.read_timeout_seconds,
+        )
+        registry = RegistryResolver(
+            RegistryClient.connect(settings.registry.address, timeout=600),
+            cache,
+            source=weights.source,
+            fetcher=fetcher,
+            url_ttl_seconds=weights.url_ttl_seconds,
+        )
     return CompositeResolver(LocalPathResolver(), registry)
 
 

@@ -2,26 +2,35 @@
 
 :class:`ModelResolver` is the interface the service uses. :class:`LocalPathResolver` serves folders
 only; :class:`RegistryResolver` resolves a reference (alias, version or latest) through the registry
-service and downloads the version's files, each verified against its sha256, into a cache folder
-named by version and manifest hash (so a second load of the same version is instant and a changed
-artifact is never mistaken for a cached one). :class:`CompositeResolver` routes between the two.
+service and puts the version's files, each verified against its sha256, into the node-local cache
+(:class:`~llmops.common.artifacts.node_cache.NodeCache`, keyed by the manifest digest, shared by
+every serving process on the node), so a reload, a restart or a second pod of the same version
+downloads nothing. The files come straight from the artifact store (``weights.source="store"``, the
+default: a shared volume or presigned S3 URLs the registry's GetArtifactLocations hands out), never
+through the registry process; streaming them through the registry's DownloadArtifact happens only
+when ``weights.source="registry"`` says so (the laptop/legacy path). :class:`CompositeResolver`
+routes between the two.
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
-import json
-import shutil
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from llmops.common.artifacts.direct import Access, DirectFetcher, DirectLocations
+from llmops.common.artifacts.domain import ManifestFile
+from llmops.common.artifacts.node_cache import COMPLETE_MARKER, NodeCache
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound, caller_path
 from llmops.serving.domain import ModelRef, ModelSource, ResolvedModel, ResolvedSource
 
 #: Registry formats an engine can load as a base model, by ``llmops.common.v1.ModelFormat`` name.
 BASE_FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
-COMPLETE_MARKER = ".llmops-complete.json"
+WeightsSource = Literal["store", "registry"]
+__all__ = ["COMPLETE_MARKER", "CompositeResolver", "LocalPathResolver", "ModelResolver", "RegistryResolver"]
+
+log = logging.getLogger(__name__)
 
 
 class ModelResolver(abc.ABC):
@@ -80,31 +89,57 @@ class LocalPathResolver(ModelResolver):
 
 
 class RegistryResolver(ModelResolver):
-    """Registry versions, downloaded and verified into ``cache_dir/<name>/v<version>-<manifest hash>``.
+    """Registry versions, verified into the node cache ``cache_dir/sha256/<manifest sha256>``.
 
     Args:
         client: a :class:`llmops.common.clients.RegistryClient`.
-        cache_dir: where downloaded versions are kept.
+        cache_dir: the node-local cache (shared by the serving processes of a node).
+        source: ``"store"`` reads files straight from the artifact store; ``"registry"`` streams
+            them through the registry's DownloadArtifact (explicit only: the laptop/legacy path).
+        fetcher: reads from the store (shared-volume mapping, concurrency, timeouts).
+        url_ttl_seconds: validity asked of presigned URLs (0: the registry's default).
     """
 
-    def __init__(self, client: Any, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        client: Any,
+        cache_dir: Path,
+        *,
+        source: WeightsSource = "store",
+        fetcher: DirectFetcher | None = None,
+        url_ttl_seconds: int = 0,
+    ) -> None:
+        if source not in ("store", "registry"):
+            raise InvalidArgument(f"weights source must be store or registry, not {source!r}")
         self._client = client
-        self._cache_dir = Path(cache_dir)
-        self._locks: dict[Path, asyncio.Lock] = {}
+        self.cache = NodeCache(Path(cache_dir))
+        self.source = source
+        self._fetcher = fetcher or DirectFetcher()
+        self._ttl = url_ttl_seconds
 
-    async def _get_version(self, ref: ModelRef) -> Any:
+    @staticmethod
+    def _proto_ref(ref: ModelRef) -> Any:
         from llmops.proto.common.v1 import model_pb2
-        from llmops.proto.registry.v1 import registry_service_pb2 as pb
 
         proto_ref = model_pb2.ModelRef(name=ref.name)
         if ref.version is not None:
             proto_ref.version = ref.version
         elif ref.alias is not None:
             proto_ref.alias = ref.alias
-        response = await self._client.unary(
-            self._client.stub.GetVersion, pb.GetVersionRequest(model=proto_ref)
-        )
+        return proto_ref
+
+    async def _get_version(self, ref: ModelRef) -> Any:
+        from llmops.proto.registry.v1 import registry_service_pb2 as pb
+
+        request = pb.GetVersionRequest(model=self._proto_ref(ref))
+        response = await self._client.unary(self._client.stub.GetVersion, request)
         return response.version
+
+    async def _locations(self, ref: Any) -> Any:
+        from llmops.proto.registry.v1 import registry_service_pb2 as pb
+
+        request = pb.GetArtifactLocationsRequest(model=ref, url_ttl_seconds=self._ttl)
+        return await self._client.unary(self._client.stub.GetArtifactLocations, request)
 
     async def resolve_ref(self, ref: ModelRef) -> ResolvedModel:
         version = await self._get_version(ref)
@@ -117,7 +152,12 @@ class RegistryResolver(ModelResolver):
         from llmops.proto.registry.v1 import registry_service_pb2 as pb
 
         ref = source.model_ref
-        version = await self._get_version(ref)
+        located = None
+        if self.source == "store":
+            located = await self._locations(self._proto_ref(ref))
+            version = located.version
+        else:
+            version = await self._get_version(ref)
         if version.status != pb.VERSION_STATUS_READY:
             raise FailedPrecondition(f"{version.name}:{version.version} is not READY")
         fmt = model_pb2.ModelFormat.Name(version.format).removeprefix("MODEL_FORMAT_").lower()
@@ -127,11 +167,16 @@ class RegistryResolver(ModelResolver):
                 f"{version.name}:{version.version} has format {fmt}; this call needs {' or '.join(wanted)}"
             )
         resolved = ResolvedModel(version.name, int(version.version), ref.alias or "")
-        folder = self._cache_dir / version.name / f"v{version.version}-{version.manifest_sha256[:16]}"
-        lock = self._locks.setdefault(folder, asyncio.Lock())
-        async with lock:
-            if not (folder / COMPLETE_MARKER).is_file():
-                await self._download(version, folder)
+        manifest = [ManifestFile(f.path, f.size_bytes, f.sha256) for f in version.manifest]
+        label = f"{version.name}:{version.version}"
+
+        async def fill(folder: Path) -> None:
+            if located is None:
+                await self._stream(version, folder)
+            else:
+                await self._fetch(located, folder)
+
+        folder, _ = await self.cache.get_or_fill(version.manifest_sha256, manifest, fill, label=label)
         base = None
         if version.HasField("adapter_base") and version.adapter_base.name:
             which = version.adapter_base.WhichOneof("selector")
@@ -141,19 +186,33 @@ class RegistryResolver(ModelResolver):
             )
         return ResolvedSource(path=folder, model=resolved, format=fmt, adapter_base=base)
 
-    async def _download(self, version: Any, folder: Path) -> None:
+    async def _fetch(self, located: Any, folder: Path) -> None:
+        """Files straight from the store; refused presigned URLs (expired) are asked for once more."""
+        locations = DirectLocations.from_proto(located)
+        try:
+            await self._fetcher.fetch(locations, folder)
+        except FailedPrecondition as exc:
+            if locations.access is not Access.PRESIGNED_URL:
+                raise
+            log.warning("%s; asking the registry for new URLs", exc)
+            from llmops.proto.common.v1 import model_pb2
+
+            exact = model_pb2.ModelRef(name=located.version.name, version=located.version.version)
+            fresh = DirectLocations.from_proto(await self._locations(exact))
+            if fresh.manifest_sha256 != locations.manifest_sha256:
+                raise FailedPrecondition(f"{fresh.name}:{fresh.version} changed its manifest") from exc
+            await self._fetcher.fetch(fresh, folder)
+
+    async def _stream(self, version: Any, folder: Path) -> None:
+        """Files through the registry's DownloadArtifact (weights.source=registry only)."""
         from llmops.common.artifacts.client import download_to_directory
         from llmops.proto.common.v1 import model_pb2
 
-        staging = folder.with_name(folder.name + ".partial")
-        await asyncio.to_thread(shutil.rmtree, staging, True)
-        staging.mkdir(parents=True)
+        log.info(
+            "streaming %s:%s through the registry (weights.source=registry)", version.name, version.version
+        )
         exact = model_pb2.ModelRef(name=version.name, version=version.version)
-        files = await download_to_directory(self._client, exact, staging)
-        marker = {"name": version.name, "version": int(version.version), "files": [f.path for f in files]}
-        (staging / COMPLETE_MARKER).write_text(json.dumps(marker))
-        await asyncio.to_thread(shutil.rmtree, folder, True)
-        staging.rename(folder)
+        await download_to_directory(self._client, exact, folder)
 
     async def close(self) -> None:
         await self._client.close()
