@@ -267,3 +267,32 @@ def test_monitoring_resources_carry_the_release_label_prometheus_selects(helm: s
         assert rendered.of_kind(kind)
         for doc in rendered.of_kind(kind):
             assert doc["metadata"]["labels"]["release"] == "kps", doc["metadata"]["name"]
+
+
+def _mlflow_container(rendered: Rendered) -> Doc:
+    return _deployment(rendered, "mlflow")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_mlflow_runs_the_llmops_image_at_its_tag(helm: str) -> None:
+    """MLflow ran the llmops image at the chart's appVersion while every other pod ran `image.tag`:
+    a release pinned to a tag pulled an MLflow image that may not exist (or mismatch the services)."""
+    tagged = _mlflow_container(render(helm, sets=["image.tag=1.2.3"]))
+    assert tagged["image"].endswith(":1.2.3"), tagged["image"]
+    own = _mlflow_container(render(helm, sets=["image.tag=1.2.3", "mlflow.image.tag=9.9"]))
+    assert own["image"].endswith(":9.9"), own["image"]
+
+
+def test_mlflow_backend_uri_stays_out_of_the_command_line(helm: str) -> None:
+    """The backend store URI (a Postgres password, from a Secret) was passed as an argument, visible
+    in every process listing of the pod; `mlflow server` reads MLFLOW_BACKEND_STORE_URI itself."""
+    container = _mlflow_container(render(helm, sets=["mlflow.backendStore.existingSecret=mlflow-db"]))
+    assert not any("$(" in arg or "backend-store-uri" in arg for arg in container["args"]), container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-db"
+
+
+def test_mlflow_start_up_budget_covers_a_first_migration(renders: dict[str, Rendered]) -> None:
+    """MLflow had 120 s to start; a first start migrates the backend store, and a kubelet restart
+    mid-migration leaves it half done."""
+    probe = _mlflow_container(renders["defaults"])["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 300, probe

@@ -40,8 +40,6 @@ ALLOWED = (
     r"serving\.(engine|models)",
     r"serving\.gpu\.enabled",
     r"raycluster\.enabled",
-    # Training runs its jobs on the KubeRay cluster: off with it (see the profile's header).
-    r"training\.enabled",
 )
 
 
@@ -93,7 +91,15 @@ def test_every_rendered_kind_is_played_or_left_out_with_a_reason(rendered: list[
     unknown = kinds - set(km.WORKLOAD_KINDS) - set(km.PLAYED_KINDS) - set(km.NOT_PLAYED)
     assert unknown == set(), f"the smoke does not know what to do with {unknown}"
     names = {km.name_of(w) for w in km.workloads(rendered)}
-    assert {"llmops-registry", "llmops-mlflow", "llmops-redis", "llmops-cache"} <= names
+    # Training and quantization run Ray inside their pods: the profile has no RayCluster.
+    assert {
+        "llmops-registry",
+        "llmops-mlflow",
+        "llmops-redis",
+        "llmops-cache",
+        "llmops-training",
+        "llmops-quantization",
+    } <= names
     assert any(n.startswith("llmops-serving-") for n in names)
     for workload in km.workloads(rendered):
         assert km.secret_refs(km.pod_spec(workload)) == [], km.name_of(workload)
