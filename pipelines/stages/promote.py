@@ -11,10 +11,15 @@ one's decode tokens/s on the engine that would serve it). A variant qualifies wh
   ``promote.max_quantization_increase`` (relative), and it decodes faster than its parent on their
   serving engines. Quantization exists to make serving cheaper; a slower child never wins.
 
-Of the qualified variants the fastest decoder wins (ties: the lower perplexity). The move is a
-compare-and-set on the champion seen at evaluation, so a concurrent move is not overwritten. Writes
-``reports/promote.json``: promoted or not, the version and the engine that serves the champion, why,
-and each variant's verdict.
+Of the qualified variants the fastest decoder wins (ties: the lower perplexity). That is the
+evaluation gate. Then the load gate (:mod:`stages.gates`, ``promote.load_gate``): Locust on the
+chosen variant alone, judged on error ratio, TTFT p95 and tokens/s; a breach stops the promotion.
+Then the move: with ``promote.rollout.enabled`` a rollout is started (the registry's
+RolloutService; its controller steps the traffic and moves ``champion`` only if every step meets its
+SLOs), otherwise a compare-and-set on the champion seen at evaluation, so a concurrent move is not
+overwritten. Each gate's verdict and numbers go into the report, the candidate's MLflow run and
+the registry's alias history. Writes ``reports/promote.json``: promoted or not, the version and the
+engine that serves the champion, why, each variant's verdict and each gate's.
 
     python -m stages.promote [--params params.yaml]
 """
@@ -28,7 +33,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .common import load_params, parser, pipeline_path
-from .services import call, read_json, report
+from .gates import GateVerdict, load_gate, record_in_mlflow
+from .services import call, read_json, ref, report, settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,10 +172,95 @@ def decide(
     return Decision(True, model, engine, reason, verdicts)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _move_champion(name: str, version: int, previous: str, reason: str) -> None:
+    """``champion`` -> ``name:version``, compare-and-set on the champion seen at evaluation."""
     from llmops.common.clients import RegistryClient
     from llmops.proto.registry.v1 import registry_service_pb2 as rpb
 
+    request = rpb.SetAliasRequest(
+        model_name=name,
+        alias="champion",
+        version=version,
+        reason=reason.encode()[:1024].decode(errors="ignore"),
+    )
+    request.expected_current_version = int(previous.rsplit(":", 1)[1]) if previous else 0
+    call(RegistryClient, "registry", lambda client: client.unary(client.stub.SetAlias, request))
+
+
+def _start_rollout(name: str, version: int, params: Mapping[str, Any], reason: str) -> GateVerdict:
+    """A rollout of ``name:version`` from the champion, handed to the rollout controller."""
+    from llmops.common.clients import RegistryClient
+    from llmops.common.errors import LLMOpsError
+    from llmops.proto.registry.v1 import rollout_service_pb2 as ro
+    from llmops.proto.registry.v1 import rollout_service_pb2_grpc as ro_grpc
+
+    slos = params.get("slos") or {}
+
+    def bound(key: str) -> Any:
+        found = slos.get(key) or {}
+        return ro.SloBound(
+            max_value=float(found.get("max_value", 0)), max_ratio=float(found.get("max_ratio", 0))
+        )
+
+    spec = ro.RolloutSpec(
+        model_name=name,
+        to_version=version,
+        steps=[int(step) for step in params.get("steps", [])],
+        step_min_seconds=float(params.get("step_min_seconds", 0)),
+        step_min_requests=int(params.get("step_min_requests", 0)),
+        slos=ro.RolloutSlos(
+            ttft_p95_seconds=bound("ttft_p95_seconds"),
+            inter_token_p95_seconds=bound("inter_token_p95_seconds"),
+            error_ratio=bound("error_ratio"),
+        ),
+        reason=reason.encode()[:1024].decode(errors="ignore"),
+    )
+
+    async def work(client: Any) -> Any:
+        stub = ro_grpc.RolloutServiceStub(client.channel)
+        return (await client.unary(stub.StartRollout, ro.StartRolloutRequest(spec=spec))).rollout
+
+    try:
+        rollout = call(RegistryClient, "registry", work)
+    except LLMOpsError as exc:
+        return GateVerdict("rollout", False, f"the rollout of {name}:{version} did not start: {exc.message}")
+    steps = ", ".join(f"{step}%" for step in rollout.spec.steps)
+    return GateVerdict(
+        "rollout",
+        True,
+        f"rollout {rollout.id} started ({steps}); the controller moves champion",
+        {"id": rollout.id},
+    )
+
+
+def _record(model: str, verdicts: list[GateVerdict]) -> list[str]:
+    """The verdicts onto the candidate's MLflow run and into the registry's alias history."""
+    from llmops.common.clients import RegistryClient
+    from llmops.proto.registry.v1 import registry_service_pb2 as rpb
+
+    name, version = model.rsplit(":", 1)
+    reason = "gates: " + " | ".join(v.line() for v in verdicts)
+
+    async def work(client: Any) -> str:
+        found = await client.unary(
+            client.stub.GetVersion, rpb.GetVersionRequest(model=ref(name, version=int(version)))
+        )
+        await client.unary(
+            client.stub.SetAlias,
+            rpb.SetAliasRequest(
+                model_name=name, alias="challenger", version=int(version),
+                reason=reason.encode()[:1024].decode(errors="ignore"),
+            ),
+        )  # fmt: skip
+        return str(found.version.lineage.mlflow_run_id)
+
+    run_id = call(RegistryClient, "registry", work)
+    tracking_uri = settings().mlflow_locations()[0]
+    return [f"registry: the verdicts are the reason of {name}@challenger -> {version} (alias history)",
+            record_in_mlflow(tracking_uri, run_id, verdicts)]  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = parser(__doc__).parse_args(argv)
     params: dict[str, Any] = load_params(args.params)["promote"]
     evaluation = read_json(pipeline_path("reports/eval.json"))
@@ -182,31 +273,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     champion = evaluation.get("champion") or {}
     previous = str(champion.get("model", ""))
-    if decision.promoted:
+    promoted, reason = decision.promoted, decision.reason
+    gates = [GateVerdict("evaluation", decision.promoted, decision.reason)]
+    notes: list[str] = []
+    load_params_ = params.get("load_gate") or {}
+    if promoted and load_params_.get("enabled", True):
+        engine = str(load_params_.get("engine") or decision.engine)
+        options = (speed.get("engine_options") or {}).get(engine, {})
+        print(f"promote: load gate: Locust on {decision.version} alone ({engine})", flush=True)
+        gates.append(load_gate(settings().serving.address, decision.version, engine, options, load_params_))
+        if not gates[-1].passed:
+            promoted, reason = False, f"stopped at the load gate: {gates[-1].reason}"
+    rollout_params = params.get("rollout") or {}
+    started_rollout = False
+    if promoted:
         name, version = decision.version.rsplit(":", 1)
-        request = rpb.SetAliasRequest(
-            model_name=name,
-            alias="champion",
-            version=int(version),
-            reason=decision.reason.encode()[:1024].decode(errors="ignore"),
-        )
-        request.expected_current_version = int(previous.rsplit(":", 1)[1]) if previous else 0
-        call(RegistryClient, "registry", lambda client: client.unary(client.stub.SetAlias, request))
+        lines = " | ".join(g.line() for g in gates)
+        if rollout_params.get("enabled", False):
+            gates.append(_start_rollout(name, int(version), rollout_params, lines))
+            started_rollout = gates[-1].passed
+            if not started_rollout:
+                promoted, reason = False, f"stopped at the rollout: {gates[-1].reason}"
+        else:
+            _move_champion(name, int(version), previous, lines)
+            gates.append(
+                GateVerdict("rollout", True, "not asked for (promote.rollout.enabled): champion moved")
+            )
+    if decision.promoted:  # a candidate got past evaluation: its run and alias history hold every verdict
+        notes = _record(decision.version, gates)
+    moved = promoted and not started_rollout
     report(
         "promote",
         {
-            "promoted": decision.promoted,
-            "reason": decision.reason,
+            "promoted": moved,
+            "reason": reason,
             "verdicts": decision.verdicts,
+            "gates": [dataclasses.asdict(g) for g in gates],
+            "rollout": gates[-1].numbers.get("id") if started_rollout else None,
+            "recorded": notes,
             "champion_before": previous,
-            "champion_after": decision.version if decision.promoted else previous,
+            "champion_after": decision.version if moved else previous,
             # how the champion is served: the chosen variant's engine, or the kept champion's
-            "engine": decision.engine if decision.promoted else str(champion.get("engine", "")),
+            "engine": decision.engine if moved else str(champion.get("engine", "")),
             "engine_options": speed.get("engine_options", {}),
         },
     )
-    print(f"promote: {'promoted ' + decision.version if decision.promoted else 'kept the champion'}")
-    print(f"promote: why: {decision.reason}")
+    for gate in gates:
+        print(f"promote: {gate.line()}")
+    if started_rollout:
+        print(f"promote: {decision.version} is rolling out; `llmops rollout status` follows it")
+    else:
+        print(f"promote: {'promoted ' + decision.version if moved else 'kept the champion'}")
+    print(f"promote: why: {reason}")
     return 0
 
 

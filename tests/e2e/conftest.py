@@ -56,6 +56,8 @@ def _pipeline_copy(root: Path) -> tuple[Path, str]:
     params["speed"].update(tokens=24, rounds=3)
     params["speed"]["engine_options"]["vllm"].update(kv_cache_bytes=1 << 28, enforce_eager=True)
     params["promote"]["min_improvement"] = FORCED_LOSS
+    # the load gate on the engine that starts in seconds (a second vLLM start costs a minute here)
+    params["promote"]["load_gate"].update(engine="transformers", seconds=5)
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     _git(root, "init", "-q", "-b", "main")
     _git(root, "config", "user.email", "tests@llmops.invalid")

@@ -76,6 +76,9 @@ def _env(state: StackState) -> dict[str, str]:
     for part in state.parts:
         if part.address and part.name not in ("redis",) and "-" not in part.name:  # not serving-2...
             env[f"LLMOPS_{part.name.upper()}_ADDRESS"] = part.address
+    # the registry's MLflow store: the promote stage logs its gate verdicts on the candidate's run
+    if "LLMOPS_MLFLOW_TRACKING_URI" not in os.environ:
+        env["LLMOPS_MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(state.data_dir).absolute() / 'mlflow.db'}"
     return env
 
 
