@@ -32,7 +32,7 @@ from llmops.common.errors import (
 )
 from llmops.proto.cache.v1 import cache_service_pb2_grpc
 from llmops.proto.quantization.v1 import quantization_service_pb2_grpc
-from llmops.proto.registry.v1 import registry_service_pb2_grpc
+from llmops.proto.registry.v1 import fleet_service_pb2_grpc, registry_service_pb2_grpc
 from llmops.proto.serving.v1 import serving_service_pb2_grpc
 from llmops.proto.training.v1 import training_service_pb2_grpc
 
@@ -358,6 +358,14 @@ def _split(weights: Any, versions: dict[str, int]) -> TrafficSplit:
         set_by=str(weights.set_by),
         reason=str(weights.reason),
     )
+
+
+class FleetClient(ServiceClient["fleet_service_pb2_grpc.FleetServiceAsyncStub"]):
+    """Client of ``llmops.registry.v1.FleetService`` (serving pools, hosted by the registry server);
+    call the stub with :meth:`ServiceClient.unary`: ``await fleet.unary(fleet.stub.GetPool, request)``."""
+
+    service_name = "llmops.registry.v1.FleetService"
+    stub_factory = fleet_service_pb2_grpc.FleetServiceStub
 
 
 class TrainingClient(ServiceClient["training_service_pb2_grpc.TrainingServiceAsyncStub"]):

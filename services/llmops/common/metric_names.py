@@ -55,6 +55,16 @@ SERVING_COLD_START_SECONDS: Final = "llmops_serving_cold_start_seconds"
 #: Cold-start phases, in order: artifact download (resolve), weight load, engine start (compile,
 #: KV cache, warm-up), and the first request's time to its first token on the fresh engine.
 COLD_START_PHASES: Final[tuple[str, ...]] = ("resolve", "weights", "engine_start", "first_token")
+#: One observation per phase of a pool replica's rolling reload (``phase``: see :data:`RELOAD_PHASES`).
+SERVING_RELOAD_PHASE_SECONDS: Final = "llmops_serving_reload_phase_seconds"
+#: Rolling reloads of a pool replica by ``outcome``: ``succeeded`` | ``failed``.
+SERVING_RELOADS_TOTAL: Final = "llmops_serving_reloads_total"
+#: The version a pool replica serves now (0: none), labelled ``model`` and ``pool``.
+SERVING_POOL_VERSION: Final = "llmops_serving_pool_version"
+#: Phases of a rolling reload, in order: waiting for the pool's lease, draining (out of the rotation,
+#: in-flight requests finish), unloading the old version, loading the new one, settling (SERVING,
+#: holding the lease until readiness probes and routers see it back).
+RELOAD_PHASES: Final[tuple[str, ...]] = ("waiting", "draining", "unloading", "loading", "settling")
 
 # --- cache ----------------------------------------------------------------------------------------
 CACHE_REQUESTS_TOTAL: Final = "llmops_cache_requests_total"
@@ -112,6 +122,9 @@ ALL_METRICS: Final[dict[str, str]] = {
     SERVING_REQUESTS_TOTAL: COUNTER,
     SERVING_MODEL_LOADED: GAUGE,
     SERVING_COLD_START_SECONDS: HISTOGRAM,
+    SERVING_RELOAD_PHASE_SECONDS: HISTOGRAM,
+    SERVING_RELOADS_TOTAL: COUNTER,
+    SERVING_POOL_VERSION: GAUGE,
     CACHE_REQUESTS_TOTAL: COUNTER,
     CACHE_LOOKUP_SECONDS: HISTOGRAM,
     CACHE_ENTRIES: GAUGE,
@@ -153,6 +166,9 @@ METRIC_LABELS: Final[dict[str, tuple[str, ...]]] = {
     SERVING_REQUESTS_TOTAL: ("model", "finish_reason"),
     SERVING_MODEL_LOADED: ("model", "engine"),
     SERVING_COLD_START_SECONDS: ("model", "phase"),
+    SERVING_RELOAD_PHASE_SECONDS: ("model", "pool", "phase"),
+    SERVING_RELOADS_TOTAL: ("model", "pool", "outcome"),
+    SERVING_POOL_VERSION: ("model", "pool"),
     CACHE_REQUESTS_TOTAL: ("result",),
     CACHE_LOOKUP_SECONDS: (),
     CACHE_ENTRIES: (),
@@ -216,6 +232,7 @@ HISTOGRAM_BUCKETS: Final[dict[str, tuple[float, ...]]] = {
     SERVING_INTER_TOKEN_LATENCY_SECONDS: INTER_TOKEN_LATENCY_BUCKETS,
     SERVING_REQUEST_DURATION_SECONDS: REQUEST_DURATION_BUCKETS,
     SERVING_COLD_START_SECONDS: COLD_START_BUCKETS,
+    SERVING_RELOAD_PHASE_SECONDS: COLD_START_BUCKETS,
     CACHE_LOOKUP_SECONDS: CACHE_LOOKUP_BUCKETS,
     ROUTER_DECISION_SECONDS: ROUTER_DECISION_BUCKETS,
     ROUTER_HOLD_SECONDS: REQUEST_DURATION_BUCKETS,

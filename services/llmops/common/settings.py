@@ -328,6 +328,25 @@ class ServingSection(ServiceEndpoint):
             "changes. Unset: the replica serves its model on its own (follow_alias reloads)."
         ),
     )
+    pool_poll_seconds: float = Field(
+        default=2.0, gt=0, le=300, description="How often a pool replica syncs with its pool's record."
+    )
+    pool_lease_seconds: int = Field(
+        default=120,
+        ge=5,
+        le=3600,
+        description="Lifetime of a pool's reload lease, renewed every third of it while a replica reloads.",
+    )
+    pool_settle_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description=(
+            "A reloading replica waits this long after turning NOT_SERVING before draining, and holds the lease "
+            "this long after turning SERVING again, so readiness probes and routers see each change before "
+            "the next replica leaves (at least health_poll_seconds)."
+        ),
+    )
     engine: Literal["vllm", "transformers", "tensorrt_llm"] = Field(
         default="vllm", description="Engine used for models loaded without an explicit engine."
     )

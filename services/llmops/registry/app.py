@@ -15,6 +15,8 @@ from llmops.common.app import ServiceApp
 from llmops.common.server import ServiceBinding
 from llmops.common.settings import Settings
 from llmops.proto.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from llmops.registry.fleet import FleetStore
+from llmops.registry.fleet_service import FleetService, fleet_bindings
 from llmops.registry.grpc_app import SERVICE_NAME, RegistryServicer
 from llmops.registry.locations import LocationConfig, LocationService
 from llmops.registry.metrics import RegistryMetrics
@@ -58,11 +60,13 @@ class RegistryApp(ServiceApp):
         self,
         service: RegistryService,
         paths: RegistryPaths | None = None,
+        fleet: FleetService | None = None,
         *,
         locations: LocationConfig | None = None,
     ) -> None:
         self.service = service
         self.locations = LocationService(service, locations or LocationConfig())
+        self.fleet = fleet
         self.store: RegistryStore = service.store
         self.paths = paths
         self._ready = False
@@ -76,7 +80,8 @@ class RegistryApp(ServiceApp):
                 RegistryServicer(self.service, self.locations),
                 pb_grpc.add_RegistryServiceServicer_to_server,
                 readiness=self.readiness,
-            )
+            ),
+            *fleet_bindings(self.fleet, self.readiness),
         ]
 
     async def start(self) -> None:
@@ -99,6 +104,8 @@ class RegistryApp(ServiceApp):
         while True:
             try:
                 await self.store.open()
+                if self.fleet is not None:
+                    await asyncio.to_thread(self.fleet.store.create_tables)
             except Exception as exc:
                 log.warning("registry store not reachable yet (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -117,6 +124,8 @@ class RegistryApp(ServiceApp):
         if self._warm_up is not None:
             self._warm_up.cancel()  # the import finishes in its thread; nobody waits for it
         await self.store.close()
+        if self.fleet is not None:
+            self.fleet.store.dispose()
 
 
 def _sqlite_parent(url: str) -> Path | None:
@@ -148,4 +157,5 @@ def build_app(settings: Settings, registry: CollectorRegistry) -> RegistryApp:
         s3_endpoint_url=section.s3_endpoint_url or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None,
         default_ttl_seconds=section.presign_seconds,
     )
-    return RegistryApp(service, paths, locations=locations)
+    fleet = FleetService(store, FleetStore(paths.alias_db_url))
+    return RegistryApp(service, paths, fleet, locations=locations)
