@@ -21,6 +21,7 @@ from llmops.registry.grpc_app import SERVICE_NAME, RegistryServicer
 from llmops.registry.locations import LocationConfig, LocationService
 from llmops.registry.metrics import RegistryMetrics
 from llmops.registry.requests import RegistryLimits
+from llmops.registry.rollouts_grpc import rollout_bindings, rollout_service
 from llmops.registry.service import RegistryService
 from llmops.registry.stores.base import RegistryStore
 from llmops.registry.stores.mlflow_store import MlflowRegistryStore
@@ -69,6 +70,7 @@ class RegistryApp(ServiceApp):
         self.fleet = fleet
         self.store: RegistryStore = service.store
         self.paths = paths
+        self.rollouts = rollout_service(service.store, paths.alias_db_url if paths else None)
         self._ready = False
         self._warm_up: asyncio.Future[None] | None = None
         self._opening: asyncio.Future[None] | None = None
@@ -82,6 +84,7 @@ class RegistryApp(ServiceApp):
                 readiness=self.readiness,
             ),
             *fleet_bindings(self.fleet, self.readiness),
+            *rollout_bindings(self.rollouts, self.readiness),
         ]
 
     async def start(self) -> None:
@@ -124,6 +127,8 @@ class RegistryApp(ServiceApp):
         if self._warm_up is not None:
             self._warm_up.cancel()  # the import finishes in its thread; nobody waits for it
         await self.store.close()
+        if self.rollouts is not None:
+            await self.rollouts.rollouts.close()
         if self.fleet is not None:
             self.fleet.store.dispose()
 
