@@ -26,43 +26,43 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from llmops.proto.common.v1 import model_pb2 as llmops_dot_common_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%llmops/router/v1/router_service.proto\x12\x10llmops.router.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cllmops/common/v1/model.proto\"\xaf\x01\n\rEndpointModel\x12\x13\n\x0bserved_name\x18\x01 \x01(\t\x12.\n\x05model\x18\x02 \x01(\x0b\x32\x1f.llmops.common.v1.ResolvedModel\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x07 \x01(\x02\"\x87\x02\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.llmops.router.v1.EndpointState\x12\x0e\n\x06source\x18\x03 \x01(\t\x12/\n\x06models\x18\x04 \x03(\x0b\x32\x1f.llmops.router.v1.EndpointModel\x12\x11\n\tin_flight\x18\x05 \x01(\x05\x12\x10\n\x08requests\x18\x06 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x07 \x01(\x04\x12/\n\x0blast_report\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\thttp_port\x18\t \x01(\x05\"\x16\n\x14ListEndpointsRequest\"F\n\x15ListEndpointsResponse\x12-\n\tendpoints\x18\x01 \x03(\x0b\x32\x1a.llmops.router.v1.Endpoint\"N\n\x0fPolicyDecisions\x12(\n\x06policy\x18\x01 \x01(\x0e\x32\x18.llmops.router.v1.Policy\x12\x11\n\tdecisions\x18\x02 \x01(\x04\"R\n\x0eVersionTraffic\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x1f.llmops.common.v1.ResolvedModel\x12\x10\n\x08requests\x18\x02 \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xee\x02\n\x10GetStatsResponse\x12\x34\n\tdecisions\x18\x01 \x03(\x0b\x32!.llmops.router.v1.PolicyDecisions\x12\x13\n\x0bprefix_hits\x18\x02 \x01(\x04\x12\x15\n\rprefix_misses\x18\x03 \x01(\x04\x12\x19\n\x11saturation_spills\x18\x04 \x01(\x04\x12\x0f\n\x07retries\x18\x05 \x01(\x04\x12\x0c\n\x04held\x18\x06 \x01(\x04\x12\x0f\n\x07pending\x18\x07 \x01(\x05\x12\x12\n\ncache_hits\x18\x08 \x01(\x04\x12\x1c\n\x14\x64\x65\x63ision_p50_seconds\x18\t \x01(\x01\x12\x1c\n\x14\x64\x65\x63ision_p99_seconds\x18\n \x01(\x01\x12\x32\n\x08versions\x18\x0b \x03(\x0b\x32 .llmops.router.v1.VersionTraffic\x12)\n\x05since\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10GetPolicyRequest\"\xd2\x01\n\x11GetPolicyResponse\x12(\n\x06policy\x18\x01 \x01(\x0e\x32\x18.llmops.router.v1.Policy\x12\x15\n\rpolicy_header\x18\x02 \x01(\t\x12\x16\n\x0esession_header\x18\x03 \x01(\t\x12\x1a\n\x12prefix_block_chars\x18\x04 \x01(\x05\x12\x19\n\x11prefix_max_blocks\x18\x05 \x01(\x05\x12\x1a\n\x12saturation_waiting\x18\x06 \x01(\x05\x12\x11\n\tdiscovery\x18\x07 \x01(\t\"D\n\x16GetVersionStatsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\x01\"\x9e\x02\n\x0cVersionStats\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x1f.llmops.common.v1.ResolvedModel\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x04\x12\x13\n\x0b\x65rror_ratio\x18\x04 \x01(\x01\x12\x14\n\x0cttft_samples\x18\x05 \x01(\x04\x12\x18\n\x10ttft_p50_seconds\x18\x06 \x01(\x01\x12\x18\n\x10ttft_p95_seconds\x18\x07 \x01(\x01\x12\x1b\n\x13inter_token_samples\x18\x08 \x01(\x04\x12\x1f\n\x17inter_token_p50_seconds\x18\t \x01(\x01\x12\x1f\n\x17inter_token_p95_seconds\x18\n \x01(\x01\"c\n\x17GetVersionStatsResponse\x12\x30\n\x08versions\x18\x01 \x03(\x0b\x32\x1e.llmops.router.v1.VersionStats\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\x01*\x8a\x01\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12POLICY_ROUND_ROBIN\x10\x01\x12\x17\n\x13POLICY_LEAST_LOADED\x10\x02\x12\x1a\n\x16POLICY_PREFIX_AFFINITY\x10\x03\x12\x1b\n\x17POLICY_SESSION_AFFINITY\x10\x04*\x9f\x01\n\rEndpointState\x12\x1e\n\x1a\x45NDPOINT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NDPOINT_STATE_CONNECTING\x10\x01\x12\x18\n\x14\x45NDPOINT_STATE_READY\x10\x02\x12\x1c\n\x18\x45NDPOINT_STATE_NOT_READY\x10\x03\x12\x17\n\x13\x45NDPOINT_STATE_DOWN\x10\x04\x32\x82\x03\n\rRouterService\x12`\n\rListEndpoints\x12&.llmops.router.v1.ListEndpointsRequest\x1a\'.llmops.router.v1.ListEndpointsResponse\x12Q\n\x08GetStats\x12!.llmops.router.v1.GetStatsRequest\x1a\".llmops.router.v1.GetStatsResponse\x12T\n\tGetPolicy\x12\".llmops.router.v1.GetPolicyRequest\x1a#.llmops.router.v1.GetPolicyResponse\x12\x66\n\x0fGetVersionStats\x12(.llmops.router.v1.GetVersionStatsRequest\x1a).llmops.router.v1.GetVersionStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%llmops/router/v1/router_service.proto\x12\x10llmops.router.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cllmops/common/v1/model.proto\"\xaf\x01\n\rEndpointModel\x12\x13\n\x0bserved_name\x18\x01 \x01(\t\x12.\n\x05model\x18\x02 \x01(\x0b\x32\x1f.llmops.common.v1.ResolvedModel\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x07 \x01(\x02\"\xab\x02\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.llmops.router.v1.EndpointState\x12\x0e\n\x06source\x18\x03 \x01(\t\x12/\n\x06models\x18\x04 \x03(\x0b\x32\x1f.llmops.router.v1.EndpointModel\x12\x11\n\tin_flight\x18\x05 \x01(\x05\x12\x10\n\x08requests\x18\x06 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x07 \x01(\x04\x12/\n\x0blast_report\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\thttp_port\x18\t \x01(\x05\x12\x0c\n\x04pool\x18\n \x01(\t\x12\x14\n\x0creload_phase\x18\x0b \x01(\t\"\x16\n\x14ListEndpointsRequest\"F\n\x15ListEndpointsResponse\x12-\n\tendpoints\x18\x01 \x03(\x0b\x32\x1a.llmops.router.v1.Endpoint\"N\n\x0fPolicyDecisions\x12(\n\x06policy\x18\x01 \x01(\x0e\x32\x18.llmops.router.v1.Policy\x12\x11\n\tdecisions\x18\x02 \x01(\x04\"R\n\x0eVersionTraffic\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x1f.llmops.common.v1.ResolvedModel\x12\x10\n\x08requests\x18\x02 \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xee\x02\n\x10GetStatsResponse\x12\x34\n\tdecisions\x18\x01 \x03(\x0b\x32!.llmops.router.v1.PolicyDecisions\x12\x13\n\x0bprefix_hits\x18\x02 \x01(\x04\x12\x15\n\rprefix_misses\x18\x03 \x01(\x04\x12\x19\n\x11saturation_spills\x18\x04 \x01(\x04\x12\x0f\n\x07retries\x18\x05 \x01(\x04\x12\x0c\n\x04held\x18\x06 \x01(\x04\x12\x0f\n\x07pending\x18\x07 \x01(\x05\x12\x12\n\ncache_hits\x18\x08 \x01(\x04\x12\x1c\n\x14\x64\x65\x63ision_p50_seconds\x18\t \x01(\x01\x12\x1c\n\x14\x64\x65\x63ision_p99_seconds\x18\n \x01(\x01\x12\x32\n\x08versions\x18\x0b \x03(\x0b\x32 .llmops.router.v1.VersionTraffic\x12)\n\x05since\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10GetPolicyRequest\"\xd2\x01\n\x11GetPolicyResponse\x12(\n\x06policy\x18\x01 \x01(\x0e\x32\x18.llmops.router.v1.Policy\x12\x15\n\rpolicy_header\x18\x02 \x01(\t\x12\x16\n\x0esession_header\x18\x03 \x01(\t\x12\x1a\n\x12prefix_block_chars\x18\x04 \x01(\x05\x12\x19\n\x11prefix_max_blocks\x18\x05 \x01(\x05\x12\x1a\n\x12saturation_waiting\x18\x06 \x01(\x05\x12\x11\n\tdiscovery\x18\x07 \x01(\t\"D\n\x16GetVersionStatsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\x01\"\x9e\x02\n\x0cVersionStats\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x1f.llmops.common.v1.ResolvedModel\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x04\x12\x13\n\x0b\x65rror_ratio\x18\x04 \x01(\x01\x12\x14\n\x0cttft_samples\x18\x05 \x01(\x04\x12\x18\n\x10ttft_p50_seconds\x18\x06 \x01(\x01\x12\x18\n\x10ttft_p95_seconds\x18\x07 \x01(\x01\x12\x1b\n\x13inter_token_samples\x18\x08 \x01(\x04\x12\x1f\n\x17inter_token_p50_seconds\x18\t \x01(\x01\x12\x1f\n\x17inter_token_p95_seconds\x18\n \x01(\x01\"c\n\x17GetVersionStatsResponse\x12\x30\n\x08versions\x18\x01 \x03(\x0b\x32\x1e.llmops.router.v1.VersionStats\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\x01*\x8a\x01\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12POLICY_ROUND_ROBIN\x10\x01\x12\x17\n\x13POLICY_LEAST_LOADED\x10\x02\x12\x1a\n\x16POLICY_PREFIX_AFFINITY\x10\x03\x12\x1b\n\x17POLICY_SESSION_AFFINITY\x10\x04*\x9f\x01\n\rEndpointState\x12\x1e\n\x1a\x45NDPOINT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NDPOINT_STATE_CONNECTING\x10\x01\x12\x18\n\x14\x45NDPOINT_STATE_READY\x10\x02\x12\x1c\n\x18\x45NDPOINT_STATE_NOT_READY\x10\x03\x12\x17\n\x13\x45NDPOINT_STATE_DOWN\x10\x04\x32\x82\x03\n\rRouterService\x12`\n\rListEndpoints\x12&.llmops.router.v1.ListEndpointsRequest\x1a\'.llmops.router.v1.ListEndpointsResponse\x12Q\n\x08GetStats\x12!.llmops.router.v1.GetStatsRequest\x1a\".llmops.router.v1.GetStatsResponse\x12T\n\tGetPolicy\x12\".llmops.router.v1.GetPolicyRequest\x1a#.llmops.router.v1.GetPolicyResponse\x12\x66\n\x0fGetVersionStats\x12(.llmops.router.v1.GetVersionStatsRequest\x1a).llmops.router.v1.GetVersionStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmops.proto.router.v1.router_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POLICY']._serialized_start=1908
-  _globals['_POLICY']._serialized_end=2046
-  _globals['_ENDPOINTSTATE']._serialized_start=2049
-  _globals['_ENDPOINTSTATE']._serialized_end=2208
+  _globals['_POLICY']._serialized_start=1944
+  _globals['_POLICY']._serialized_end=2082
+  _globals['_ENDPOINTSTATE']._serialized_start=2085
+  _globals['_ENDPOINTSTATE']._serialized_end=2244
   _globals['_ENDPOINTMODEL']._serialized_start=123
   _globals['_ENDPOINTMODEL']._serialized_end=298
   _globals['_ENDPOINT']._serialized_start=301
-  _globals['_ENDPOINT']._serialized_end=564
-  _globals['_LISTENDPOINTSREQUEST']._serialized_start=566
-  _globals['_LISTENDPOINTSREQUEST']._serialized_end=588
-  _globals['_LISTENDPOINTSRESPONSE']._serialized_start=590
-  _globals['_LISTENDPOINTSRESPONSE']._serialized_end=660
-  _globals['_POLICYDECISIONS']._serialized_start=662
-  _globals['_POLICYDECISIONS']._serialized_end=740
-  _globals['_VERSIONTRAFFIC']._serialized_start=742
-  _globals['_VERSIONTRAFFIC']._serialized_end=824
-  _globals['_GETSTATSREQUEST']._serialized_start=826
-  _globals['_GETSTATSREQUEST']._serialized_end=843
-  _globals['_GETSTATSRESPONSE']._serialized_start=846
-  _globals['_GETSTATSRESPONSE']._serialized_end=1212
-  _globals['_GETPOLICYREQUEST']._serialized_start=1214
-  _globals['_GETPOLICYREQUEST']._serialized_end=1232
-  _globals['_GETPOLICYRESPONSE']._serialized_start=1235
-  _globals['_GETPOLICYRESPONSE']._serialized_end=1445
-  _globals['_GETVERSIONSTATSREQUEST']._serialized_start=1447
-  _globals['_GETVERSIONSTATSREQUEST']._serialized_end=1515
-  _globals['_VERSIONSTATS']._serialized_start=1518
-  _globals['_VERSIONSTATS']._serialized_end=1804
-  _globals['_GETVERSIONSTATSRESPONSE']._serialized_start=1806
-  _globals['_GETVERSIONSTATSRESPONSE']._serialized_end=1905
-  _globals['_ROUTERSERVICE']._serialized_start=2211
-  _globals['_ROUTERSERVICE']._serialized_end=2597
+  _globals['_ENDPOINT']._serialized_end=600
+  _globals['_LISTENDPOINTSREQUEST']._serialized_start=602
+  _globals['_LISTENDPOINTSREQUEST']._serialized_end=624
+  _globals['_LISTENDPOINTSRESPONSE']._serialized_start=626
+  _globals['_LISTENDPOINTSRESPONSE']._serialized_end=696
+  _globals['_POLICYDECISIONS']._serialized_start=698
+  _globals['_POLICYDECISIONS']._serialized_end=776
+  _globals['_VERSIONTRAFFIC']._serialized_start=778
+  _globals['_VERSIONTRAFFIC']._serialized_end=860
+  _globals['_GETSTATSREQUEST']._serialized_start=862
+  _globals['_GETSTATSREQUEST']._serialized_end=879
+  _globals['_GETSTATSRESPONSE']._serialized_start=882
+  _globals['_GETSTATSRESPONSE']._serialized_end=1248
+  _globals['_GETPOLICYREQUEST']._serialized_start=1250
+  _globals['_GETPOLICYREQUEST']._serialized_end=1268
+  _globals['_GETPOLICYRESPONSE']._serialized_start=1271
+  _globals['_GETPOLICYRESPONSE']._serialized_end=1481
+  _globals['_GETVERSIONSTATSREQUEST']._serialized_start=1483
+  _globals['_GETVERSIONSTATSREQUEST']._serialized_end=1551
+  _globals['_VERSIONSTATS']._serialized_start=1554
+  _globals['_VERSIONSTATS']._serialized_end=1840
+  _globals['_GETVERSIONSTATSRESPONSE']._serialized_start=1842
+  _globals['_GETVERSIONSTATSRESPONSE']._serialized_end=1941
+  _globals['_ROUTERSERVICE']._serialized_start=2247
+  _globals['_ROUTERSERVICE']._serialized_end=2633
 # @@protoc_insertion_point(module_scope)

@@ -155,6 +155,8 @@ class Endpoint(_message.Message):
     FAILURES_FIELD_NUMBER: _builtins.int
     LAST_REPORT_FIELD_NUMBER: _builtins.int
     HTTP_PORT_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    RELOAD_PHASE_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """host:port of its gRPC API."""
     state: Global___EndpointState.ValueType
@@ -169,6 +171,10 @@ class Endpoint(_message.Message):
     """Requests to it that failed for want of the replica (retried elsewhere or ended UNAVAILABLE)."""
     http_port: _builtins.int
     """Port of its OpenAI-compatible HTTP API; 0 when unknown or none."""
+    pool: _builtins.str
+    """Serving pool of the replica (its serving.pool); empty outside a pool."""
+    reload_phase: _builtins.str
+    """The replica's phase in its pool ("ready", "waiting", "draining", "unloading", "loading"...); empty outside a pool."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___EndpointModel]:
         """Models it serves."""
@@ -189,10 +195,12 @@ class Endpoint(_message.Message):
         failures: _builtins.int = ...,
         last_report: _timestamp_pb2.Timestamp | None = ...,
         http_port: _builtins.int = ...,
+        pool: _builtins.str = ...,
+        reload_phase: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_report", b"last_report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "failures", b"failures", "http_port", b"http_port", "in_flight", b"in_flight", "last_report", b"last_report", "models", b"models", "requests", b"requests", "source", b"source", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "failures", b"failures", "http_port", b"http_port", "in_flight", b"in_flight", "last_report", b"last_report", "models", b"models", "pool", b"pool", "reload_phase", b"reload_phase", "requests", b"requests", "source", b"source", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

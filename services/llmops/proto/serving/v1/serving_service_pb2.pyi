@@ -1412,10 +1412,18 @@ class WatchLoadResponse(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     HTTP_PORT_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    RELOAD_PHASE_FIELD_NUMBER: _builtins.int
     http_port: _builtins.int
     """Port of this server's OpenAI-compatible HTTP API; 0 when it serves none."""
     sequence: _builtins.int
     """Reports sent on this stream so far, this one included."""
+    pool: _builtins.str
+    """Serving pool of this replica (serving.pool); empty outside a pool."""
+    reload_phase: _builtins.str
+    """Its phase in the pool: "starting", "ready", "waiting", "draining", "unloading", "loading",
+    "failed" or "idle"; empty outside a pool.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelLoad]:
         """Every loaded or loading model, sorted by served name."""
@@ -1426,10 +1434,12 @@ class WatchLoadResponse(_message.Message):
         models: _abc.Iterable[Global___ModelLoad] | None = ...,
         http_port: _builtins.int = ...,
         sequence: _builtins.int = ...,
+        pool: _builtins.str = ...,
+        reload_phase: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["http_port", b"http_port", "models", b"models", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["http_port", b"http_port", "models", b"models", "pool", b"pool", "reload_phase", b"reload_phase", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
