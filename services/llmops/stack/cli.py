@@ -65,6 +65,15 @@ def up(
             "--serving-replicas", min=1, help="Serving replicas; more than 1 puts the router in front"
         ),
     ] = 1,
+    scale_to_zero_after: Annotated[
+        float | None,
+        typer.Option(
+            "--scale-to-zero-after",
+            min=0.1,
+            help="Stop serving after this many seconds without traffic and start it again when a request "
+            "waits in the router (needs a start-up model: LLMOPS_SERVING_MODEL); off unless given",
+        ),
+    ] = None,
 ) -> None:
     """Start the embedded stack: Redis, the services (training with a local Ray), Prometheus, MLflow UI."""
     settings = _settings(data_dir)
@@ -77,6 +86,7 @@ def up(
         mlflow_ui=mlflow_ui,
         detached=True,
         serving_replicas=serving_replicas,
+        scale_to_zero_after=scale_to_zero_after,
     )
     with err.status("starting the stack...") as spinner:
         stack = LocalStack(options, progress=lambda line: spinner.update(line))

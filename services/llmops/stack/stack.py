@@ -98,6 +98,10 @@ class StackOptions:
     #: Serving replicas; more than one puts the router in front of them (parts ``serving``,
     #: ``serving-2``... and ``router``; ``LLMOPS_SERVING_ADDRESS`` of later parts is the router).
     serving_replicas: int = 1
+    #: Seconds without traffic after which the scaler stops serving replicas (the router holds
+    #: requests meanwhile and the scaler starts them again; :mod:`llmops.stack.scaler`). None: off.
+    #: Puts the router in front of serving even with one replica; needs a start-up model.
+    scale_to_zero_after: float | None = None
 
 
 def options_from_settings(settings: Any, *, free_ports: bool = False, **fields: Any) -> StackOptions:
@@ -153,6 +157,7 @@ class LocalStack:
         self.data_dir = options.data_dir.expanduser().absolute()
         self._progress = progress
         self._parts: list[Part] = []
+        self._launches: dict[str, tuple[list[str], dict[str, str]]] = {}  # serving parts: command, env
 
     # up --------------------------------------------------------------------------------------------
 
@@ -168,10 +173,14 @@ class LocalStack:
             env = self._start_redis()
             env["LLMOPS_QUANTIZATION_USE_REGISTRY"] = "true"  # one registry holds every version
             for service in self.options.services:
-                if service == "serving" and self.options.serving_replicas > 1:
+                if service == "serving" and (
+                    self.options.serving_replicas > 1 or self.options.scale_to_zero_after is not None
+                ):
                     env.update(self._start_fleet(env))
                 else:
                     env.update(self._start_service(service, env))
+            if self.options.scale_to_zero_after is not None and self._launches:
+                self._start_scaler(self.options.scale_to_zero_after)
             if self.options.prometheus and shutil.which("prometheus"):
                 self._start_prometheus()
             if self.options.mlflow_ui:
@@ -237,7 +246,7 @@ class LocalStack:
         router_env = {
             **env,
             "LLMOPS_ROUTER_ENDPOINTS": ",".join(addresses),
-            "LLMOPS_ROUTER_TRAFFIC_SPLIT": "true",
+            "LLMOPS_ROUTER_TRAFFIC_SPLIT": "true" if "registry" in self.options.services else "false",
             "LLMOPS_ROUTER_HTTP_PORT": str(free_port()),
         }
         router = self._start_service("router", router_env)
@@ -279,8 +288,30 @@ class LocalStack:
         part.metrics = f"http://127.0.0.1:{ports[0][1]}/metrics"
         if service in ("serving", "router"):
             part.url = f"http://127.0.0.1:{child_env[f'LLMOPS_{upper}_HTTP_PORT']}/v1"
+        if service == "serving":  # how the scaler starts it again: the same ports
+            fixed = {f"LLMOPS_{upper}_PORT": ports[0][0], f"LLMOPS_{upper}_METRICS_PORT": ports[0][1]}
+            self._launches[name] = (args, {**child_env, **fixed})
         self._progress(f"{name} ready on {part.address}")
         return {f"LLMOPS_{upper}_ADDRESS": part.address}
+
+    def _start_scaler(self, idle_seconds: float) -> None:
+        """The scale-to-zero loop over the serving replicas, reading the router's metrics."""
+        from llmops.stack.scaler import CONFIG_FILE, ReplicaLaunch, ScalerConfig
+
+        router = next(p for p in self._parts if p.name == "router")
+        replicas = [
+            ReplicaLaunch(part.name, part.address, *self._launches[part.name], log=part.log)
+            for part in self._parts
+            if part.name in self._launches
+        ]
+        config = ScalerConfig(
+            str(self.data_dir), router.metrics, idle_seconds, replicas,
+            grace_seconds=self.options.grace_seconds, detached=self.options.detached,
+        )  # fmt: skip
+        path = config.write(self.data_dir / CONFIG_FILE)
+        process, log = self._spawn("scaler", [sys.executable, "-m", "llmops.stack.scaler", str(path)], {})
+        self._parts.append(Part("scaler", process.pid, log=str(log)))
+        self._progress(f"scaler stops serving after {idle_seconds:g} s idle")
 
     def _start_prometheus(self) -> None:
         port = free_port()
