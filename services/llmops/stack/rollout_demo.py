@@ -1,0 +1,241 @@
+"""The demo's two rollouts: one that promotes, one that rolls back, each step's evidence printed.
+
+Each case starts a rollout (the registry's RolloutService, :class:`~llmops.common.rollout_client.
+RolloutClient`) from the champion to a version, with short steps (a few seconds and a few requests
+each), and sends requests through the router while the rollout controller judges each step's window
+on both versions' SLIs; every transition is printed with its evidence (TTFT p95, inter-token p95 and
+error ratio of champion and challenger against the bounds), then the final state.
+
+* promote: the challenger is served by a healthy replica: every step meets the SLOs and
+  ``champion`` moves to it;
+* roll back: the challenger is served by a replica with ``serving.faults`` on (added TTFT and
+  errors, :mod:`llmops.serving.faults`): the first step's window breaches and the weight goes back
+  to 0, ``champion`` untouched.
+
+:func:`follow` drives one case against anything with ``start``/``get`` (the real client, or a fake
+in unit tests); the traffic is a callable, so the demo decides how requests reach the router.
+
+Not yet wired into :mod:`llmops.stack.demo`: the case needs the rollout controller running in the
+stack and a serving replica started with faults (a stack option), which land separately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from llmops.common.rollouts import (
+    SLIS,
+    Evidence,
+    Rollout,
+    RolloutSpec,
+    RolloutState,
+    SloBound,
+    Slos,
+    Transition,
+)
+
+Say = Callable[[str], None]
+#: Sends requests through the router for about the given seconds; returns how many it sent.
+Traffic = Callable[[float], Awaitable[int]]
+#: The demo's steps: short, so both cases fit in about a minute and a half.
+DEMO_STEPS = (20, 50, 100)
+DEMO_STEP_SECONDS = 3.0
+DEMO_STEP_REQUESTS = 8
+#: What the demo's rollouts must meet: TTFT and inter-token p95 within 1.5x the champion's (and a
+#: quarter second of TTFT at most), errors at most 5%.
+DEMO_SLOS = Slos(SloBound(0.25, 1.5), SloBound(0.0, 1.5), SloBound(0.05, 0.0))
+_LABELS = {"ttft_p95_seconds": "TTFT p95", "inter_token_p95_seconds": "ITL p95", "error_ratio": "error ratio"}
+
+
+class Rollouts(Protocol):
+    """What :func:`follow` needs of the rollout API (:class:`RolloutClient` has it)."""
+
+    async def start(self, spec: RolloutSpec, *, timeout: float | None = None) -> Rollout: ...
+
+    async def get(
+        self, rollout_id: int = 0, *, model_name: str = "", timeout: float | None = None
+    ) -> Rollout: ...
+
+    async def abort(self, rollout_id: int, *, reason: str = "", timeout: float | None = None) -> Rollout: ...
+
+
+@dataclass(frozen=True)
+class RolloutCase:
+    """One demo rollout: what it rolls out and the end it should reach."""
+
+    label: str
+    model: str
+    to_version: int
+    expect: RolloutState
+
+
+def demo_spec(case: RolloutCase) -> RolloutSpec:
+    return RolloutSpec(
+        model_name=case.model,
+        to_version=case.to_version,
+        steps=DEMO_STEPS,
+        step_min_seconds=DEMO_STEP_SECONDS,
+        step_min_requests=DEMO_STEP_REQUESTS,
+        slos=DEMO_SLOS,
+        reason=f"demo: {case.label}",
+    )
+
+
+def _shown(sli: str, value: float) -> str:
+    return f"{value:.1%}" if sli == "error_ratio" else f"{value * 1000:.0f} ms"
+
+
+def _bound(sli: str, bound: SloBound) -> str:
+    parts = []
+    if bound.max_value > 0:
+        parts.append(f"<= {_shown(sli, bound.max_value)}")
+    if bound.max_ratio > 0:
+        parts.append(f"<= {bound.max_ratio:g}x champion")
+    return " and ".join(parts) or "unchecked"
+
+
+def evidence_table(evidence: Evidence, slos: Slos) -> str:
+    """A step's evidence: each SLI of champion and challenger, its bound, met or BREACH."""
+    champion, challenger = evidence.champion, evidence.challenger
+    lines = [
+        f"    {'SLI':<12} {'champion v' + str(champion.version):>14} {'challenger v' + str(challenger.version):>16}"
+        f"  {'bound':<28} verdict",
+        f"    {'requests':<12} {champion.requests:>14} {challenger.requests:>16}",
+    ]
+    checks = {check.sli: check for check in evidence.checks}
+    for sli in SLIS:
+        check = checks.get(sli)
+        met = "" if check is None else ("met" if check.met else "BREACH " + check.detail)
+        lines.append(
+            f"    {_LABELS[sli]:<12} {_shown(sli, champion.value(sli)):>14} {_shown(sli, challenger.value(sli)):>16}"
+            f"  {_bound(sli, slos.bound(sli)):<28} {met}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def transition_text(transition: Transition, slos: Slos) -> str:
+    """One transition: the state move, the challenger's weight after, why, and its evidence."""
+    head = (
+        f"  {transition.from_state.value} -> {transition.to_state.value}"
+        f" (challenger {transition.challenger_percent}%): {transition.reason}"
+    )
+    if transition.evidence is None:
+        return head
+    window = f"    window {transition.evidence.window_seconds:.1f} s from {transition.evidence.source}"
+    return "\n".join([head, window, evidence_table(transition.evidence, slos)])
+
+
+def record(rollout: Rollout) -> dict[str, Any]:
+    """The rollout as the demo returns it (for the e2e test and the closing summary)."""
+    return {
+        "id": rollout.id,
+        "model": rollout.spec.model_name,
+        "from_version": rollout.from_version,
+        "to_version": rollout.spec.to_version,
+        "state": rollout.state.value,
+        "challenger_percent": rollout.challenger_percent,
+        "transitions": [
+            {
+                "to_state": t.to_state.value,
+                "percent": t.challenger_percent,
+                "reason": t.reason,
+                "evidence": None
+                if t.evidence is None
+                else {
+                    "champion": {sli: t.evidence.champion.value(sli) for sli in SLIS}
+                    | {"requests": t.evidence.champion.requests},
+                    "challenger": {sli: t.evidence.challenger.value(sli) for sli in SLIS}
+                    | {"requests": t.evidence.challenger.requests},
+                    "checks": {c.sli: c.met for c in t.evidence.checks},
+                },
+            }
+            for t in rollout.transitions
+        ],
+    }
+
+
+async def follow(
+    rollouts: Rollouts,
+    case: RolloutCase,
+    traffic: Traffic,
+    say: Say,
+    *,
+    timeout: float = 60.0,
+    burst_seconds: float = 1.0,
+) -> dict[str, Any]:
+    """Start ``case``'s rollout, send traffic while it is active, print each transition as it
+    happens; aborted (and said so) if it is still active after ``timeout`` seconds."""
+    spec = demo_spec(case)
+    rollout = await rollouts.start(spec)
+    slos = rollout.slos
+    steps = ", ".join(f"{step}%" for step in rollout.spec.steps)
+    say(
+        f"rollout {rollout.id} ({case.label}): {case.model}:{rollout.from_version} -> "
+        f"{case.model}:{case.to_version}, steps {steps}, each >= {rollout.spec.step_min_seconds:g} s "
+        f"and {rollout.spec.step_min_requests} challenger requests"
+    )
+    shown, sent = 0, 0
+    deadline = time.monotonic() + timeout
+    while True:
+        for transition in rollout.transitions[shown:]:
+            say(transition_text(transition, slos))
+        shown = len(rollout.transitions)
+        if not rollout.state.active:
+            break
+        if time.monotonic() > deadline:
+            rollout = await rollouts.abort(
+                rollout.id, reason=f"demo: still {rollout.state.value} after {timeout:.0f} s"
+            )
+            say(f"  aborted: still active after {timeout:.0f} s (is the rollout controller running?)")
+            break
+        sent += await traffic(burst_seconds)
+        rollout = await rollouts.get(rollout.id)
+    say(
+        f"rollout {rollout.id} ended {rollout.state.value.upper()} after {sent} requests: challenger "
+        f"{rollout.challenger_percent}% (expected {case.expect.value})"
+    )
+    return record(rollout) | {"label": case.label, "expected": case.expect.value, "requests": sent}
+
+
+def router_traffic(router: str, model: str, *, concurrency: int = 4, max_tokens: int = 4) -> Traffic:
+    """Requests with distinct session ids through the router at ``router`` (each session is drawn
+    once over the alias weights), for about the given seconds; failures count as sent."""
+    import grpc
+
+    from llmops.proto.common.v1 import generation_pb2, sampling_pb2
+    from llmops.proto.serving.v1 import serving_service_pb2 as pb
+    from llmops.proto.serving.v1 import serving_service_pb2_grpc as pb_grpc
+
+    counter = iter(range(1 << 62))
+    request = pb.GenerateStreamRequest(
+        model=pb.ModelSelector(served_name=model),
+        prompt=generation_pb2.Prompt(text="### Instruction:\nSay hello.\n\n### Response:\n"),
+        sampling=sampling_pb2.SamplingParams(max_tokens=max_tokens, greedy=True, ignore_eos=True),
+        cache=pb.CacheControl(bypass=True, no_store=True),  # every request reaches a replica
+    )
+
+    async def send(seconds: float) -> int:
+        end = time.monotonic() + seconds
+        sent = 0
+        async with grpc.aio.insecure_channel(router) as channel:
+            stub = pb_grpc.ServingServiceStub(channel)
+
+            async def user() -> None:
+                nonlocal sent
+                while time.monotonic() < end:
+                    session = (("x-llmops-session-id", f"rollout-{next(counter)}"),)
+                    try:
+                        async for _ in stub.GenerateStream(request, timeout=30, metadata=session):
+                            pass
+                    except grpc.aio.AioRpcError:
+                        pass  # the router counts it against its version: that is the evidence
+                    sent += 1
+
+            await asyncio.gather(*(user() for _ in range(concurrency)))
+        return sent
+
+    return send
