@@ -98,6 +98,9 @@ class StackOptions:
     #: Serving replicas; more than one puts the router in front of them (parts ``serving``,
     #: ``serving-2``... and ``router``; ``LLMOPS_SERVING_ADDRESS`` of later parts is the router).
     serving_replicas: int = 1
+    #: Extra LLMOPS_* settings of single serving replicas, by part name (e.g. ``{"serving-3":
+    #: {"LLMOPS_SERVING_FAULTS__TTFT_DELAY_MS": "1000"}}``: the demo's deliberately worse replica).
+    replica_env: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     #: Seconds without traffic after which the scaler stops serving replicas (the router holds
     #: requests meanwhile and the scaler starts them again; :mod:`llmops.stack.scaler`). None: off.
     #: Puts the router in front of serving even with one replica; needs a start-up model.
@@ -240,6 +243,7 @@ class LocalStack:
         for index in range(self.options.serving_replicas):
             name = "serving" if index == 0 else f"serving-{index + 1}"
             extra = {} if index == 0 else {"LLMOPS_SERVING_HTTP_PORT": str(free_port())}
+            extra.update(self.options.replica_env.get(name, {}))
             addresses.append(
                 self._start_service("serving", {**env, **extra}, name=name)["LLMOPS_SERVING_ADDRESS"]
             )
