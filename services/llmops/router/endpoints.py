@@ -67,6 +67,8 @@ class Endpoint:
         self.last_report = 0.0  # monotonic time of the last load report
         self.last_report_at: datetime | None = None
         self.http_port = 0
+        self.pool = ""  # the replica's serving pool, and its phase there, as its last report said
+        self.reload_phase = ""
         self.in_flight = 0
         self.requests = 0
         self.failures = 0
@@ -122,6 +124,7 @@ class Endpoint:
                 by_name.setdefault(model.name, []).append(slot)
         self.models, self.by_name = models, by_name
         self.http_port = report.http_port
+        self.pool, self.reload_phase = report.pool, report.reload_phase
         self.last_report = time.monotonic()
         self.last_report_at = datetime.now(UTC)
 

@@ -145,6 +145,8 @@ class RouterAdmin(rpb_grpc.RouterServiceServicer):
                 requests=e.requests,
                 failures=e.failures,
                 http_port=e.http_port,
+                pool=e.pool,
+                reload_phase=e.reload_phase,
             )
             if e.last_report_at is not None:
                 item.last_report.FromDatetime(e.last_report_at)

@@ -63,6 +63,7 @@ class Route:
     blocks: list[int]
     metadata: tuple[tuple[str, str], ...]  # forwarded to the replica
     deadline: float | None  # monotonic
+    version: int = 0  # the version a name@alias selector points at now, by the registry (0: unknown)
 
 
 class RouterStats:
@@ -178,9 +179,23 @@ class Router:
 
     # --- picking -----------------------------------------------------------------------------------
 
-    def candidates(self, selector: pb.ModelSelector, exclude: set[str]) -> list[Candidate]:
-        found: list[Candidate] = []
+    def candidates(self, selector: pb.ModelSelector, exclude: set[str], version: int = 0) -> list[Candidate]:
+        """Ready replicas serving ``selector``; a name@alias with its ``version`` known goes to every
+        replica serving that version (whatever alias or pool loaded it: the challenger pool takes a
+        moved champion's traffic while the champion pool rolls), else to those that loaded the alias."""
         which = selector.WhichOneof("kind")
+        if version and which == "model_ref" and selector.model_ref.alias:
+            ref = selector.model_ref
+            by_version = [
+                (endpoint, slot)
+                for endpoint in self.pool.ready
+                if endpoint.address not in exclude
+                for slot in endpoint.by_name.get(ref.name, ())
+                if slot.ready and slot.model is not None and slot.model.version == version
+            ]
+            if by_version:
+                return by_version
+        found: list[Candidate] = []
         for endpoint in self.pool.ready:
             if endpoint.address in exclude:
                 continue
@@ -203,7 +218,10 @@ class Router:
     async def pick(self, route: Route, exclude: set[str]) -> Decision:
         """A replica for ``route``, holding the request while there is none."""
         started = time.perf_counter()
-        candidates = self.candidates(route.selector, exclude)
+        if not route.version and self.splitter is not None and route.selector.model_ref.alias:
+            route.version = await self._alias_version(route.selector.model_ref)
+            started = time.perf_counter()
+        candidates = self.candidates(route.selector, exclude, route.version)
         if not candidates:
             candidates = await self._hold(route, exclude)
             started = time.perf_counter()
@@ -224,6 +242,12 @@ class Router:
         self.metrics.decision_seconds.observe(elapsed)
         self.metrics.decisions.labels(decision.policy.value, decision.outcome).inc()
         return decision
+
+    async def _alias_version(self, ref: Any) -> int:
+        """The version an alias points at, as the splitter's cached registry read says (0: unknown)."""
+        assert self.splitter is not None
+        split = await self.splitter.split(ref.name)
+        return split.versions.get(ref.alias, 0) if split is not None else 0
 
     def _split(self, split: TrafficSplit, route: Route, candidates: list[Candidate]) -> list[Candidate]:
         assert self.splitter is not None
@@ -261,7 +285,7 @@ class Router:
                         f"no replica of {route.model} became ready in {self.settings.max_hold_seconds:g}s"
                     )
                 await self.pool.wait_change(left)
-                candidates = self.candidates(route.selector, exclude)
+                candidates = self.candidates(route.selector, exclude, route.version)
                 if candidates:
                     return candidates
         finally:

@@ -31,6 +31,7 @@ from llmops.serving.faults import FaultInjector
 from llmops.serving.grpc_app import SERVICE_NAME, ServingServicer
 from llmops.serving.http_app import AuthHook, create_http_app
 from llmops.serving.metrics import EngineMetricsBridge, EngineShimMetrics, ServingMetrics
+from llmops.serving.pool import build_pool_replica
 from llmops.serving.resolver import CompositeResolver, LocalPathResolver, ModelResolver, RegistryResolver
 from llmops.serving.service import ServingService
 from llmops.serving.validation import Limits
@@ -122,6 +123,7 @@ class ServingApp(ServiceApp):
             drain_timeout=s.drain_timeout_seconds,
             alias_poll_seconds=s.alias_poll_seconds,
             replace_unloads_first=s.replace_unloads_first,
+            pool=s.pool,
         )
         self.cache: ResponseCache | None = None
         if settings.redis_url:
@@ -142,7 +144,12 @@ class ServingApp(ServiceApp):
             faults=FaultInjector.from_settings(s.faults),
         )
         registry.register(EngineMetricsBridge(shim, self.service.refresh_engine_gauges))
-        self.servicer = ServingServicer(self.service, http_port=lambda: self.http_port)
+        self.pool = build_pool_replica(settings, self.service, self._startup_request, registry)
+        self.servicer = ServingServicer(
+            self.service,
+            http_port=lambda: self.http_port,
+            pool_info=self.pool.info if self.pool is not None else None,
+        )
         self.http = create_http_app(
             self.service, auth=auth if auth is not None else bearer_auth(self._access, SERVICE_NAME)
         )
@@ -157,9 +164,13 @@ class ServingApp(ServiceApp):
                 SERVICE_NAME,
                 self.servicer,
                 serving_service_pb2_grpc.add_ServingServiceServicer_to_server,
-                readiness=self.service.ready,
+                readiness=self.ready,
             )
         ]
+
+    async def ready(self) -> bool:
+        """A model READY and, in a pool, not out of the rotation for a reload."""
+        return (self.pool is None or await self.pool.ready()) and await self.service.ready()
 
     async def start(self) -> None:
         if self.service.faults is not None:
@@ -170,7 +181,9 @@ class ServingApp(ServiceApp):
             await start_backend(self.cache)  # fails open: a Redis down now is logged, not fatal
         if self.settings.serving.http_enabled:
             await self.start_http()
-        if self._startup_request is not None:
+        if self.pool is not None:
+            self.pool.start()  # the pool loop loads the pool's version now, and follows it
+        elif self._startup_request is not None:
             await self.service.load_model(self._startup_request)
 
     async def start_http(self) -> int:
@@ -188,6 +201,8 @@ class ServingApp(ServiceApp):
         return self._access
 
     async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
         await self.stop_http()
         await self.service.close()
         if self.cache is not None:

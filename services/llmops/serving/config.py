@@ -30,3 +30,6 @@ class ServingConfig:
     #: A replacing load frees the old model before loading the new one (for models that do not fit
     #: twice on the pod's GPUs); the name answers UNAVAILABLE meanwhile.
     replace_unloads_first: bool = False
+    #: The serving pool this replica belongs to: the pool loop (llmops.serving.pool) decides its
+    #: version, so follow_alias is refused and a request for the pool's alias is served without a lookup.
+    pool: str | None = None

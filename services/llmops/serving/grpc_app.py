@@ -35,9 +35,15 @@ def _remaining(context: Context) -> float | None:
 class ServingServicer(serving_service_pb2_grpc.ServingServiceServicer):
     """Adapts :class:`ServingService` to gRPC."""
 
-    def __init__(self, service: ServingService, http_port: Callable[[], int | None] = lambda: None) -> None:
+    def __init__(
+        self,
+        service: ServingService,
+        http_port: Callable[[], int | None] = lambda: None,
+        pool_info: Callable[[], tuple[str, str]] | None = None,
+    ) -> None:
         self._service = service
         self._http_port = http_port
+        self._pool_info = pool_info or (lambda: ("", ""))
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         result = await self._service.generate(convert.generation_request(request, _remaining(context)))
@@ -122,8 +128,11 @@ class ServingServicer(serving_service_pb2_grpc.ServingServiceServicer):
         sequence = 0
         async for loads in watch_load(self._service.loads, min_interval, heartbeat):
             sequence += 1
+            pool, phase = self._pool_info()
             yield pb.WatchLoadResponse(
                 models=[convert.model_load(load) for load in loads],
                 http_port=self._http_port() or 0,
                 sequence=sequence,
+                pool=pool,
+                reload_phase=phase,
             )

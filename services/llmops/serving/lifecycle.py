@@ -97,6 +97,10 @@ class ModelLifecycle:
             raise InvalidArgument("exactly one of model_ref or local_path must be set", field="source")
         if request.follow_alias and (source.model_ref is None or source.model_ref.alias is None):
             raise InvalidArgument("needs a model_ref that names an alias", field="follow_alias")
+        if request.follow_alias and self.config.pool:
+            raise FailedPrecondition(
+                f"this replica is in pool {self.config.pool!r}, which decides its version: no follow_alias"
+            )
         served_name = check_served_name(request.served_name or default_served_name(source))
         existing = self._models.get(served_name)
         if existing is not None and existing.state is not ModelState.FAILED and not request.replace:

@@ -344,6 +344,13 @@ class ServingService(ModelLifecycle):
         return entry
 
     async def _entry_for_ref(self, ref: ModelRef) -> ServedModel:
+        if self.config.pool and ref.alias:
+            # in a pool the pool decides which version its alias means here: while the pool rolls,
+            # a replica not yet reloaded keeps answering for the alias instead of failing
+            for entry in self._models.values():
+                model = entry.info.model
+                if model is not None and (model.name, model.alias) == (ref.name, ref.alias):
+                    return entry
         resolved = await self._resolver.resolve_ref(ref)
         for entry in self._models.values():
             model = entry.info.model
