@@ -91,8 +91,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         params = yaml.safe_load(params_file.read_text())
         params["promote"]["min_improvement"] = 0.0
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-        # the split was shown once (the first run); the second run serves the new champion alone
-        result = run_loop(kept.state, dataclasses.replace(options, split_requests=0), say=say)
+        # the split and the rollouts were shown once (the first run); the second run serves the new
+        # champion alone
+        result = run_loop(kept.state, dataclasses.replace(options, split_requests=0, rollouts=False), say=say)
         yield DemoRun(kept, result, root / "repo", pipeline, head)
     finally:
         LocalStack(StackOptions(data_dir=options.data_dir)).down()

@@ -15,6 +15,11 @@ Invariants, on a fresh stack (seeded: the same data, fine-tune and evaluation ev
 * the quantization job measured perplexity on the pipeline's eval text, not its default text;
 * DVC pushed the data to its remote and pulls it back; a repeated deterministic request is answered
   from the cache with the same text;
+* two rollouts on the demo's own model through the router and the rollout controller: a healthy
+  challenger promotes after every step's window met the SLOs (``champion`` moved to it), and a
+  challenger served by the replica with fault injection on (a second of added TTFT, a quarter of
+  generations failed) rolls back with the breach in its evidence (challenger weight 0, champion
+  untouched);
 * serving runs as two replicas behind the router: with the challenger on the second replica and alias
   weights champion 90 / challenger 10, 200 requests with distinct session ids split within 7
   percentage points of the weights (the draw is a hash of each session id: binomial standard
@@ -31,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from llmops.common.settings import RouterSection
 from llmops.stack.demo import DemoResult
 from tests.e2e.conftest import DemoRun
 
@@ -144,3 +150,19 @@ def test_the_router_splits_traffic_between_two_replicas_by_alias_weights(demo_ru
     table = split["table"]
     for text in (champion, challenger, "serving-2", f"{answered[challenger]:>8}"):
         assert text in table, table
+
+
+def test_the_demo_shows_a_promoted_and_a_rolled_back_rollout_with_evidence(demo_run: DemoRun) -> None:
+    if "rollout_controller" not in RouterSection.model_fields:
+        pytest.skip("this router has no rollout controller (router.rollout_controller)")
+    promoted, rolled_back = demo_run.kept.rollouts
+    assert promoted["state"] == "promoted" and promoted["challenger_percent"] == 100, promoted
+    judged = [t for t in promoted["transitions"] if t["evidence"] is not None]
+    assert len(judged) >= 3 and all(all(t["evidence"]["checks"].values()) for t in judged)  # every step met
+    assert all(t["evidence"]["challenger"]["requests"] > 0 for t in judged)
+    assert rolled_back["state"] == "rolled_back" and rolled_back["challenger_percent"] == 0, rolled_back
+    assert rolled_back["from_version"] == promoted["to_version"]  # the promotion moved champion
+    breach = rolled_back["transitions"][-1]["evidence"]
+    assert breach is not None and not all(breach["checks"].values())
+    # the faulty replica adds a second before every first token
+    assert breach["challenger"]["ttft_p95_seconds"] >= 1.0 > breach["champion"]["ttft_p95_seconds"]

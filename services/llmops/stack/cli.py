@@ -236,6 +236,15 @@ def print_summary(result: Any, seconds: float, *, kept: bool) -> None:
         requests.add_row(row["request"], ttft, f"{row['latency_ms']:.0f}", "yes" if row["cached"] else "no",
                          row["text"].strip().replace("\n", " ")[:60])  # fmt: skip
     out.print(requests)
+    if result.rollouts:
+        rollouts = Table(title="rollouts (challenger SLIs judged against the champion's, step by step)")
+        for column in ("rollout", "case", "from -> to", "steps judged", "final state"):
+            rollouts.add_column(column)
+        for r in result.rollouts:
+            judged = sum(t["evidence"] is not None for t in r["transitions"])
+            rollouts.add_row(str(r["id"]), r["label"], f"v{r['from_version']} -> v{r['to_version']}",
+                             str(judged), r["state"].upper())  # fmt: skip
+        out.print(rollouts)
     state = result.state
     out.print(
         f"[bold]done in {seconds / 60:.1f} min.[/bold] Where to look next"

@@ -17,6 +17,10 @@
    the second replica serves ``<model>@challenger``, the registry's alias weights are set (champion
    90, challenger 10), ``split_requests`` requests with distinct session ids go through the router,
    and a table shows the requests per replica and per version against the weights.
+5b. Two rollouts (``rollouts``; :mod:`llmops.stack.rollout_demo`) on a model of their own, through
+   the router and the rollout controller: a healthy challenger that promotes, and one served by an
+   extra replica with fault injection on (``serving.faults``) that rolls back; each step's evidence
+   (both versions' TTFT p95, ITL p95 and error ratio against the bounds) and the final state.
 6. Print what happened (versions and lineage, eval numbers, quantization ratios, latencies, the
    cache hit) and where to look next, then stop the stack (unless asked to keep it).
 """
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.common.process import run
+from llmops.stack.rollout_demo import FAULTY_REPLICA_ENV
 from llmops.stack.stack import LocalStack, StackOptions, StackState
 
 Say = Callable[[str], None]
@@ -58,6 +63,9 @@ class DemoOptions:
     split_requests: int = 200
     #: Alias weights the split step sets: champion, challenger.
     split_weights: tuple[int, int] = (90, 10)
+    #: Show a promoted and a rolled-back rollout (needs ``serving_replicas`` > 1: one more replica,
+    #: with fault injection on, is started for the rolled-back one).
+    rollouts: bool = True
 
 
 @dataclasses.dataclass
@@ -69,6 +77,8 @@ class DemoResult:
     lineage: list[dict[str, Any]]
     #: The split step's counts (:func:`llmops.stack.split_demo.show_split`); empty when skipped.
     split: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The rollouts (:func:`llmops.stack.rollout_demo.show_rollouts`); empty when skipped.
+    rollouts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _env(state: StackState) -> dict[str, str]:
@@ -279,7 +289,26 @@ def run_loop(state: StackState, options: DemoOptions, say: Say = print) -> DemoR
                 previous=int(str(reports["promote"].get("champion_before", ":0")).rsplit(":", 1)[1]),
             )
         )
-    return DemoResult(state, base, reports, requests, lineage, split)
+    rollouts: list[dict[str, Any]] = []
+    faulty = _faulty_replica(options)
+    if options.rollouts and faulty and state.part(faulty) is not None and state.part("router") is not None:
+        from llmops.stack.rollout_demo import show_rollouts
+
+        say("two rollouts through the router: a healthy challenger, then one with fault injection on")
+        rollouts = asyncio.run(show_rollouts(state, _load, say, faulty=faulty))
+    return DemoResult(state, base, reports, requests, lineage, split, rollouts)
+
+
+def _faulty_replica(options: DemoOptions) -> str:
+    """The part name of the replica the rollouts start with fault injection on ("" without rollouts:
+    not asked for, one replica only, or a router without the rollout controller)."""
+    from llmops.common.settings import RouterSection
+
+    if not options.rollouts or options.serving_replicas < 2:
+        return ""
+    if "rollout_controller" not in RouterSection.model_fields:
+        return ""
+    return f"serving-{options.serving_replicas + 1}"
 
 
 def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
@@ -288,6 +317,9 @@ def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
         "LLMOPS_TRAINING_DATA_REPO": str(options.pipeline_dir.absolute()),
         "LLMOPS_SERVING_ENGINE": options.engine or "transformers",
     }
+    faulty = _faulty_replica(options)
+    if faulty:  # the router steps the rollouts on its own per-version SLIs
+        env.update(LLMOPS_ROUTER_ROLLOUT_CONTROLLER="true", LLMOPS_ROUTER_ROLLOUT_POLL_SECONDS="0.5")
     stack = LocalStack(
         StackOptions(
             data_dir=options.data_dir,
@@ -295,7 +327,8 @@ def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
             prometheus=options.prometheus,
             scrape_interval=options.scrape_interval,
             mlflow_ui=options.mlflow_ui,
-            serving_replicas=options.serving_replicas,
+            serving_replicas=options.serving_replicas + (1 if faulty else 0),
+            replica_env={faulty: FAULTY_REPLICA_ENV} if faulty else {},
             detached=options.keep_running,  # otherwise the stack dies with the demo, however it ends
         ),
         progress=say,

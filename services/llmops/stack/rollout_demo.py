@@ -239,3 +239,96 @@ def router_traffic(router: str, model: str, *, concurrency: int = 4, max_tokens:
         return sent
 
     return send
+
+
+#: The demo's rollouts run on a model of their own (the tiny Llama, three registry versions of the
+#: same weights), so they never move the pipeline's champion.
+ROLLOUT_MODEL = "rollout-demo"
+#: The worse replica: a second of added TTFT and a quarter of generations failed (INTERNAL).
+FAULTY_REPLICA_ENV = {
+    "LLMOPS_SERVING_FAULTS__TTFT_DELAY_MS": "1000",
+    "LLMOPS_SERVING_FAULTS__ERROR_RATIO": "0.25",
+    "LLMOPS_SERVING_FAULTS__SEED": "7",
+}
+
+
+async def _versions(registry: Any, source: Any, say: Say) -> tuple[int, int, int]:
+    """The demo model's champion (imported with alias ``champion`` the first time) and two new
+    versions of the same weights: the healthy challenger and the one the worse replica serves."""
+    from llmops.common.errors import NotFound
+    from llmops.registry.importer import import_model
+
+    try:
+        champion = (await registry.get_alias_weights(ROLLOUT_MODEL)).versions.get("champion")
+    except NotFound:
+        champion = None
+    if champion is None:
+        first = await import_model(registry, source, ROLLOUT_MODEL, aliases=("champion",),
+                                   description="the rollout demo's champion (tiny Llama)")  # fmt: skip
+        champion = int(first.version)
+    good = await import_model(registry, source, ROLLOUT_MODEL, description="rollout demo: healthy challenger")
+    bad = await import_model(registry, source, ROLLOUT_MODEL, description="rollout demo: served with faults")
+    say(
+        f"{ROLLOUT_MODEL}: champion v{champion}, healthy challenger v{good.version}, worse one v{bad.version}"
+    )
+    return int(champion), int(good.version), int(bad.version)
+
+
+async def show_rollouts(
+    state: Any,
+    load: Callable[..., Awaitable[Any]],
+    say: Say,
+    *,
+    healthy: tuple[str, str] = ("serving", "serving-2"),
+    faulty: str = "serving-3",
+    timeout: float = 60.0,
+) -> list[dict[str, Any]]:
+    """The two cases on a running stack whose ``faulty`` replica runs with :data:`FAULTY_REPLICA_ENV`:
+    the champion on ``healthy[0]``, a healthy challenger on ``healthy[1]`` (promotes), then a
+    challenger on ``faulty`` (rolls back). Returns each case's :func:`record`."""
+    from llmops.common.clients import RegistryClient, ServingClient
+    from llmops.common.rollout_client import RolloutClient
+    from llmops.common.tiny_model import build_tiny_model
+    from llmops.proto.common.v1 import model_pb2
+    from llmops.proto.router.v1 import router_service_pb2_grpc as rpb_grpc
+    from llmops.proto.serving.v1 import serving_service_pb2 as pb
+    from llmops.stack.split_demo import _part_address, _wait_routable
+
+    source = await asyncio.to_thread(lambda: build_tiny_model().path)
+    registry_address = _part_address(state, "registry")
+    async with RegistryClient.connect(registry_address, timeout=120) as registry:
+        champion, good, bad = await _versions(registry, source, say)
+    placement = {healthy[0]: champion, healthy[1]: good, faulty: bad}
+    for part, version in placement.items():
+        say(f"{part} loads {ROLLOUT_MODEL}:{version}" + (" (fault injection on)" if part == faulty else ""))
+        async with ServingClient.connect(_part_address(state, part), timeout=600) as client:
+            await load(
+                client,
+                pb.LoadModelRequest(
+                    model_ref=model_pb2.ModelRef(name=ROLLOUT_MODEL, version=version),
+                    served_name=ROLLOUT_MODEL,
+                    engine=pb.ENGINE_TRANSFORMERS,
+                    replace=True,
+                ),
+            )
+    router = _part_address(state, "router")
+    import grpc
+
+    async with grpc.aio.insecure_channel(router) as channel:
+        await _wait_routable(rpb_grpc.RouterServiceStub(channel), ROLLOUT_MODEL, set(placement.values()))
+    traffic = router_traffic(router, ROLLOUT_MODEL)
+    cases = [
+        RolloutCase("healthy challenger", ROLLOUT_MODEL, good, RolloutState.PROMOTED),
+        RolloutCase(
+            f"challenger on {faulty}, fault injection on", ROLLOUT_MODEL, bad, RolloutState.ROLLED_BACK
+        ),
+    ]
+    results = []
+    async with RolloutClient.connect(registry_address, timeout=30) as rollouts:
+        for case in cases:
+            results.append(await follow(rollouts, case, traffic, say, timeout=timeout))
+    async with RegistryClient.connect(registry_address, timeout=30) as registry:
+        final = (await registry.get_alias_weights(ROLLOUT_MODEL)).versions.get("champion")
+    say(f"final state: {ROLLOUT_MODEL}@champion is v{final}; " + "; ".join(
+        f"rollout {r['id']} {r['state']}" for r in results))  # fmt: skip
+    return results
