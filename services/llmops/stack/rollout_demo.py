@@ -45,9 +45,10 @@ Traffic = Callable[[float], Awaitable[int]]
 DEMO_STEPS = (20, 50, 100)
 DEMO_STEP_SECONDS = 3.0
 DEMO_STEP_REQUESTS = 8
-#: What the demo's rollouts must meet: TTFT and inter-token p95 within 1.5x the champion's (and a
-#: quarter second of TTFT at most), errors at most 5%.
-DEMO_SLOS = Slos(SloBound(0.25, 1.5), SloBound(0.0, 1.5), SloBound(0.05, 0.0))
+#: What the demo's rollouts must meet: TTFT p95 at most half a second and 2x the champion's,
+#: inter-token p95 at most half a second, errors at most 5%. Loose on purpose: p95 over a few
+#: seconds of a shared 2-core machine is noisy, and the worse replica misses them by far.
+DEMO_SLOS = Slos(SloBound(0.5, 2.0), SloBound(0.5, 0.0), SloBound(0.05, 0.0))
 _LABELS = {"ttft_p95_seconds": "TTFT p95", "inter_token_p95_seconds": "ITL p95", "error_ratio": "error ratio"}
 
 
@@ -201,7 +202,7 @@ async def follow(
     return record(rollout) | {"label": case.label, "expected": case.expect.value, "requests": sent}
 
 
-def router_traffic(router: str, model: str, *, concurrency: int = 4, max_tokens: int = 4) -> Traffic:
+def router_traffic(router: str, model: str, *, concurrency: int = 2, max_tokens: int = 4) -> Traffic:
     """Requests with distinct session ids through the router at ``router`` (each session is drawn
     once over the alias weights), for about the given seconds; failures count as sent."""
     import grpc
