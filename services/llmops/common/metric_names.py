@@ -89,6 +89,11 @@ ROUTER_HOLD_SECONDS: Final = "llmops_router_hold_seconds"
 ROUTER_ENDPOINT_LOAD: Final = "llmops_router_endpoint_load"
 ROUTER_ENDPOINT_IN_FLIGHT: Final = "llmops_router_endpoint_in_flight"
 ROUTER_ENDPOINTS: Final = "llmops_router_endpoints"
+#: Time to first token of streams through the router, by registry ``model`` name and ``version``
+#: (the number): what a rollout judges a challenger on, beside its champion.
+ROUTER_TTFT_SECONDS: Final = "llmops_router_ttft_seconds"
+#: Time between consecutive streamed tokens through the router, by ``model`` and ``version``.
+ROUTER_INTER_TOKEN_SECONDS: Final = "llmops_router_inter_token_seconds"
 
 # --- jobs -----------------------------------------------------------------------------------------
 TRAINING_JOBS: Final = "llmops_training_jobs"
@@ -139,6 +144,8 @@ ALL_METRICS: Final[dict[str, str]] = {
     ROUTER_ENDPOINT_LOAD: GAUGE,
     ROUTER_ENDPOINT_IN_FLIGHT: GAUGE,
     ROUTER_ENDPOINTS: GAUGE,
+    ROUTER_TTFT_SECONDS: HISTOGRAM,
+    ROUTER_INTER_TOKEN_SECONDS: HISTOGRAM,
     TRAINING_JOBS: GAUGE,
     TRAINING_JOBS_FINISHED_TOTAL: COUNTER,
     TRAINING_LAST_LOSS: GAUGE,
@@ -183,6 +190,8 @@ METRIC_LABELS: Final[dict[str, tuple[str, ...]]] = {
     ROUTER_ENDPOINT_LOAD: ("endpoint", "model"),
     ROUTER_ENDPOINT_IN_FLIGHT: ("endpoint",),
     ROUTER_ENDPOINTS: ("state",),
+    ROUTER_TTFT_SECONDS: ("model", "version"),
+    ROUTER_INTER_TOKEN_SECONDS: ("model", "version"),
     TRAINING_JOBS: ("state",),
     TRAINING_JOBS_FINISHED_TOTAL: ("method", "result"),
     TRAINING_LAST_LOSS: ("method",),
@@ -236,6 +245,8 @@ HISTOGRAM_BUCKETS: Final[dict[str, tuple[float, ...]]] = {
     CACHE_LOOKUP_SECONDS: CACHE_LOOKUP_BUCKETS,
     ROUTER_DECISION_SECONDS: ROUTER_DECISION_BUCKETS,
     ROUTER_HOLD_SECONDS: REQUEST_DURATION_BUCKETS,
+    ROUTER_TTFT_SECONDS: TTFT_BUCKETS,
+    ROUTER_INTER_TOKEN_SECONDS: INTER_TOKEN_LATENCY_BUCKETS,
 }
 
 # --- vLLM pass-through ----------------------------------------------------------------------------

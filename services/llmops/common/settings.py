@@ -547,6 +547,19 @@ class RouterSection(ServiceEndpoint):
     cache_in_front: bool = Field(
         default=True, description="With redis_url set: answer deterministic requests from the response cache."
     )
+    rollout_controller: bool = Field(
+        default=False,
+        description="Run the rollout controller here: it steps the registry's active rollouts (registry.address) "
+        "on this router's per-version SLIs. One router replica (or one controller) per registry.",
+    )
+    rollout_poll_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="How often the rollout controller looks at the active rollouts."
+    )
+    rollout_prometheus_url: str = Field(
+        default="",
+        description="Judge rollouts on Prometheus (PromQL over llmops_router_* from every router replica) "
+        "instead of this router's own windows; e.g. http://prometheus:9090.",
+    )
 
     @field_validator("endpoints", mode="before")
     @classmethod

@@ -24,6 +24,7 @@ from llmops.router.endpoints import Endpoint, EndpointPool, EndpointState
 from llmops.router.grpc_app import ROUTER_SERVICE_NAME, SERVING_SERVICE_NAME, RouterAdmin, ServingProxy
 from llmops.router.http_app import create_http_app
 from llmops.router.metrics import RouterMetrics
+from llmops.router.rollout import RolloutController, build_controller
 from llmops.router.service import Router
 from llmops.router.split import AliasSplitter
 
@@ -78,6 +79,11 @@ class RouterApp(ServiceApp):
             self.registry = RegistryClient.connect(settings.registry.address, timeout=5)
             splitter = AliasSplitter(self.registry.get_alias_weights, s.split_refresh_seconds, seed=seed)
         self.router = Router(self.pool, s, self.metrics, front=front, splitter=splitter, seed=seed)
+        self.rollouts: RolloutController | None = None
+        if s.rollout_controller:  # steps the registry's rollouts on this router's SLIs
+            if self.registry is None:
+                self.registry = RegistryClient.connect(settings.registry.address, timeout=5)
+            self.rollouts = build_controller(settings, self.registry, self.router.slis)
         self.discovery: Discovery = build_discovery(s, self.pool)
         self.proxy = ServingProxy(self.router)
         self._access = Access.from_settings(settings)
@@ -117,6 +123,8 @@ class RouterApp(ServiceApp):
         await self.discovery.start()
         if self.settings.router.http_enabled:
             await self.start_http()
+        if self.rollouts is not None:
+            self.rollouts.start()
 
     async def start_http(self) -> int:
         """Serve the OpenAI API (TLS with the server's certificate when one is set); returns the port."""
@@ -133,6 +141,8 @@ class RouterApp(ServiceApp):
         return self._access
 
     async def close(self) -> None:
+        if self.rollouts is not None:
+            await self.rollouts.close()
         await self._http_server.stop()
         await self.http.state.http_client.aclose()
         await self.discovery.close()

@@ -8,12 +8,13 @@ them). WatchLoad is a replica's own signal and is refused too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import timestamp_pb2
 
-from llmops.common.errors import Unimplemented
+from llmops.common.errors import InvalidArgument, Unimplemented
 from llmops.proto.common.v1 import model_pb2
 from llmops.proto.router.v1 import router_service_pb2 as rpb
 from llmops.proto.router.v1 import router_service_pb2_grpc as rpb_grpc
@@ -184,6 +185,31 @@ class RouterAdmin(rpb_grpc.RouterServiceServicer):
                 )
             ],
             since=since,
+        )
+
+    async def GetVersionStats(
+        self, request: rpb.GetVersionStatsRequest, context: Context
+    ) -> rpb.GetVersionStatsResponse:
+        if not math.isfinite(request.window_seconds) or request.window_seconds < 0:
+            raise InvalidArgument("must be a number of seconds >= 0", field="window_seconds")
+        stats, span = self.router.slis.window(request.model_name, request.window_seconds)
+        return rpb.GetVersionStatsResponse(
+            versions=[
+                rpb.VersionStats(
+                    model=model_pb2.ResolvedModel(name=v.model_name, version=v.version),
+                    requests=v.requests,
+                    errors=v.errors,
+                    error_ratio=v.error_ratio,
+                    ttft_samples=v.ttft_samples,
+                    ttft_p50_seconds=v.ttft_p50_seconds,
+                    ttft_p95_seconds=v.ttft_p95_seconds,
+                    inter_token_samples=v.inter_token_samples,
+                    inter_token_p50_seconds=v.inter_token_p50_seconds,
+                    inter_token_p95_seconds=v.inter_token_p95_seconds,
+                )
+                for v in stats
+            ],
+            window_seconds=span,
         )
 
     async def GetPolicy(self, request: rpb.GetPolicyRequest, context: Context) -> rpb.GetPolicyResponse:

@@ -59,3 +59,17 @@ class RouterMetrics:
             registry=r,
         )
         self.endpoints = Gauge(names.ROUTER_ENDPOINTS, "Known replicas by state.", ["state"], registry=r)
+        self.ttft = Histogram(
+            names.ROUTER_TTFT_SECONDS,
+            "Time to first token of streams through the router, by model and version.",
+            ["model", "version"],
+            buckets=names.TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            names.ROUTER_INTER_TOKEN_SECONDS,
+            "Time between consecutive streamed tokens through the router, by model and version.",
+            ["model", "version"],
+            buckets=names.INTER_TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )

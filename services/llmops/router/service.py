@@ -39,6 +39,7 @@ from llmops.router.cached import FrontCache, request_key
 from llmops.router.endpoints import Endpoint, EndpointPool, ModelSlot
 from llmops.router.metrics import RouterMetrics
 from llmops.router.policy import Candidate, Decision, Policies, Policy, prompt_blocks, token_blocks
+from llmops.router.slis import VersionSlis
 from llmops.router.split import AliasSplitter
 
 Metadata = Sequence[tuple[str, Any]]
@@ -131,6 +132,8 @@ class Router:
             saturation_waiting=settings.saturation_waiting, table_size=settings.prefix_table_size, seed=seed
         )
         self.stats = RouterStats()
+        # per-version TTFT, inter-token latency and outcomes: what rollouts are judged on
+        self.slis = VersionSlis(metrics.ttft, metrics.inter_token)
         self._policy_header = settings.policy_header.lower()
         self._session_header = settings.session_header.lower()
 
@@ -365,6 +368,8 @@ class Router:
                     request, timeout=self._timeout(route), metadata=route.metadata
                 )
             except grpc.aio.AioRpcError as exc:
+                if method == "Generate":
+                    self.slis.outcome(decision.slot.model, exc.code().name)
                 if exc.code() in _RETRY_ELSEWHERE and attempt < self.settings.max_attempts:
                     tried.add(endpoint.address)
                     self._failed(route, endpoint, exc)
@@ -378,6 +383,7 @@ class Router:
                 answered = response.model if response.HasField("model") else None
                 model = ResolvedModel(answered.name, answered.version, answered.alias) if answered else None
                 self.answered(route, model or decision.slot.model, "OK")
+                self.slis.outcome(model or decision.slot.model, "OK")
             return response
         raise Unavailable(f"no replica of {route.model} answered")  # pragma: no cover - loop returns
 
@@ -403,8 +409,18 @@ class Router:
                 request, timeout=self._timeout(route), metadata=route.metadata
             )
             started = False
+            sent_at = last = time.monotonic()
             try:
                 async for message in call:
+                    if message.HasField("delta"):
+                        now = time.monotonic()
+                        if not started:
+                            self.slis.first_token(decision.slot.model, now - sent_at)
+                        else:
+                            self.slis.inter_token(
+                                decision.slot.model, now - last, len(message.delta.token_ids) or 1
+                            )
+                        last = now
                     started = True
                     if message.HasField("end"):
                         end = message.end
@@ -414,9 +430,11 @@ class Router:
                             else decision.slot.model
                         )
                         self.answered(route, model, "OK")
+                        self.slis.outcome(model, "OK")
                     yield message
                 return
             except grpc.aio.AioRpcError as exc:
+                self.slis.outcome(decision.slot.model, exc.code().name)
                 if not started and exc.code() in _RETRY_ELSEWHERE and attempt < self.settings.max_attempts:
                     tried.add(endpoint.address)
                     self._failed(route, endpoint, exc)
