@@ -2,9 +2,9 @@
 
 vLLM loads the model inside its EngineCore child process and reports the time only in its log
 ("Loading weights took 0.12 seconds"). :func:`engine_core_log` gives the child, for the duration of
-one engine start, vLLM's own logging configuration plus a file handler (through
+one engine start, vLLM's own logging configuration plus a file handler at INFO (through
 ``VLLM_LOGGING_CONFIG_PATH``, which a spawned child reads when it imports vLLM); its console output
-is unchanged. The parent has configured its logging already and is not affected. Where the operator
+keeps ``VLLM_LOGGING_LEVEL``. The parent has configured its logging already and is not affected. Where the operator
 set their own ``VLLM_LOGGING_CONFIG_PATH`` (or turned vLLM's logging configuration off), nothing is
 changed and the split is unknown (the whole start counts as engine start).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import tempfile
@@ -53,7 +54,11 @@ def engine_core_log() -> Iterator[Callable[[], str]]:
             "level": "INFO",
             "formatter": "vllm",
         }
-        config["loggers"]["vllm"]["handlers"] = [*config["loggers"]["vllm"]["handlers"], "llmops_phases"]
+        logger = config["loggers"]["vllm"]
+        logger["handlers"] = [*logger["handlers"], "llmops_phases"]
+        # the console handler keeps its own level (VLLM_LOGGING_LEVEL); the file needs INFO records
+        if logging.getLevelName(str(logger.get("level", "INFO")).upper()) > logging.INFO:
+            logger["level"] = "INFO"
         config_file = Path(folder) / "logging.json"
         config_file.write_text(json.dumps(config))
         os.environ[_CONFIG_VARIABLE] = str(config_file)
