@@ -221,6 +221,33 @@ def load_values(name: str) -> Doc:
     return values
 
 
+def serving_pools(values: Doc) -> dict[str, Doc]:
+    """``serving.models`` as the chart's ``llmops.servingPools`` flattens them, by :func:`pool_key`: a
+    pool's fields over its entry's (maps merged), ``model`` the reference it serves."""
+    pools: dict[str, Doc] = {}
+    for entry in values["serving"]["models"]:
+        if not entry.get("pools"):
+            pools[entry["name"]] = dict(entry)
+            continue
+        for pool in entry["pools"]:
+            unit = {k: v for k, v in entry.items() if k not in ("pools", "model")}
+            _deep_merge(unit, {k: v for k, v in pool.items() if k not in ("alias", "version")})
+            version = pool.get("version")
+            unit["model"] = (
+                f"{entry['model']}:{version}" if version not in (None, "") else
+                f"{entry['model']}@{pool.get('alias') or pool['name']}"
+            )  # fmt: skip
+            unit["name"], unit["pool"] = f"{entry['name']}-{pool['name']}", pool["name"]
+            pools[unit["name"]] = unit
+    return pools
+
+
+def pool_key(labels: dict[str, str]) -> str:
+    """The :func:`serving_pools` key of an object carrying llmops.io/model (and llmops.io/pool) labels."""
+    pool = labels.get("llmops.io/pool")
+    return f"{labels['llmops.io/model']}-{pool}" if pool else labels["llmops.io/model"]
+
+
 def _deep_merge(base: Doc, override: Doc) -> None:
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

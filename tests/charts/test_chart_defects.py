@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.charts.conftest import VALUES_SETS, Doc, Rendered, helm_template, load_values, render
+from tests.charts.conftest import (
+    VALUES_SETS,
+    Doc,
+    Rendered,
+    helm_template,
+    load_values,
+    pool_key,
+    render,
+    serving_pools,
+)
 
 
 def _deployment(rendered: Rendered, component: str) -> Doc:
@@ -140,9 +149,9 @@ def test_gpu_count_reaches_vllm_tensor_parallel_size(renders: dict[str, Rendered
     rendered, values = renders[name], load_values(name)
     serving = values["serving"]
     config = {c["metadata"]["name"]: c.get("data") or {} for c in rendered.of_kind("ConfigMap")}
-    models = {m["name"]: m for m in serving["models"]}
+    models = serving_pools(values)
     for deployment in rendered.serving_deployments():
-        model = models[deployment["metadata"]["labels"]["llmops.io/model"]]
+        model = models[pool_key(deployment["metadata"]["labels"])]
         gpus = model.get("gpus", serving["gpu"]["count"])
         env: dict[str, str] = {}
         for source in deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]:

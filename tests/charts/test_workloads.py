@@ -35,8 +35,10 @@ from tests.charts.conftest import (
     helm_template,
     labels_match,
     load_values,
+    pool_key,
     render,
     require_module,
+    serving_pools,
     values_file,
 )
 
@@ -108,7 +110,7 @@ def test_exactly_one_autoscaler_acts_on_serving_pods(helm: str, mode: str) -> No
     hpa_targets = [h["spec"]["scaleTargetRef"]["name"] for h in rendered.of_kind("HorizontalPodAutoscaler")]
     keda_targets = [s["spec"]["scaleTargetRef"]["name"] for s in rendered.of_kind("ScaledObject")]
     ray_services = rendered.of_kind("RayService")
-    models = load_values("defaults")["serving"]["models"]
+    models = serving_pools(load_values("defaults"))
     if mode == "rayservice":
         assert not deployments and not hpa_targets and not keda_targets
         assert len(ray_services) == len(models)
@@ -140,13 +142,13 @@ def test_no_serving_workload_has_two_autoscalers(renders: dict[str, Rendered], n
 def test_keda_scales_on_router_held_plus_in_flight_requests(renders: dict[str, Rendered]) -> None:
     """Scale from zero: with no serving pod, only the router's held requests can wake a model."""
     rendered, values = renders["keda-values"], load_values("keda-values")
-    models = {m["name"]: m for m in values["serving"]["models"]}
+    models = serving_pools(values)
     for scaled in rendered.of_kind("ScaledObject"):
         [trigger] = scaled["spec"]["triggers"]
         assert trigger["type"] == "prometheus"
         assert trigger["metricType"] == "AverageValue"
         query = trigger["metadata"]["query"]
-        model = models[scaled["metadata"]["labels"]["llmops.io/model"]]
+        model = models[pool_key(scaled["metadata"]["labels"])]
         # the router's metric, for this model, exists with zero pods (the `or vector(0)` keeps the sum)
         assert "llmops_router_pending_requests{" in query and f"{model['name']}|" in query
         assert "llmops:serving_requests_in_flight:pod" in query, "the HPA's metric, for pods that exist"
@@ -165,7 +167,7 @@ def test_serving_pods_request_gpus_and_land_on_gpu_nodes(renders: dict[str, Rend
     rendered, values = renders[name], load_values(name)
     serving = values["serving"]
     gpu = serving["gpu"]
-    models = {m["name"]: m for m in serving["models"]}
+    models = serving_pools(values)
     pods = [
         p for p in rendered.pod_templates() if p.owner_kind == "Deployment" and _component(p) == "serving"
     ]
@@ -174,7 +176,7 @@ def test_serving_pods_request_gpus_and_land_on_gpu_nodes(renders: dict[str, Rend
     for pod in pods:
         [container] = pod.spec["containers"]
         resources = container["resources"]
-        model = models[pod.labels["llmops.io/model"]]
+        model = models[pool_key(pod.labels)]
         if not gpu["enabled"]:
             assert gpu["resourceName"] not in resources.get("limits", {}), pod.where
             assert container["image"].startswith(values["image"]["repository"] + ":")
@@ -596,8 +598,10 @@ def test_each_served_model_gets_its_reference_and_engine(renders: dict[str, Rend
     seen = {}
     for pod, container in containers:
         env = _llmops_environment(rendered, pod, container)
-        seen[pod.labels["llmops.io/model"]] = (env["LLMOPS_SERVING_MODEL"], env["LLMOPS_SERVING_ENGINE"])
-    expected = {m["name"]: (m["model"], m.get("engine") or serving["engine"]) for m in serving["models"]}
+        seen[pool_key(pod.labels)] = (env["LLMOPS_SERVING_MODEL"], env["LLMOPS_SERVING_ENGINE"])
+    expected = {
+        k: (m["model"], m.get("engine") or serving["engine"]) for k, m in serving_pools(values).items()
+    }
     assert seen == expected
 
 
@@ -664,7 +668,7 @@ def test_release_name_and_namespace_reach_addresses(renders: dict[str, Rendered]
     rendered = renders["defaults"]
     config = rendered.get("ConfigMap", f"{RELEASE}-llmops-config")["data"]
     assert config["LLMOPS_REGISTRY_ADDRESS"] == f"{RELEASE}-llmops-registry:50051"
-    assert config["LLMOPS_SERVING_ADDRESS"] == f"{RELEASE}-llmops-serving-default:50051"
+    assert config["LLMOPS_SERVING_ADDRESS"] == f"{RELEASE}-llmops-serving-llm-champion:50051"
     assert config["LLMOPS_REDIS_URL"] == f"redis://{RELEASE}-llmops-redis:6379/0"
     assert config["LLMOPS_MLFLOW_TRACKING_URI"] == f"http://{RELEASE}-llmops-mlflow:5000"
     for address in (config["LLMOPS_REGISTRY_ADDRESS"], config["LLMOPS_SERVING_ADDRESS"]):

@@ -83,7 +83,9 @@ def test_local_profile_serves_the_tiny_model_on_cpu_from_local_images() -> None:
     values = yaml.safe_load(km.LOCAL_VALUES.read_text())
     assert values["image"]["repository"].startswith("localhost/")
     assert values["serving"]["gpu"]["enabled"] is False
-    assert [m["model"] for m in values["serving"]["models"]] == ["tiny@champion"]
+    assert [(m["model"], [p["name"] for p in m["pools"]]) for m in values["serving"]["models"]] == [
+        ("tiny", ["champion"])
+    ]
 
 
 def test_every_rendered_kind_is_played_or_left_out_with_a_reason(rendered: list[dict[str, Any]]) -> None:

@@ -93,6 +93,7 @@ model on one GPU). (dict "root" $ "model" $model) -> JSON object.
 {{- define "llmops.modelConfigData" -}}
 {{- $model := .model }}
 {{- $data := dict "LLMOPS_SERVING_MODEL" $model.model }}
+{{- with $model.pool }}{{ $_ := set $data "LLMOPS_SERVING_POOL" . }}{{ end }}
 {{- with $model.engine }}{{ $_ := set $data "LLMOPS_SERVING_ENGINE" . }}{{ end }}
 {{- $options := include "llmops.engineOptions" . }}
 {{- if ne $options "{}" }}{{ $_ := set $data "LLMOPS_SERVING_ENGINE_OPTIONS" $options }}{{ end }}

@@ -76,10 +76,10 @@ app.kubernetes.io/part-of: llmops
 {{- end }}
 {{- end }}
 
-{{/* Selector labels of one served model's pods: (dict "root" $ "model" $model). */}}
+{{/* Selector labels of one serving pool's pods: (dict "root" $ "model" $pool), a dict of llmops.servingPools. */}}
 {{- define "llmops.servingSelectorLabels" -}}
 {{ include "llmops.selectorLabels" (dict "root" .root "component" "serving") }}
-llmops.io/model: {{ .model.name | trunc 63 | trimSuffix "-" }}
+{{ include "llmops.poolLabels" .model }}
 {{- end }}
 
 {{/* Images. */}}
@@ -119,9 +119,9 @@ llmops.io/model: {{ .model.name | trunc 63 | trimSuffix "-" }}
 {{- printf "%s:%v" (include "llmops.componentName" .) .root.Values.ports.grpc }}
 {{- end }}
 
-{{/* Address of serving: the first served model's Service. */}}
+{{/* Address of serving: the first serving pool's Service. */}}
 {{- define "llmops.servingAddress" -}}
-{{- $model := first .Values.serving.models }}
+{{- $model := first (include "llmops.servingPools" . | fromYaml).pools }}
 {{- printf "%s:%v" (include "llmops.servingName" (dict "root" . "model" $model)) .Values.ports.grpc }}
 {{- end }}
 
@@ -321,7 +321,7 @@ metadata:
     {{- include "llmops.labels" (dict "root" $root "component" .component) | nindent 4 }}
     llmops.io/ray-node: {{ .group }}
     {{- with .model }}
-    llmops.io/model: {{ .name }}
+    {{- include "llmops.poolLabels" . | nindent 4 }}
     {{- end }}
 spec:
   {{- if ne .role "head" }}
@@ -481,5 +481,44 @@ runtimeClassName: {{ . }}
 {{- with .topologySpreadConstraints }}
 topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Serving pools: every entry of serving.models as one dict per pool, (include ... $ | fromYaml).pools.
+An entry with `pools` gives one per pool, named "<entry>-<pool>", serving `<model>@<alias>` (alias
+defaults to the pool's name) or `<model>:<version>`; the pool's fields override the entry's (maps
+merged). An entry without `pools` is one unit named after the entry, serving its `model` reference
+as it is, in no pool. Each dict: name (resource suffix), model (the reference), modelLabel
+(llmops.io/model), pool (llmops.io/pool, LLMOPS_SERVING_POOL; absent without pools) and the sizes.
+*/}}
+{{- define "llmops.servingPools" -}}
+{{- $out := list }}
+{{- range $entry := .Values.serving.models }}
+{{- if $entry.pools }}
+{{- range $pool := $entry.pools }}
+{{- $unit := merge (omit (deepCopy $pool) "alias" "version") (omit (deepCopy $entry) "pools" "model") }}
+{{- $reference := printf "%s@%s" $entry.model ($pool.alias | default $pool.name) }}
+{{- if and (hasKey $pool "version") (not (empty (toString $pool.version))) }}
+{{- $reference = printf "%s:%v" $entry.model $pool.version }}
+{{- end }}
+{{- $_ := set $unit "name" (printf "%s-%s" $entry.name $pool.name) }}
+{{- $_ = set $unit "model" $reference }}
+{{- $_ = set $unit "modelLabel" $entry.name }}
+{{- $_ = set $unit "pool" $pool.name }}
+{{- $out = append $out $unit }}
+{{- end }}
+{{- else }}
+{{- $out = append $out (merge (dict "modelLabel" $entry.name) (deepCopy $entry)) }}
+{{- end }}
+{{- end }}
+{{- toYaml (dict "pools" $out) }}
+{{- end }}
+
+{{/* Labels naming a serving pool's model and pool: the pool dict of llmops.servingPools. */}}
+{{- define "llmops.poolLabels" -}}
+llmops.io/model: {{ .modelLabel | trunc 63 | trimSuffix "-" }}
+{{- with .pool }}
+llmops.io/pool: {{ . | trunc 63 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
