@@ -209,6 +209,8 @@ def load_gate(
             return await work(client)
 
     async def up(client: Any) -> None:
+        from llmops.proto.common.v1 import generation_pb2, sampling_pb2
+
         await load(
             client,
             pb.LoadModelRequest(
@@ -219,6 +221,14 @@ def load_gate(
                 replace=True,
             ),
         )
+        # one request first: the engine's first one pays its warm-up, which users never see
+        warm = pb.GenerateRequest(
+            model=pb.ModelSelector(served_name=served),
+            prompt=generation_pb2.Prompt(text="def main():"),
+            sampling=sampling_pb2.SamplingParams(max_tokens=2, greedy=True),
+            cache=pb.CacheControl(bypass=True, no_store=True),
+        )
+        await client.unary(client.stub.Generate, warm)
 
     async def down(client: Any) -> None:
         await client.unary(

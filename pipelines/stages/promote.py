@@ -189,39 +189,29 @@ def _move_champion(name: str, version: int, previous: str, reason: str) -> None:
 
 def _start_rollout(name: str, version: int, params: Mapping[str, Any], reason: str) -> GateVerdict:
     """A rollout of ``name:version`` from the champion, handed to the rollout controller."""
-    from llmops.common.clients import RegistryClient
     from llmops.common.errors import LLMOpsError
-    from llmops.proto.registry.v1 import rollout_service_pb2 as ro
-    from llmops.proto.registry.v1 import rollout_service_pb2_grpc as ro_grpc
+    from llmops.common.rollout_client import RolloutClient
+    from llmops.common.rollouts import RolloutSpec, SloBound, Slos
 
     slos = params.get("slos") or {}
 
-    def bound(key: str) -> Any:
+    def bound(key: str) -> SloBound:
         found = slos.get(key) or {}
-        return ro.SloBound(
-            max_value=float(found.get("max_value", 0)), max_ratio=float(found.get("max_ratio", 0))
-        )
+        return SloBound(float(found.get("max_value", 0)), float(found.get("max_ratio", 0)))
 
-    spec = ro.RolloutSpec(
+    spec = RolloutSpec(
         model_name=name,
         to_version=version,
-        steps=[int(step) for step in params.get("steps", [])],
+        steps=tuple(int(step) for step in params.get("steps", [])),
         step_min_seconds=float(params.get("step_min_seconds", 0)),
         step_min_requests=int(params.get("step_min_requests", 0)),
-        slos=ro.RolloutSlos(
-            ttft_p95_seconds=bound("ttft_p95_seconds"),
-            inter_token_p95_seconds=bound("inter_token_p95_seconds"),
-            error_ratio=bound("error_ratio"),
-        ),
+        slos=Slos(bound("ttft_p95_seconds"), bound("inter_token_p95_seconds"), bound("error_ratio"))
+        if slos
+        else None,
         reason=reason.encode()[:1024].decode(errors="ignore"),
     )
-
-    async def work(client: Any) -> Any:
-        stub = ro_grpc.RolloutServiceStub(client.channel)
-        return (await client.unary(stub.StartRollout, ro.StartRolloutRequest(spec=spec))).rollout
-
     try:
-        rollout = call(RegistryClient, "registry", work)
+        rollout = call(RolloutClient, "registry", lambda client: client.start(spec))
     except LLMOpsError as exc:
         return GateVerdict("rollout", False, f"the rollout of {name}:{version} did not start: {exc.message}")
     steps = ", ".join(f"{step}%" for step in rollout.spec.steps)

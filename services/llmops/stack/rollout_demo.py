@@ -44,11 +44,12 @@ Traffic = Callable[[float], Awaitable[int]]
 #: The demo's steps: short, so both cases fit in about a minute and a half.
 DEMO_STEPS = (20, 50, 100)
 DEMO_STEP_SECONDS = 3.0
-DEMO_STEP_REQUESTS = 8
-#: What the demo's rollouts must meet: TTFT p95 at most half a second and 2x the champion's,
-#: inter-token p95 at most half a second, errors at most 5%. Loose on purpose: p95 over a few
-#: seconds of a shared 2-core machine is noisy, and the worse replica misses them by far.
-DEMO_SLOS = Slos(SloBound(0.5, 2.0), SloBound(0.5, 0.0), SloBound(0.05, 0.0))
+DEMO_STEP_REQUESTS = 5
+#: What the demo's rollouts must meet: TTFT and inter-token p95 at most 3x the champion's over the
+#: same window, errors at most 5%. Ratios only for latency: on a shared CPU a serial replica's
+#: queue sets absolute latencies (at 100% the challenger has all of it), and p95 over a few
+#: seconds is noisy; the worse replica misses the TTFT ratio and the error bound by far.
+DEMO_SLOS = Slos(SloBound(0.0, 3.0), SloBound(0.0, 3.0), SloBound(0.05, 0.0))
 _LABELS = {"ttft_p95_seconds": "TTFT p95", "inter_token_p95_seconds": "ITL p95", "error_ratio": "error ratio"}
 
 
@@ -150,7 +151,10 @@ def record(rollout: Rollout) -> dict[str, Any]:
                     "champion": {sli: t.evidence.champion.value(sli) for sli in SLIS}
                     | {"requests": t.evidence.champion.requests},
                     "challenger": {sli: t.evidence.challenger.value(sli) for sli in SLIS}
-                    | {"requests": t.evidence.challenger.requests},
+                    | {
+                        "requests": t.evidence.challenger.requests,
+                        "ttft_samples": t.evidence.challenger.ttft_samples,
+                    },
                     "checks": {c.sli: c.met for c in t.evidence.checks},
                 },
             }
@@ -202,7 +206,7 @@ async def follow(
     return record(rollout) | {"label": case.label, "expected": case.expect.value, "requests": sent}
 
 
-def router_traffic(router: str, model: str, *, concurrency: int = 2, max_tokens: int = 4) -> Traffic:
+def router_traffic(router: str, model: str, *, concurrency: int = 4, max_tokens: int = 4) -> Traffic:
     """Requests with distinct session ids through the router at ``router`` (each session is drawn
     once over the alias weights), for about the given seconds; failures count as sent."""
     import grpc
@@ -245,10 +249,10 @@ def router_traffic(router: str, model: str, *, concurrency: int = 2, max_tokens:
 #: The demo's rollouts run on a model of their own (the tiny Llama, three registry versions of the
 #: same weights), so they never move the pipeline's champion.
 ROLLOUT_MODEL = "rollout-demo"
-#: The worse replica: a second of added TTFT and a quarter of generations failed (INTERNAL).
+#: The worse replica: a second of added TTFT and 30% of generations failed (INTERNAL).
 FAULTY_REPLICA_ENV = {
     "LLMOPS_SERVING_FAULTS__TTFT_DELAY_MS": "1000",
-    "LLMOPS_SERVING_FAULTS__ERROR_RATIO": "0.25",
+    "LLMOPS_SERVING_FAULTS__ERROR_RATIO": "0.3",
     "LLMOPS_SERVING_FAULTS__SEED": "7",
 }
 
@@ -282,7 +286,7 @@ async def show_rollouts(
     *,
     healthy: tuple[str, str] = ("serving", "serving-2"),
     faulty: str = "serving-3",
-    timeout: float = 60.0,
+    timeout: float = 120.0,
 ) -> list[dict[str, Any]]:
     """The two cases on a running stack whose ``faulty`` replica runs with :data:`FAULTY_REPLICA_ENV`:
     the champion on ``healthy[0]``, a healthy challenger on ``healthy[1]`` (promotes), then a
