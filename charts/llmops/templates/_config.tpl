@@ -61,7 +61,14 @@ first) and 15 s for the process to exit after draining.
 {{- with $values.checkpointStorage }}{{ $_ := set $data "LLMOPS_TRAINING_CHECKPOINT_STORAGE" . }}{{ end }}
 {{- $_ := set $data "LLMOPS_TRAINING_MAX_WORKER_FAILURES" (toString $values.maxWorkerFailures) }}
 {{- end }}
+{{- $s3 := and $root.Values.mlflow.enabled (hasPrefix "s3://" $root.Values.mlflow.artifacts.destination) }}
+{{- if and (eq $c "registry") $s3 }}
+{{- /* Where mlflow-artifacts: URIs really are, so the registry can presign them for serving pods. */}}
+{{- $_ := set $data "LLMOPS_REGISTRY_ARTIFACTS_DESTINATION" $root.Values.mlflow.artifacts.destination }}
+{{- with $root.Values.mlflow.artifacts.s3EndpointUrl }}{{ $_ := set $data "LLMOPS_REGISTRY_S3_ENDPOINT_URL" . }}{{ end }}
+{{- end }}
 {{- if eq $c "serving" }}
+{{- $_ := set $data "LLMOPS_SERVING_WEIGHTS__SOURCE" ($values.weightsSource | default (ternary "store" "registry" $s3)) }}
 {{- $_ := set $data "LLMOPS_SERVING_ENGINE" $values.engine }}
 {{- $_ := set $data "LLMOPS_SERVING_MAX_WAITING" (toString $values.maxWaiting) }}
 {{- /* `llmops serve` has no --http-port: the OpenAI HTTP port is a setting. */}}
