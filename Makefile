@@ -136,6 +136,10 @@ bench-structured: setup ## Structured outputs: vLLM tokens/s guided by a JSON sc
 bench-serving-ray: setup ## What Ray Serve's gRPC proxy adds per call vs a replica's own gRPC server
 	$(PY) -m benchmarks.serving.ray_overhead
 
+.PHONY: bench-fleet
+bench-fleet: setup ## Fleet weights: time to SERVING from the node cache vs a cold download; store vs registry-stream MB/s
+	$(PY) -m benchmarks.fleet.warm_start $(BENCH_ARGS)
+
 .PHONY: bench-router
 bench-router: setup ## Router: round-robin vs least-loaded vs prefix affinity on 2 vLLM replicas (1 core each), router cost (BENCH_ARGS=--full)
 	$(PY) -m benchmarks.router.run $(BENCH_ARGS)

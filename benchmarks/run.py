@@ -30,6 +30,7 @@ BENCHMARKS = {
     "quantization": "benchmarks.quantization.run",
     "training": "benchmarks.training.run",
     "training_ddp": "benchmarks.training.ddp",
+    "fleet_warm_start": "benchmarks.fleet.warm_start",
 }
 
 
