@@ -144,6 +144,10 @@ bench-fleet: setup ## Fleet weights: time to SERVING from the node cache vs a co
 bench-router: setup ## Router: round-robin vs least-loaded vs prefix affinity on 2 vLLM replicas (1 core each), router cost (BENCH_ARGS=--full)
 	$(PY) -m benchmarks.router.run $(BENCH_ARGS)
 
+.PHONY: bench-coldstart
+bench-coldstart: setup ## Cold start: our serving process (vLLM engine) to first token vs vLLM's own OpenAI server, per phase (BENCH_ARGS=--model smollm2)
+	$(PY) -m benchmarks.coldstart.run $(BENCH_ARGS)
+
 ##@ Load tests
 
 SERVING ?=
