@@ -156,7 +156,7 @@ def test_the_demo_shows_a_promoted_and_a_rolled_back_rollout_with_evidence(demo_
     if "rollout_controller" not in RouterSection.model_fields:
         pytest.skip("this router has no rollout controller (router.rollout_controller)")
     promoted, rolled_back = demo_run.kept.rollouts
-    assert promoted["state"] == "promoted" and promoted["challenger_percent"] == 100, promoted
+    assert promoted["state"] == "promoted", promoted
     judged = [t for t in promoted["transitions"] if t["evidence"] is not None]
     assert len(judged) >= 3 and all(all(t["evidence"]["checks"].values()) for t in judged)  # every step met
     assert all(t["evidence"]["challenger"]["requests"] > 0 for t in judged)

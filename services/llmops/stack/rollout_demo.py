@@ -42,7 +42,7 @@ Say = Callable[[str], None]
 #: Sends requests through the router for about the given seconds; returns how many it sent.
 Traffic = Callable[[float], Awaitable[int]]
 #: The demo's steps: short, so both cases fit in about a minute and a half.
-DEMO_STEPS = (20, 50, 100)
+DEMO_STEPS = (25, 50, 100)
 DEMO_STEP_SECONDS = 3.0
 DEMO_STEP_REQUESTS = 5
 #: What the demo's rollouts must meet: TTFT and inter-token p95 at most 3x the champion's over the
@@ -121,10 +121,10 @@ def evidence_table(evidence: Evidence, slos: Slos) -> str:
 
 def transition_text(transition: Transition, slos: Slos) -> str:
     """One transition: the state move, the challenger's weight after, why, and its evidence."""
-    head = (
-        f"  {transition.from_state.value} -> {transition.to_state.value}"
-        f" (challenger {transition.challenger_percent}%): {transition.reason}"
-    )
+    moved = transition.from_state.value
+    if transition.to_state is not transition.from_state or transition.evidence is not None:
+        moved += f" -> {transition.to_state.value}"
+    head = f"  {moved} (challenger {transition.challenger_percent}%): {transition.reason}"
     if transition.evidence is None:
         return head
     window = f"    window {transition.evidence.window_seconds:.1f} s from {transition.evidence.source}"
@@ -199,16 +199,25 @@ async def follow(
             break
         sent += await traffic(burst_seconds)
         rollout = await rollouts.get(rollout.id)
+    where = (
+        f"champion is now {case.model}:{case.to_version}"
+        if rollout.state is RolloutState.PROMOTED
+        else f"challenger weight {rollout.challenger_percent}%, champion {case.model}:{rollout.from_version}"
+    )
     say(
-        f"rollout {rollout.id} ended {rollout.state.value.upper()} after {sent} requests: challenger "
-        f"{rollout.challenger_percent}% (expected {case.expect.value})"
+        f"rollout {rollout.id} ended {rollout.state.value.upper()} after {sent} requests: {where} "
+        f"(expected {case.expect.value})"
     )
     return record(rollout) | {"label": case.label, "expected": case.expect.value, "requests": sent}
 
 
-def router_traffic(router: str, model: str, *, concurrency: int = 4, max_tokens: int = 4) -> Traffic:
+def router_traffic(router: str, model: str, *, concurrency: int = 1, max_tokens: int = 4) -> Traffic:
     """Requests with distinct session ids through the router at ``router`` (each session is drawn
-    once over the alias weights), for about the given seconds; failures count as sent."""
+    once over the alias weights), for about the given seconds; failures count as sent.
+
+    One user by default: the demo's replicas decode one request at a time (transformers), so
+    concurrent users would queue, and a version's latency would measure its share of the traffic
+    (at 100% the challenger's queue against the champion's stragglers) instead of the version."""
     import grpc
 
     from llmops.proto.common.v1 import generation_pb2, sampling_pb2
