@@ -87,6 +87,7 @@ async def _seeds(folder: Path) -> dict[str, list[object]]:
             pb.DownloadArtifactRequest(model=REF, paths=["config.json"], chunk_size_bytes=4096)
         ],
         "GetLineage": [pb.GetLineageRequest(model=REF, max_depth=2)],
+        "GetArtifactLocations": [pb.GetArtifactLocationsRequest(model=REF, url_ttl_seconds=60)],
     }
 
 
