@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "llmops.serving.cli",
     "llmops.cache.cli",
     "llmops.stack.cli",
+    "llmops.stack.fleet",
     "llmops.common.auth_cli",
 )
 

@@ -83,7 +83,7 @@ class RegistryApp(ServiceApp):
                 pb_grpc.add_RegistryServiceServicer_to_server,
                 readiness=self.readiness,
             ),
-            *fleet_bindings(self.fleet, self.readiness),
+            *fleet_bindings(self.fleet),
             *rollout_bindings(self.rollouts, self.readiness),
         ]
 
@@ -108,7 +108,7 @@ class RegistryApp(ServiceApp):
             try:
                 await self.store.open()
                 if self.fleet is not None:
-                    await asyncio.to_thread(self.fleet.store.create_tables)
+                    await self.fleet.open()
             except Exception as exc:
                 log.warning("registry store not reachable yet (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from llmops.common.errors import InvalidArgument
 from llmops.common.identity import Context
-from llmops.common.server import Readiness, ServiceBinding
+from llmops.common.server import ServiceBinding
 from llmops.proto.registry.v1 import fleet_service_pb2 as pb
 from llmops.proto.registry.v1 import fleet_service_pb2_grpc as pb_grpc
 from llmops.registry.convert import timestamp
@@ -43,13 +43,24 @@ class FleetService:
     def __init__(self, registry: RegistryStore, store: FleetStore) -> None:
         self.registry = registry
         self.store = store
+        self.opened = False
+
+    async def open(self) -> None:
+        """Create the tables (idempotent); the service is ready from then on."""
+        await asyncio.to_thread(self.store.create_tables)
+        self.opened = True
+
+    async def ready(self) -> bool:
+        """Readiness without a round trip: replicas sync every few seconds, so a probe must stay cheap."""
+        return self.opened
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
 
-    async def _resolved(self, pool: Pool) -> Pool:
-        model = await self.registry.get_model(pool.model_name)  # NotFound when the model went away
-        target = dict(model.aliases).get(pool.alias, 0) if pool.alias else pool.version
+    async def _resolved(self, pool: Pool, aliases: dict[str, int] | None = None) -> Pool:
+        if aliases is None:  # NotFound when the model went away
+            aliases = dict((await self.registry.get_model(pool.model_name)).aliases)
+        target = aliases.get(pool.alias, 0) if pool.alias else pool.version
         return replace(pool, target_version=int(target))
 
     async def sync(self, model_name: str, pool: str, alias: str, version: int, member: Member) -> Pool:
@@ -59,11 +70,11 @@ class FleetService:
         check_ttl(member.ttl_seconds, MAX_MEMBER_TTL_SECONDS, "member.ttl_seconds")
         if member.version < 0 or member.generation < 0:
             raise InvalidArgument("version and generation must be >= 0", field="member")
-        await self.registry.get_model(model_name)  # NOT_FOUND before a pool of nothing is recorded
+        model = await self.registry.get_model(model_name)  # NOT_FOUND before a pool of nothing is recorded
         if version:
             await self.registry.get_version(model_name, version)
         synced: Pool = await self._run(self.store.sync, model_name, pool, alias, version, member)
-        return await self._resolved(synced)
+        return await self._resolved(synced, dict(model.aliases))
 
     async def get(self, model_name: str, pool: str) -> Pool:
         check_ids(model_name, pool)
@@ -187,7 +198,7 @@ class FleetServicer(pb_grpc.FleetServiceServicer):
         return pb.ReleaseReloadLeaseResponse()
 
 
-def fleet_bindings(fleet: FleetService | None, readiness: Readiness) -> list[ServiceBinding]:
+def fleet_bindings(fleet: FleetService | None) -> list[ServiceBinding]:
     """The FleetService binding of the registry server (none without a fleet store)."""
     if fleet is None:
         return []
@@ -196,7 +207,7 @@ def fleet_bindings(fleet: FleetService | None, readiness: Readiness) -> list[Ser
             FLEET_SERVICE_NAME,
             FleetServicer(fleet),
             pb_grpc.add_FleetServiceServicer_to_server,
-            readiness=readiness,
+            readiness=fleet.ready,
         )
     ]
 

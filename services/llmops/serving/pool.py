@@ -141,6 +141,7 @@ class PoolReplica:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._waiting_since = time.monotonic()
+        self._reports: set[asyncio.Task[None]] = set()
         metrics.version.labels(self.model_name, pool).set(0)
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -149,10 +150,11 @@ class PoolReplica:
         self._task = asyncio.create_task(self._run(), name=f"pool-{self.pool}")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._reports]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._fleet.close()
 
     def info(self) -> tuple[str, str]:
@@ -341,6 +343,15 @@ class PoolReplica:
                 extra={"event": "pool_phase", "pool": self.pool, "phase": phase.value},
             )  # fmt: skip
             self.phase = phase
+            # the registry hears of each phase at once (fleet status, and who is reloading), not at
+            # the next poll: the loop itself is busy while it reloads
+            task = asyncio.get_running_loop().create_task(self._report())
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
+
+    async def _report(self) -> None:
+        with contextlib.suppress(LLMOpsError):
+            await self.sync()
 
     async def ready(self) -> bool:
         """This replica's part of readiness: False while a reload has it out of the rotation."""

@@ -74,9 +74,30 @@ def up(
             "waits in the router (needs a start-up model: LLMOPS_SERVING_MODEL); off unless given",
         ),
     ] = None,
+    pool: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pool",
+            help="A serving pool NAME=REPLICAS following the alias NAME of the pool model (repeatable: "
+            "--pool champion=2 --pool challenger=1); replaces --serving-replicas, router in front",
+        ),
+    ] = None,
+    pool_model: Annotated[
+        str, typer.Option("--pool-model", help="Registry model the pools serve (default: serving.model's)")
+    ] = "",
 ) -> None:
     """Start the embedded stack: Redis, the services (training with a local Ray), Prometheus, MLflow UI."""
     settings = _settings(data_dir)
+    from llmops.common.errors import InvalidArgument
+    from llmops.stack.fleet import parse_pools, pool_model_name
+
+    try:
+        pools = parse_pools(pool or [])
+        if pools:
+            pool_model = pool_model_name(settings.serving.model, pool_model)  # type: ignore[attr-defined]
+    except InvalidArgument as exc:
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        raise typer.Exit(2) from None
     env = {"LLMOPS_SERVING_ENGINE": engine} if engine else {}
     options = options_from_settings(
         settings,
@@ -87,6 +108,8 @@ def up(
         detached=True,
         serving_replicas=serving_replicas,
         scale_to_zero_after=scale_to_zero_after,
+        pools=pools,
+        pool_model=pool_model,
     )
     with err.status("starting the stack...") as spinner:
         stack = LocalStack(options, progress=lambda line: spinner.update(line))

@@ -105,6 +105,12 @@ class StackOptions:
     #: requests meanwhile and the scaler starts them again; :mod:`llmops.stack.scaler`). None: off.
     #: Puts the router in front of serving even with one replica; needs a start-up model.
     scale_to_zero_after: float | None = None
+    #: Serving pools, name -> replicas (``{"champion": 2, "challenger": 1}``): each pool's replicas
+    #: serve ``<pool_model>@<pool>`` and roll together when it moves (:mod:`llmops.stack.fleet`);
+    #: they replace ``serving_replicas`` and put the router in front.
+    pools: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    #: The registry model the pools serve; empty: the name in ``LLMOPS_SERVING_MODEL`` of ``env``.
+    pool_model: str = ""
 
 
 def options_from_settings(settings: Any, *, free_ports: bool = False, **fields: Any) -> StackOptions:
@@ -177,7 +183,9 @@ class LocalStack:
             env["LLMOPS_QUANTIZATION_USE_REGISTRY"] = "true"  # one registry holds every version
             for service in self.options.services:
                 if service == "serving" and (
-                    self.options.serving_replicas > 1 or self.options.scale_to_zero_after is not None
+                    self.options.serving_replicas > 1
+                    or self.options.scale_to_zero_after is not None
+                    or self.options.pools
                 ):
                     env.update(self._start_fleet(env))
                 else:
@@ -239,10 +247,13 @@ class LocalStack:
 
     def _start_fleet(self, env: dict[str, str]) -> dict[str, str]:
         """N serving replicas, then the router in front of them (it follows the registry's alias weights)."""
+        from llmops.stack.fleet import pool_model_name, serving_parts
+
         addresses = []
-        for index in range(self.options.serving_replicas):
-            name = "serving" if index == 0 else f"serving-{index + 1}"
-            extra = {} if index == 0 else {"LLMOPS_SERVING_HTTP_PORT": str(free_port())}
+        pools, model = self.options.pools, ""
+        if pools:
+            model = pool_model_name(self.options.env.get("LLMOPS_SERVING_MODEL"), self.options.pool_model)
+        for name, extra in serving_parts(self.options.serving_replicas, pools, model, free_port):
             extra.update(self.options.replica_env.get(name, {}))
             addresses.append(
                 self._start_service("serving", {**env, **extra}, name=name)["LLMOPS_SERVING_ADDRESS"]
