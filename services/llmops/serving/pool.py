@@ -183,14 +183,16 @@ class PoolReplica:
     def _ids(self) -> dict[str, Any]:
         return {"model_name": self.model_name, "pool": self.pool}
 
-    async def sync(self) -> fleet_pb.Pool:
-        """Report this replica and read the pool (its target version resolved now)."""
+    async def sync(self, phase: Phase | None = None) -> fleet_pb.Pool:
+        """Report this replica (in ``phase``, default its phase now) and read the pool (its target
+        version resolved now)."""
+        phase = phase or self.phase
         target: dict[str, Any] = {"alias": self.alias} if self.alias else {"version": self.pinned}
         member = fleet_pb.PoolMember(
             replica_id=self._replica_id(),
             version=self.version,
-            phase=self.phase.proto,  # type: ignore[arg-type]
-            serving=self.accepting and self.phase is not Phase.FAILED and self.version > 0,
+            phase=phase.proto,  # type: ignore[arg-type]
+            serving=self.accepting and phase is not Phase.FAILED and self.version > 0,
             generation=max(self.generation, 0),
             ttl_seconds=max(5, min(600, int(self._poll * 5) + 1)),
         )
@@ -345,13 +347,13 @@ class PoolReplica:
             self.phase = phase
             # the registry hears of each phase at once (fleet status, and who is reloading), not at
             # the next poll: the loop itself is busy while it reloads
-            task = asyncio.get_running_loop().create_task(self._report())
+            task = asyncio.get_running_loop().create_task(self._report(phase))
             self._reports.add(task)
             task.add_done_callback(self._reports.discard)
 
-    async def _report(self) -> None:
+    async def _report(self, phase: Phase) -> None:
         with contextlib.suppress(LLMOpsError):
-            await self.sync()
+            await self.sync(phase)
 
     async def ready(self) -> bool:
         """This replica's part of readiness: False while a reload has it out of the rotation."""
