@@ -182,7 +182,7 @@ loadtest-capacity: setup ## Highest load with zero errors: Locust steps at risin
 IMAGE ?= localhost/llmops:dev
 
 .PHONY: image
-image: $(STAMP) ## Build docker/Dockerfile (IMAGE=...) and the smoke's Redis with podman, air-gapped when no registry answers; check docker/Dockerfile.gpu as far as a CPU machine can
+image: $(STAMP) tools ## Build docker/Dockerfile (IMAGE=...) and the smoke's Redis with podman, air-gapped when no registry answers; check docker/Dockerfile.gpu as far as a CPU machine can
 	$(PY) docker/build_image.py --image $(IMAGE)
 
 .PHONY: kube-smoke
