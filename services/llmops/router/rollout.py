@@ -89,6 +89,8 @@ class RouterSlis(SliSource):
                 inter_token_p95_seconds=s.inter_token_p95_seconds,
                 ttft_samples=s.ttft_samples,
                 inter_token_samples=s.inter_token_samples,
+                ttft_values=s.ttft_values,
+                inter_token_values=s.inter_token_values,
             )
 
         return window(versions[0]), window(versions[1])
@@ -242,14 +244,9 @@ class RolloutController:
         champ, chall = await self.source.windows(rollout.spec.model_name, versions, elapsed)
         if chall.requests < rollout.spec.step_min_requests:
             return None
-        window = elapsed
-        if champ.requests == 0 and champ.ttft_samples == 0:
-            # at 100% the champion gets no traffic in the step: compare with its latest numbers
-            champ, _ = await self.source.windows(rollout.spec.model_name, versions, 0.0)
-            window = 0.0
-        evidence = Evidence(
-            self.source.name, window or elapsed, champ, chall, evaluate(rollout.slos, champ, chall)
-        )
+        # At 100% the champion has no traffic in the window: its ratio bounds are not judged then
+        # (a window from another time would compare the machine's load, not the versions).
+        evidence = Evidence(self.source.name, elapsed, champ, chall, evaluate(rollout.slos, champ, chall))
         step = f"step {rollout.step_index} ({rollout.challenger_percent}%)"
         if not evidence.met:
             breaches = "; ".join(c.detail for c in evidence.checks if not c.met)

@@ -45,6 +45,8 @@ class VersionStats:
     inter_token_samples: int
     inter_token_p50_seconds: float
     inter_token_p95_seconds: float
+    ttft_values: tuple[float, ...] = ()
+    inter_token_values: tuple[float, ...] = ()
 
     @property
     def error_ratio(self) -> float:
@@ -142,6 +144,8 @@ class VersionSlis:
                     inter_token_samples=len(itl),
                     inter_token_p50_seconds=quantile(itl, 0.5),
                     inter_token_p95_seconds=quantile(itl, 0.95),
+                    ttft_values=tuple(ttft),
+                    inter_token_values=tuple(itl),
                 )
             )
         return stats, span

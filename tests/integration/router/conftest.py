@@ -54,6 +54,7 @@ async def start_replica(
     step_delay: float = 0.0,
     concurrency: int = 4,
     port: int = 0,
+    faults: str = "",
 ) -> Replica:
     process = await create_subprocess_exec(
         sys.executable,
@@ -65,6 +66,7 @@ async def start_replica(
         f"--step-delay={step_delay}",
         f"--concurrency={concurrency}",
         f"--port={port}",
+        f"--faults={faults}",
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": ROOT},

@@ -55,6 +55,7 @@ async def main() -> None:
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--faults", default="", help="serving.faults as JSON (a worse replica, on purpose)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="llmops-replica-"))
     model = ResolvedModel(args.name, args.version, args.alias)
@@ -69,6 +70,7 @@ async def main() -> None:
             "LLMOPS_HEALTH_POLL_SECONDS": "0.1",
             "LLMOPS_GRACE_SECONDS": "1",
             "LLMOPS_SERVING_HTTP_PORT": "0",
+            **({"LLMOPS_SERVING_FAULTS": args.faults} if args.faults else {}),
         }
     )
 
