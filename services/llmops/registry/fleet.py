@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from llmops.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmops.registry.domain import check_alias_name, check_model_name
+from llmops.registry.stores.alias_log import _sqlite_immediate_transactions, _sqlite_wal
 
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 REPLICA_ID = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
@@ -192,6 +193,15 @@ class FleetStore:
         if url.startswith("sqlite"):
             options = {"connect_args": {"timeout": 30.0, "check_same_thread": False}}
         self.engine = sa.create_engine(url, **options)  # type: ignore[arg-type]
+        self._reader = self.engine
+        if url.startswith("sqlite"):
+            # as the alias log does: writers take SQLite's write lock at BEGIN (a deferred transaction
+            # that reads, then writes, fails at once with "database is locked" when another writer
+            # went first, instead of waiting its turn); readers use their own engine and never wait
+            _sqlite_wal(self.engine)
+            _sqlite_immediate_transactions(self.engine)
+            self._reader = sa.create_engine(url, **options)  # type: ignore[arg-type]
+            _sqlite_wal(self._reader)
         self._clock = clock
 
     def now(self) -> datetime:
@@ -202,6 +212,7 @@ class FleetStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self._reader.dispose()
 
     def _where(self, table: sa.Table, model_name: str, pool: str) -> sa.ColumnElement[bool]:
         return sa.and_(table.c.model_name == model_name, table.c.pool == pool)
@@ -281,7 +292,7 @@ class FleetStore:
             return self._with_members(conn, stored)
 
     def get(self, model_name: str, pool: str) -> Pool:
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             found = self._get(conn, model_name, pool)
             if found is None:
                 raise NotFound(f"model {model_name!r} has no pool {pool!r}")
@@ -291,7 +302,7 @@ class FleetStore:
         query = sa.select(POOLS).order_by(POOLS.c.model_name, POOLS.c.pool)
         if model_name:
             query = query.where(POOLS.c.model_name == model_name)
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return [self._with_members(conn, _pool(row)) for row in conn.execute(query).mappings()]
 
     def bump(self, model_name: str, pool: str) -> Pool:

@@ -4,6 +4,8 @@ store on the same database (a registry restart). SQLite in a temporary folder, n
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -113,3 +115,22 @@ def test_bad_pool_names(name: str) -> None:
 def test_bad_targets(alias: str, version: int) -> None:
     with pytest.raises(InvalidArgument):
         check_target(alias, version)
+
+
+def test_racing_replicas_get_one_lease(tmp_path: Path) -> None:
+    """Eight stores on one database (eight registry replicas) ask at once: exactly one is granted."""
+    first = FleetStore(f"sqlite:///{tmp_path / 'race.db'}")
+    first.create_tables()
+    first.sync("llm", "champion", "champion", 0, Member("pod-0"))
+    stores = [FleetStore(f"sqlite:///{tmp_path / 'race.db'}") for _ in range(8)]
+    barrier = threading.Barrier(len(stores))
+
+    def ask(i: int) -> bool:
+        barrier.wait()
+        return stores[i].acquire("llm", "champion", f"pod-{i}", 30)[0]
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        granted = list(pool.map(ask, range(len(stores))))
+    assert sum(granted) == 1
+    holder = first.get("llm", "champion").lease.holder
+    assert holder == f"pod-{granted.index(True)}"
