@@ -7,6 +7,8 @@ of the pods it selects), and checks from the host:
     budget the probes give it (periodSeconds x failureThreshold); time to SERVING is printed;
   - a model is registered (the tiny Llama, alias champion), serving loads it by alias, a streamed
     generate answers, and the same request again is a response-cache hit (Redis);
+  - every serving pool (champion, challenger) answers by its alias on its own pods and through a
+    router on the host over all of them (static discovery: the chart's router reads EndpointSlices);
   - MLflow answers and holds the registered model;
   - SIGTERM to serving while a stream is open: the stream finishes and the container exits within
     the pod's terminationGracePeriodSeconds.
@@ -42,6 +44,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kube_smoke_manifest as km
+import kube_smoke_router as kr
 from kube_smoke_podman import PodmanSession
 
 ROOT = km.ROOT
@@ -131,8 +134,8 @@ def wait_ready(
     return time.monotonic() - started
 
 
-def register_model(registry: str) -> str:
-    """Builds (or reuses) the tiny model and registers it with alias champion; returns name:version."""
+def register_model(registry: str, alias: str = "champion") -> str:
+    """Builds (or reuses) the tiny model and registers it as a new version with ``alias``; returns name:version."""
     path = (
         subprocess.run(
             [str(ROOT / ".venv" / "bin" / "python"), "-m", "llmops.common.tiny_model", "--no-progress"],
@@ -151,7 +154,7 @@ def register_model(registry: str) -> str:
             MODEL_NAME,
             path,
             "--alias",
-            "champion",
+            alias,
             "--address",
             registry,
             "--json",
@@ -169,16 +172,14 @@ def register_model(registry: str) -> str:
 
 
 def stream(
-    address: str, max_tokens: int, on_first: Callable[[], None] | None = None
+    address: str, max_tokens: int, on_first: Callable[[], None] | None = None, alias: str = "champion"
 ) -> tuple[str, bool, str]:
     """One streamed greedy generate by alias; returns (text, cached, resolved name:version@alias)."""
     from llmops.proto.common.v1 import generation_pb2, model_pb2, sampling_pb2
     from llmops.proto.serving.v1 import serving_service_pb2, serving_service_pb2_grpc
 
     request = serving_service_pb2.GenerateStreamRequest(
-        model=serving_service_pb2.ModelSelector(
-            model_ref=model_pb2.ModelRef(name=MODEL_NAME, alias="champion")
-        ),
+        model=serving_service_pb2.ModelSelector(model_ref=model_pb2.ModelRef(name=MODEL_NAME, alias=alias)),
         prompt=generation_pb2.Prompt(text="def main():"),
         sampling=sampling_pb2.SamplingParams(greedy=True, max_tokens=max_tokens, ignore_eos=True),
     )
@@ -197,6 +198,36 @@ def stream(
                 m = message.end.model
                 resolved = f"{m.name}:{m.version}@{m.alias}"
     return "".join(text), cached, resolved
+
+
+def alias_of(workload: dict[str, Any], configmaps: list[dict[str, Any]]) -> str:
+    """The alias a serving workload's pods follow, from the LLMOPS_SERVING_MODEL the chart gives them."""
+    env = km.container_env(km.pod_spec(workload)["containers"][0], configmaps)
+    reference = env.get("LLMOPS_SERVING_MODEL", "")
+    if "@" not in reference:
+        raise SmokeFailure(f"{km.name_of(workload)} serves {reference!r}, not a model by alias")
+    return reference.split("@", 1)[1]
+
+
+def check_pools(addresses: dict[str, str], versions: dict[str, str]) -> None:
+    """Every pool answers by its alias, on its own pods and through a router over all of them."""
+    for address, alias in addresses.items():
+        text, _, resolved = stream(address, 8, alias=alias)
+        if not text or not resolved.startswith(f"{versions[alias]}@{alias}"):
+            raise SmokeFailure(f"{alias} pool at {address}: resolved={resolved!r} text={text!r}")
+    console.print(f"[green]ok[/]  every pool answers by its alias: {sorted(addresses.values())}")
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmops-kube-smoke-router-{os.getpid()}.log"
+    with console.status("a router on the host over every serving pod (static discovery)"):
+        process, router = kr.start_router(sorted(addresses), log)
+    try:
+        for alias in sorted(set(addresses.values())):
+            text, _, resolved = stream(router, 8, alias=alias)
+            if not text or not resolved.startswith(f"{versions[alias]}@{alias}"):
+                raise SmokeFailure(f"through the router, {MODEL_NAME}@{alias}: resolved={resolved!r}")
+            console.print(f"[green]ok[/]  through the router: {MODEL_NAME}@{alias} answered by {resolved}")
+    finally:
+        kr.stop_router(process)
+        log.unlink(missing_ok=True)
 
 
 class Interrupted(Exception):
@@ -321,17 +352,27 @@ def main() -> int:
             0
         ]
         registry = f"{session.ip(session.containers(registry_pod)[0])}:50051"
-        with console.status("registering the tiny model (alias champion) through the registry pod"):
-            version = register_model(registry)
-        console.print(f"[green]ok[/]  registered {version} as {MODEL_NAME}@champion at {registry}")
+        # Each serving pool follows an alias (its pods' LLMOPS_SERVING_MODEL): one version per alias.
+        aliases = {name: alias_of(o, configmaps) for name, o in ((km.name_of(o), o) for o, _ in serving)}
+        versions: dict[str, str] = {}
+        for alias in sorted(set(aliases.values()), key=lambda a: a != "champion"):
+            with console.status(f"registering the tiny model (alias {alias}) through the registry pod"):
+                versions[alias] = register_model(registry, alias)
+            console.print(f"[green]ok[/]  registered {versions[alias]} as {MODEL_NAME}@{alias} at {registry}")
+        version = versions["champion"]
 
         for original, played in serving:
             play(original, played, with_claims=False)
         wait([original for original, _ in serving])
-        serving_original = serving[0][0]
+        serving_original = next(o for o, _ in serving if aliases[km.name_of(o)] == "champion")
         serving_pod = pods_of[km.name_of(serving_original)][0]
         serving_ctr = session.containers(serving_pod)[0]
         address = f"{session.ip(serving_ctr)}:50051"
+        pool_addresses = {
+            f"{session.ip(session.containers(pod)[0])}:50051": aliases[km.name_of(o)]
+            for o, _ in serving
+            for pod in pods_of[km.name_of(o)]
+        }
 
         text, cached, resolved = stream(address, 16)
         if cached or not text or not resolved.startswith(f"{version}@champion"):
@@ -341,6 +382,7 @@ def main() -> int:
         if not cached or again != text:
             raise SmokeFailure(f"repeated request: cached={cached}, same text={again == text}")
         console.print("[green]ok[/]  repeated request answered from the response cache (Redis)")
+        check_pools(pool_addresses, versions)
 
         mlflow_pod = pods_of[next(km.name_of(o) for o, _ in others if km.name_of(o).endswith("-mlflow"))][0]
         mlflow = f"http://{session.ip(session.containers(mlflow_pod)[0])}:5000"

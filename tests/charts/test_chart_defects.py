@@ -305,3 +305,18 @@ def test_mlflow_start_up_budget_covers_a_first_migration(renders: dict[str, Rend
     mid-migration leaves it half done."""
     probe = _mlflow_container(renders["defaults"])["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 300, probe
+
+
+@pytest.mark.parametrize("name", ["defaults", "local-values"])
+def test_job_services_have_time_to_start_ray(renders: dict[str, Rendered], name: str) -> None:
+    """Training started a Ray runtime in its pod (no RayCluster) beside four other services on a
+    two-core node and missed the 120 s start-up budget: a kubelet would have restarted it forever."""
+    for component in ("training", "quantization"):
+        probe = _deployment(renders[name], component)["spec"]["template"]["spec"]["containers"][0][
+            "startupProbe"
+        ]
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= 300, (component, probe)
+    registry = _deployment(renders[name], "registry")["spec"]["template"]["spec"]["containers"][0][
+        "startupProbe"
+    ]
+    assert registry["periodSeconds"] * registry["failureThreshold"] == 120, "the others keep theirs"

@@ -84,8 +84,21 @@ def test_local_profile_serves_the_tiny_model_on_cpu_from_local_images() -> None:
     assert values["image"]["repository"].startswith("localhost/")
     assert values["serving"]["gpu"]["enabled"] is False
     assert [(m["model"], [p["name"] for p in m["pools"]]) for m in values["serving"]["models"]] == [
-        ("tiny", ["champion"])
+        ("tiny", ["champion", "challenger"])
     ]
+
+
+def test_the_smoke_plays_a_champion_and_a_challenger_pool(rendered: list[dict[str, Any]]) -> None:
+    configmaps = [d for d in rendered if d["kind"] == "ConfigMap"]
+    serving = [w for w in km.workloads(rendered) if km.name_of(w).startswith("llmops-serving-")]
+    served = {
+        km.container_env(km.pod_spec(w)["containers"][0], configmaps)["LLMOPS_SERVING_MODEL"]: km.name_of(w)
+        for w in serving
+    }
+    assert served == {
+        "tiny@champion": "llmops-serving-tiny-champion",
+        "tiny@challenger": "llmops-serving-tiny-challenger",
+    }
 
 
 def test_every_rendered_kind_is_played_or_left_out_with_a_reason(rendered: list[dict[str, Any]]) -> None:

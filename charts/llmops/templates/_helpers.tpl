@@ -278,7 +278,9 @@ grpc:
 startupProbe:
   {{- include "llmops.probeAction" (dict "root" .root "service" "") | nindent 2 }}
   periodSeconds: 2
-  failureThreshold: 60
+  {{- /* Training and quantization start a Ray runtime in the pod (no RayCluster) or join the cluster's
+  head, which may still be starting: 5 minutes; the others import and bind within 2. */}}
+  failureThreshold: {{ ternary 150 60 (has .component (list "training" "quantization")) }}
 livenessProbe:
   {{- include "llmops.probeAction" (dict "root" .root "service" "") | nindent 2 }}
   periodSeconds: 10
