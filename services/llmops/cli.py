@@ -20,6 +20,7 @@ console = Console(stderr=True)
 #: (each service issue brings its own: ``llmops models ...``, ``llmops train ...``, ``llmops generate``).
 COMMAND_MODULES = (
     "llmops.registry.cli",
+    "llmops.registry.rollouts_cli",
     "llmops.training.cli",
     "llmops.quantization.cli",
     "llmops.serving.cli",

@@ -10,11 +10,15 @@ rollout's id and evidence in the weights and alias histories; a STEP after someo
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 import grpc
 import pytest
+from typer.testing import CliRunner, Result
 
+from llmops.cli import app as cli_app
 from llmops.common.artifacts.client import upload_directory
 from llmops.common.clients import RegistryClient
 from llmops.common.errors import Aborted, FailedPrecondition, InvalidArgument, LLMOpsError, NotFound
@@ -213,3 +217,36 @@ async def test_rollouts_survive_a_registry_restart(tmp_path: Path, llama_dir: Pa
     finally:
         await stop_registry(running)
     assert v1 == 1
+
+
+async def test_cli_start_status_pause_resume_abort(registry: RunningRegistry, llama_dir: Path) -> None:
+    v1, v2 = await _model(registry.client, "ro-cli", llama_dir)
+    runner = CliRunner()
+
+    async def cli(*args: str) -> Result:
+        return await asyncio.to_thread(
+            runner.invoke, cli_app, [*args, "--address", registry.address], env={"COLUMNS": "200"}
+        )
+
+    started = await cli(
+        "rollout", "start", "ro-cli", str(v2), "--steps", "20,100", "--ttft-p95-ratio", "1.2",
+        "--error-ratio-max", "0.02", "--json",
+    )  # fmt: skip
+    assert started.exit_code == 0, started.output
+    record = json.loads(started.output)
+    assert (record["state"], record["from_version"], record["spec"]["steps"]) == ("pending", v1, [20, 100])
+    assert record["spec"]["slos"]["ttft_p95_seconds"] == {"max_value": 0.0, "max_ratio": 1.2}
+    shown = await cli("rollout", "status", "ro-cli")
+    assert shown.exit_code == 0 and "pending" in shown.output and "<= 1.2x champion" in shown.output, (
+        shown.output
+    )
+    assert "<= 2.00%" in shown.output
+    paused = await cli("rollout", "pause", str(record["id"]), "--reason", "look")
+    assert paused.exit_code == 0 and "paused" in paused.output
+    assert (await cli("rollout", "resume", str(record["id"]))).exit_code == 0
+    aborted = await cli("rollout", "abort", str(record["id"]), "--json")
+    assert json.loads(aborted.output)["state"] == "aborted"
+    again = await cli("rollout", "abort", str(record["id"]))
+    assert again.exit_code == 1 and "FAILED_PRECONDITION" in again.output
+    bad = await cli("rollout", "start", "ro-cli", str(v2), "--steps", "50,20,100")
+    assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.output and "spec.steps[1]" in bad.output
