@@ -72,6 +72,7 @@ class Pod:
         self.resolver = StaticResolver()
         self.engines: list[FakeEngine] = []
         self.seen_while_building: list[tuple[int, bool]] = []  # (engines running, replica accepting)
+        self.fail_next = ""
         self.service = ServingService(
             self.factory,
             self.resolver,
@@ -89,7 +90,8 @@ class Pod:
 
     def factory(self, kind: EngineKind, path: Path, served_name: str, options: EngineOptions) -> FakeEngine:
         self.seen_while_building.append((sum(e.started for e in self.engines), self.replica.accepting))
-        engine = FakeEngine(path, served_name, options)
+        engine = FakeEngine(path, served_name, options, fail_start=self.fail_next or None)
+        self.fail_next = ""
         self.engines.append(engine)
         return engine
 
@@ -152,3 +154,16 @@ async def test_follow_alias_is_refused_in_a_pool(pod: Pod) -> None:
     )
     with pytest.raises(FailedPrecondition):
         await pod.service.load_model(request)
+
+
+async def test_a_failed_reload_releases_the_lease_and_loads_again(pod: Pod) -> None:
+    pod.move(2)
+    pod.fail_next = "out of memory"
+    with pytest.raises(FailedPrecondition):
+        await pod.replica.step()
+    assert (pod.replica.version, pod.replica.phase) == (0, Phase.FAILED)
+    assert pod.fleet.holder == "", "a failed reload must not keep the pool's lease"
+    assert pod.metric("llmops_serving_reloads_total", outcome="failed") == 1
+    await pod.replica.step()  # nothing serving: it loads the target again at the next sync
+    assert (pod.replica.version, pod.replica.phase) == (2, Phase.READY)
+    assert await pod.service.ready()
