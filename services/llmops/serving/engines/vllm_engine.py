@@ -233,10 +233,21 @@ class VLLMEngine(HFTokenizerEngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = engine_args(self.model_path, self.served_name, self.options)
-        self._tokenizer = await asyncio.to_thread(HFTokenizer, self.model_path)
         with engine_core_log() as read_log:  # the EngineCore logs its weight-loading time there
-            self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            # Our tokenizer loads while this process waits for the EngineCore to start (cold start).
+            tokenizer, engine = await asyncio.gather(
+                asyncio.to_thread(HFTokenizer, self.model_path),
+                asyncio.to_thread(AsyncLLM.from_engine_args, args),
+                return_exceptions=True,
+            )
             weights = weights_seconds(read_log())
+        if not isinstance(engine, BaseException):
+            self._engine = engine  # shut down by shutdown() should the tokenizer have failed
+        for outcome in (engine, tokenizer):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(tokenizer, HFTokenizer)
+        self._tokenizer = tokenizer
         self.load_phases = {"weights": weights} if weights is not None else {}
         # vLLM's EngineCore does not watch for its parent's death (a SIGKILLed serving process left
         # it and its worker running): the reaper kills it when this process ends, however it ends.
