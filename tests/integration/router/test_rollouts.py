@@ -43,10 +43,11 @@ from tests.registry_support import write_llama
 
 pytestmark = pytest.mark.slow
 
-#: What every run here is judged on. The ratio bounds sit between A/A noise and a 20% regression.
+#: What every run here is judged on: TTFT "no worse than the champion's" (the exceedance test decides
+#: what "worse" means beyond the window's noise, so A/A passes and a 20% regression does not).
 SLOS = Slos(
-    ttft_p95_seconds=SloBound(max_ratio=1.1),
-    inter_token_p95_seconds=SloBound(max_ratio=1.5),
+    ttft_p95_seconds=SloBound(max_ratio=1.0),
+    inter_token_p95_seconds=SloBound(max_ratio=1.2),
     error_ratio=SloBound(max_value=0.05, max_ratio=2.0),
 )
 STEPS = (50, 100)
