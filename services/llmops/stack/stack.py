@@ -262,6 +262,10 @@ class LocalStack:
             **env,
             "LLMOPS_ROUTER_ENDPOINTS": ",".join(addresses),
             "LLMOPS_ROUTER_TRAFFIC_SPLIT": "true" if "registry" in self.options.services else "false",
+            # the rollout controller steps the registry's rollouts on this router's SLIs
+            "LLMOPS_ROUTER_ROLLOUT_CONTROLLER": env.get(
+                "LLMOPS_ROUTER_ROLLOUT_CONTROLLER", "true" if "registry" in self.options.services else "false"
+            ),
             "LLMOPS_ROUTER_HTTP_PORT": str(free_port()),
         }
         router = self._start_service("router", router_env)
