@@ -454,6 +454,13 @@ class CacheSection(ServiceEndpoint):
         ge=0,
         description="Longest an identical request waits for the holder's answer before computing its own.",
     )
+    single_flight_wait_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="A request with a deadline waits for the holder's answer at most this share of its remaining "
+        "time (and single_flight_wait_ms), then computes its own: a slow holder never makes it miss its deadline.",
+    )
     single_flight_poll_ms: int = Field(
         default=20,
         ge=1,

@@ -8,6 +8,12 @@ here so requests naming an adapter bypass the router's cache (serving's own cach
 the caller's tenant, the prompt and every sampling control. Generate runs single flight; a stream
 is looked up (a hit is replayed as one delta per completion and the end) but not stored, so a
 stream's first token never waits on another request.
+
+Single flight here takes its lock under the ``router`` scope (:data:`LOCK_SCOPE`): serving, behind,
+shares the entries (same key, same Redis) but takes its own lock, so the request the router's leader
+forwards never waits on the router's lock (it would wait for itself until the flight gave up). An
+identical request waits for the leader at most ``single_flight_wait_share`` of its remaining
+deadline, then is forwarded on its own.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from llmops.common.response_cache.codec import GeneratedOutputCodec
 from llmops.common.response_cache.domain import CacheKey, LookupOutcome
 from llmops.common.response_cache.keys import make_key
 from llmops.common.response_cache.proto import deterministic, prompt_from_proto, sampling_from_proto
-from llmops.proto.common.v1 import model_pb2
+from llmops.proto.common.v1 import generation_pb2, model_pb2
 from llmops.proto.serving.v1 import serving_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 CODEC = GeneratedOutputCodec()
+#: The router's single-flight lock scope (serving's is the unscoped one).
+LOCK_SCOPE = "router"
 
 
 def request_key(
@@ -68,11 +76,16 @@ class FrontCache:
         served_name: str,
         model: ResolvedModel,
         compute: Callable[[], Awaitable[pb.GenerateResponse]],
+        timeout: float | None = None,
     ) -> pb.GenerateResponse:
-        """The cached answer, or ``compute()``'s, stored for the next identical request."""
+        """The cached answer, or ``compute()``'s, stored for the next identical request.
+
+        ``timeout``: seconds the caller has left; an identical request in flight is waited for at most
+        a share of it (see :meth:`ResponseCache.wait_limit`).
+        """
         computed: list[pb.GenerateResponse] = []
 
-        async def output() -> object:
+        async def output() -> generation_pb2.GeneratedOutput:
             response = await compute()
             computed.append(response)
             return response.output
@@ -82,11 +95,11 @@ class FrontCache:
             if found.entry is not None:
                 return self._hit(request, served_name, model, CODEC.decode(found.entry.payload))
             return await compute()
-        cached = await self.cache.get_or_compute(key, output, CODEC)  # type: ignore[arg-type]
+        cached = await self.cache.get_or_compute(key, output, CODEC, timeout=timeout, lock_scope=LOCK_SCOPE)
         if computed:
             return computed[0]
         assert cached.outcome is LookupOutcome.HIT
-        return self._hit(request, served_name, model, cached.value)  # type: ignore[arg-type]
+        return self._hit(request, served_name, model, cached.value)
 
     def _hit(
         self, request: pb.GenerateRequest, served_name: str, model: ResolvedModel, output: object

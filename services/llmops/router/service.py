@@ -349,6 +349,7 @@ class Router:
                     first.slot.served_name,
                     model,
                     lambda: self._forward(method, request, route, first),
+                    None if route.deadline is None else route.deadline - time.monotonic(),
                 )
                 if response.cached:
                     self.stats.cache_hits += 1

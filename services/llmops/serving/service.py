@@ -13,7 +13,9 @@ domain objects. Invariants it keeps:
 With a response cache (in process, straight to Redis): a deterministic request for a registry
 version (and registry adapter, if any) is answered from the cache when an identical one was answered
 before, with the same completions, prompt details and usage (``cached`` set, the request id its
-own); identical misses at the same time generate once (single flight). Only complete answers are
+own); identical misses at the same time generate once (single flight; one with a deadline waits
+for the first at most ``single_flight_wait_share`` of its remaining time, then generates its own,
+so a slow first request never makes it miss its deadline). Only complete answers are
 stored (never ABORT, never a cancelled stream). Sampling without a seed, models or adapters loaded
 from a local path and ``CacheControl`` opt-outs skip the lookup and/or the store. A cache that is
 down never fails a request: it is answered from the engine. What is keyed, stored and replayed is
@@ -97,6 +99,11 @@ class _Admitted:
     arrival: float
     deadline: float | None
 
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (``None``: none): what the cache's single flight may
+        spend a share of waiting for an identical request's answer."""
+        return None if self.deadline is None else self.deadline - time.perf_counter()
+
 
 @dataclass
 class _Prepared(_Admitted):
@@ -151,7 +158,7 @@ class ServingService(ModelLifecycle):
             if cached is not None and await self._check_hit(request, admitted, cached):
                 return cached
             return await self._generate(await self._tokenized(request, admitted))
-        async with self.cache.flight(key, codec) as flight:
+        async with self.cache.flight(key, codec, timeout=admitted.remaining()) as flight:
             if (
                 flight.hit
                 and flight.value is not None
@@ -214,7 +221,7 @@ class ServingService(ModelLifecycle):
                 async for event in events:
                     yield event
             return
-        async with cache.flight(key, codec) as flight:
+        async with cache.flight(key, codec, timeout=admitted.remaining()) as flight:
             if (
                 flight.hit
                 and flight.value is not None

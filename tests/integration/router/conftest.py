@@ -55,6 +55,7 @@ async def start_replica(
     concurrency: int = 4,
     port: int = 0,
     faults: str = "",
+    redis_url: str = "",
 ) -> Replica:
     process = await create_subprocess_exec(
         sys.executable,
@@ -67,6 +68,7 @@ async def start_replica(
         f"--concurrency={concurrency}",
         f"--port={port}",
         f"--faults={faults}",
+        f"--redis-url={redis_url}",
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": ROOT},

@@ -56,6 +56,7 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--faults", default="", help="serving.faults as JSON (a worse replica, on purpose)")
+    parser.add_argument("--redis-url", default="", help="serving's own response cache on this Redis")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="llmops-replica-"))
     model = ResolvedModel(args.name, args.version, args.alias)
@@ -71,6 +72,12 @@ async def main() -> None:
             "LLMOPS_GRACE_SECONDS": "1",
             "LLMOPS_SERVING_HTTP_PORT": "0",
             **({"LLMOPS_SERVING_FAULTS": args.faults} if args.faults else {}),
+            # serving's own response cache; Redis calls get 1 s (tests share two busy cores)
+            **(
+                {"LLMOPS_REDIS_URL": args.redis_url, "LLMOPS_CACHE_REDIS_TIMEOUT_MS": "1000"}
+                if args.redis_url
+                else {}
+            ),
         }
     )
 

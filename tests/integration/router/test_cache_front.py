@@ -68,3 +68,29 @@ async def test_deterministic_answers_come_from_the_cache_once_computed(
         answer = await client.unary(client.stub.Generate, generate("random", temperature=0.9))
         assert not answer.cached
     assert await replica_requests(router) == 4
+
+
+async def test_router_and_serving_caches_on_one_redis_answer_within_the_deadline(
+    fleet: Fleet, make_router, redis_server: RedisServer
+) -> None:
+    """The router's cache in front and serving's own share one Redis (the embedded stack): the
+    request the router's leader forwards meets serving's single flight on the same key, and must not
+    wait on the router's lock (before the fix it waited for itself until its deadline)."""
+    replicas = await fleet.start(2, step_delay=0.02, redis_url=redis_server.url)
+    router = await make_router(
+        [r.address for r in replicas],
+        env={"LLMOPS_REDIS_URL": redis_server.url, "LLMOPS_CACHE_REDIS_TIMEOUT_MS": "1000"},
+        policy="round_robin",
+    )
+    await router.wait_ready(2)
+    stub = router.client.stub
+    first = await stub.Generate(generate("both tiers"), timeout=20)
+    assert not first.cached
+    answers = await asyncio.gather(
+        *(stub.Generate(generate("both tiers, together"), timeout=20) for _ in range(4))
+    )
+    assert len({a.output.completions[0].text for a in answers}) == 1
+    assert sum(not a.cached for a in answers) == 1
+    again = await stub.Generate(generate("both tiers"), timeout=20)
+    assert again.cached and again.output.completions[0].text == first.output.completions[0].text
+    assert await replica_requests(router) == 2

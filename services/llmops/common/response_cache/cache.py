@@ -11,8 +11,16 @@ Redis) use. Guarantees:
 * Single flight: identical cacheable requests that miss at the same time, in any process, compute
   once. The first takes a short lock (``SET NX PX``) and renews it while it computes; the others poll
   for its answer and, when the lock is gone without an answer (the holder died, failed or could not
-  store), the first of them to take the lock computes. A waiter gives up after ``single_flight_wait``
-  and computes itself.
+  store), the first of them to take the lock computes. A waiter gives up and computes itself after
+  ``single_flight_wait``, or sooner when the caller passes its remaining time (``timeout``): after
+  ``single_flight_wait_share`` of it. So a slow leader (its replica draining or reloading, its
+  request held by the router) delays an identical request by at most that share of its deadline,
+  never past it; with generous deadlines every waiter still gets the leader's answer.
+* Tiers: a cache in front (the router's) and one behind it (serving's) share entries but take
+  locks under different scopes (``lock_scope``): the router's leader forwards to serving, whose own
+  flight must not wait on the router's lock, which would be waiting on serving itself.
+* Every backend call (lookup, lock, renew, release, store) is bounded by ``timeout``
+  (``redis_timeout_ms``) whatever the client does.
 * Only reproducible requests (see :func:`llmops.common.response_cache.keys.is_cacheable`) are looked up or stored;
   the rest are counted as bypass.
 
@@ -74,6 +82,7 @@ class CacheConfig:
     failure_cooldown: float = 1.0
     lock_ttl: float = 2.0
     single_flight_wait: float = 60.0
+    single_flight_wait_share: float = 0.25
     poll_interval: float = 0.02
 
     @classmethod
@@ -86,6 +95,7 @@ class CacheConfig:
             failure_cooldown=section.failure_cooldown_ms / 1000,
             lock_ttl=section.single_flight_lock_ms / 1000,
             single_flight_wait=section.single_flight_wait_ms / 1000,
+            single_flight_wait_share=section.single_flight_wait_share,
             poll_interval=section.single_flight_poll_ms / 1000,
         )
 
@@ -107,9 +117,12 @@ class Flight(Generic[V]):
     wait for that answer instead of computing their own.
     """
 
-    def __init__(self, cache: ResponseCache, key: CacheKey, codec: PayloadCodec[V]) -> None:
+    def __init__(
+        self, cache: ResponseCache, key: CacheKey, codec: PayloadCodec[V], lock_name: str = ""
+    ) -> None:
         self._cache = cache
         self.key = key
+        self._lock_name = lock_name or key.digest
         self._codec = codec
         self.outcome = LookupOutcome.BYPASS
         self.value: V | None = None
@@ -277,9 +290,30 @@ class ResponseCache:
 
     # --- single flight -----------------------------------------------------------------------------
 
+    def wait_limit(self, timeout: float | None) -> float:
+        """How long a request with ``timeout`` seconds left (``None``: no deadline) waits for an
+        identical request's answer before computing its own."""
+        limit = self.config.single_flight_wait
+        if timeout is not None:
+            limit = min(limit, max(0.0, timeout) * self.config.single_flight_wait_share)
+        return limit
+
     @contextlib.asynccontextmanager
-    async def flight(self, key: CacheKey, codec: PayloadCodec[V]) -> AsyncIterator[Flight[V]]:
+    async def flight(
+        self,
+        key: CacheKey,
+        codec: PayloadCodec[V],
+        *,
+        timeout: float | None = None,
+        lock_scope: str = "",
+    ) -> AsyncIterator[Flight[V]]:
         """Look ``key`` up; on a miss, hold its single-flight lock while the caller computes.
+
+        Args:
+            timeout: seconds the caller has left (its gRPC deadline); a waiter computes itself after
+                ``single_flight_wait_share`` of it (see :meth:`wait_limit`). ``None``: no deadline.
+            lock_scope: the tier taking the lock (``"router"`` in front of serving; ``""`` serving
+                and the cache service): tiers share entries but never wait on each other's lock.
 
         Usage (a streaming caller replays ``flight.value`` on a hit, else streams and stores)::
 
@@ -292,19 +326,19 @@ class ResponseCache:
 
         Counts the request once (hit, miss, error or bypass) and never raises on its own.
         """
-        current: Flight[V] = Flight(self, key, codec)
+        current: Flight[V] = Flight(self, key, codec, f"{lock_scope}:{key.digest}" if lock_scope else "")
         try:
             if key.cacheable:
-                await self._enter(current)
+                await self._enter(current, self.wait_limit(timeout))
             self._count(current.outcome)
             yield current
         finally:
             await self._leave(current)
 
-    async def _enter(self, flight: Flight[V]) -> None:
+    async def _enter(self, flight: Flight[V], wait: float) -> None:
         outcome, entry = await self._get(flight.key)
         if outcome is LookupOutcome.MISS:
-            outcome, entry = await self._wait_or_lead(flight)
+            outcome, entry = await self._wait_or_lead(flight, wait)
         flight.outcome = outcome
         if entry is not None:
             try:
@@ -316,26 +350,28 @@ class ResponseCache:
                 )
                 flight.outcome = LookupOutcome.ERROR
 
-    async def _wait_or_lead(self, flight: Flight[V]) -> tuple[LookupOutcome, StoredEntry | None]:
-        """After a miss: lead (take the lock, compute) or wait for the leader's answer."""
-        key = flight.key
+    async def _wait_or_lead(self, flight: Flight[V], wait: float) -> tuple[LookupOutcome, StoredEntry | None]:
+        """After a miss: lead (take the lock, compute) or wait up to ``wait`` s for the leader's answer."""
+        key, name = flight.key, flight._lock_name
         token = os.urandom(8).hex()
         lock_ms = max(1, round(self.config.lock_ttl * 1000))
-        deadline = time.monotonic() + self.config.single_flight_wait
+        deadline = time.monotonic() + wait
         pause = min(0.002, self.config.poll_interval)
         try:
             while True:
-                if await self._guarded("lock", lambda: self.backend.try_lock(key.digest, token, lock_ms)):
+                if await self._guarded("lock", lambda: self.backend.try_lock(name, token, lock_ms)):
                     flight._lock_token = token
                     flight._heartbeat = asyncio.create_task(
-                        self._renew(key.digest, token, lock_ms, flight._stop_renewing)
+                        self._renew(name, token, lock_ms, flight._stop_renewing)
                     )
                     # The previous holder may have stored and released between our lookup and the lock.
                     entry = await self._guarded("lookup", lambda: self.backend.get(key))
                     return (LookupOutcome.HIT, entry) if entry is not None else (LookupOutcome.MISS, None)
-                if time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.debug("gave up waiting for %s's leader after %.3fs", key.digest, wait)
                     return LookupOutcome.MISS, None  # compute without the lock
-                await asyncio.sleep(pause)
+                await asyncio.sleep(min(pause, left))
                 pause = min(pause * 2, self.config.poll_interval)
                 entry = await self._guarded("lookup", lambda: self.backend.get(key))
                 if entry is not None:
@@ -370,7 +406,7 @@ class ResponseCache:
         if token is not None:
             with contextlib.suppress(CacheBackendError):
                 await self._guarded(
-                    "release lock", lambda: self.backend.release_lock(flight.key.digest, token)
+                    "release lock", lambda: self.backend.release_lock(flight._lock_name, token)
                 )
 
     async def get_or_compute(
@@ -380,12 +416,15 @@ class ResponseCache:
         codec: PayloadCodec[V],
         *,
         ttl: float | None = None,
+        timeout: float | None = None,
+        lock_scope: str = "",
     ) -> Cached[V]:
         """The cached answer for ``key``, or ``compute()``'s (stored for next time) with single flight.
 
-        Exceptions from ``compute`` propagate (nothing is stored); cache failures never do.
+        ``timeout`` and ``lock_scope`` are :meth:`flight`'s. Exceptions from ``compute`` propagate
+        (nothing is stored); cache failures never do.
         """
-        async with self.flight(key, codec) as flight:
+        async with self.flight(key, codec, timeout=timeout, lock_scope=lock_scope) as flight:
             if flight.hit:
                 assert flight.value is not None
                 return Cached(
