@@ -244,6 +244,38 @@ async def test_a_waiter_stops_waiting_after_the_limit() -> None:
     assert result.outcome is LookupOutcome.MISS
 
 
+async def test_a_waiter_with_a_deadline_waits_a_share_of_it_then_computes() -> None:
+    backend = FakeCacheBackend()
+    cache, _ = make(
+        CacheConfig(single_flight_wait=60, single_flight_wait_share=0.25, poll_interval=0.005), backend
+    )
+    assert cache.wait_limit(None) == 60 and cache.wait_limit(2.0) == 0.5 and cache.wait_limit(-1) == 0
+    assert cache.wait_limit(1000) == 60
+    assert await backend.try_lock(KEY.digest, "slow-holder", 60_000)  # never answers
+    # the caller's own deadline (0.4 s) bounds the wait, not single_flight_wait (60 s)
+    result = await asyncio.wait_for(
+        cache.get_or_compute(KEY, lambda: asyncio.sleep(0, output("own")), CODEC, timeout=0.4), 0.4
+    )
+    assert result.outcome is LookupOutcome.MISS and result.value == output("own")
+
+
+async def test_lock_scopes_share_entries_but_not_locks() -> None:
+    backend = FakeCacheBackend()
+    cache, _ = make(CacheConfig(single_flight_wait=60, poll_interval=0.005), backend)
+    # the front tier's leader holds its lock while the tier behind computes the same key
+    async with cache.flight(KEY, CODEC, lock_scope="router") as front:
+        assert not front.hit
+        behind = await asyncio.wait_for(
+            cache.get_or_compute(KEY, lambda: asyncio.sleep(0, output("behind")), CODEC), 5
+        )
+        assert behind.outcome is LookupOutcome.MISS
+        await front.store(behind.value)
+    hit = await cache.get_or_compute(
+        KEY, lambda: asyncio.sleep(0, output("again")), CODEC, lock_scope="router"
+    )
+    assert hit.outcome is LookupOutcome.HIT and hit.value == output("behind")
+
+
 async def test_an_undecodable_entry_is_an_error_not_a_failure() -> None:
     cache, registry = make()
     await cache.store(KEY, b"\xff\xff not a proto")
