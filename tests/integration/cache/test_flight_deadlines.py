@@ -146,12 +146,12 @@ async def test_a_redis_stall_while_leading_costs_timeouts_not_the_stall(
     async with aioredis.Redis.from_url(redis.url) as admin:
 
         async def engine() -> generation_pb2.GeneratedOutput:
-            assert await admin.client_pause(3000)  # Redis stops answering the cache for 3 s
+            assert await admin.client_pause(1500)  # Redis stops answering the cache for 1.5 s
             await asyncio.sleep(0.3)  # renewals run into the stall meanwhile
             return output("computed")
 
         # compute 0.3 s, then a store and a release that time out (50 ms each): far within the stall
-        answer = await asyncio.wait_for(cache.get_or_compute(k, engine, CODEC, timeout=10.0), 1.5)
+        answer = await asyncio.wait_for(cache.get_or_compute(k, engine, CODEC, timeout=10.0), 1.2)
         assert answer.outcome is LookupOutcome.MISS and answer.value.completions[0].text == "computed"
         await admin.client_unpause()
     await cache.backend.close()
