@@ -3,7 +3,9 @@
 Invariants: a deterministic request answered once is served from the cache without touching any
 replica (unary, and replayed as a stream), marked cached, with the version that stored it;
 identical requests arriving together are computed once across replicas (single flight); a sampled
-request without a seed is never cached; tenants never share answers (the key holds the tenant).
+request without a seed is never cached; tenants never share answers (the key holds the tenant);
+with serving's own cache on the same Redis (the embedded stack), the router's leader is not blocked by
+serving waiting on the router's lock (the tiers lock under different scopes).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Redis) use. Guarantees:
   locks under different scopes (``lock_scope``): the router's leader forwards to serving, whose own
   flight must not wait on the router's lock, which would be waiting on serving itself.
 * Every backend call (lookup, lock, renew, release, store) is bounded by ``timeout``
-  (``redis_timeout_ms``) whatever the client does.
+  (``redis_timeout_ms``: an asyncio timeout here, the Redis client's socket timeouts below it).
 * Only reproducible requests (see :func:`llmops.common.response_cache.keys.is_cacheable`) are looked up or stored;
   the rest are counted as bypass.
 
