@@ -17,7 +17,7 @@ from llmops.common.server import ServiceBinding
 from llmops.proto.registry.v1 import fleet_service_pb2 as pb
 from llmops.proto.registry.v1 import fleet_service_pb2_grpc as pb_grpc
 from llmops.registry.convert import timestamp
-from llmops.registry.domain import check_model_name
+from llmops.registry.domain import Page, check_model_name
 from llmops.registry.fleet import (
     MAX_LEASE_SECONDS,
     MAX_MEMBER_TTL_SECONDS,
@@ -31,6 +31,7 @@ from llmops.registry.fleet import (
     check_target,
     check_ttl,
 )
+from llmops.registry.requests import decode_token, encode_token, page_size_or_default
 from llmops.registry.stores.base import RegistryStore
 
 FLEET_SERVICE_NAME = "llmops.registry.v1.FleetService"
@@ -80,11 +81,20 @@ class FleetService:
         check_ids(model_name, pool)
         return await self._resolved(await self._run(self.store.get, model_name, pool))
 
-    async def list(self, model_name: str) -> list[Pool]:
+    async def list(self, model_name: str, page_size: int = 0, page_token: str = "") -> Page[Pool]:
+        """One page of pools (by model, then pool name), each with its target resolved now."""
         if model_name:
             check_model_name(model_name, "model_name")
+        limit = page_size_or_default(page_size)
+        offset = int(decode_token(page_token, int) or 0)
+        if offset < 0:
+            raise InvalidArgument("not a token this service issued", field="page_token")
         pools: list[Pool] = await self._run(self.store.list, model_name)
-        return [await self._resolved(p) for p in pools]
+        page = pools[offset : offset + limit]
+        more = offset + limit < len(pools)
+        return Page(
+            tuple([await self._resolved(p) for p in page]), encode_token(offset + limit) if more else ""
+        )
 
     async def reload(self, model_name: str, pool: str) -> Pool:
         check_ids(model_name, pool)
@@ -176,8 +186,10 @@ class FleetServicer(pb_grpc.FleetServiceServicer):
         )
 
     async def ListPools(self, request: pb.ListPoolsRequest, context: Context) -> pb.ListPoolsResponse:
-        pools = await self.service.list(request.model_name)
-        return pb.ListPoolsResponse(pools=[pool_to_proto(p) for p in pools])
+        page = await self.service.list(request.model_name, request.page_size, request.page_token)
+        return pb.ListPoolsResponse(
+            pools=[pool_to_proto(p) for p in page.items], next_page_token=page.next_token
+        )
 
     async def ReloadPool(self, request: pb.ReloadPoolRequest, context: Context) -> pb.ReloadPoolResponse:
         pool = await self.service.reload(request.model_name, request.pool)

@@ -88,10 +88,20 @@ async def fleet_status(registry_address: str, model: str = "") -> list[dict[str,
     from llmops.common.clients import FleetClient, RegistryClient
     from llmops.proto.registry.v1 import fleet_service_pb2 as fpb
 
+    pools: list[Any] = []
     async with FleetClient.connect(registry_address, timeout=10) as fleet:
-        listed = await fleet.unary(fleet.stub.ListPools, fpb.ListPoolsRequest(model_name=model))
+        token = ""
+        while True:
+            listed = await fleet.unary(
+                fleet.stub.ListPools,
+                fpb.ListPoolsRequest(model_name=model, page_size=1000, page_token=token),
+            )
+            pools.extend(listed.pools)
+            token = listed.next_page_token
+            if not token:
+                break
     models: dict[str, dict[str, Any]] = {}
-    for pool in listed.pools:
+    for pool in pools:
         entry = models.setdefault(pool.model_name, {"model": pool.model_name, "pools": [], "weights": {}})
         members = [
             {

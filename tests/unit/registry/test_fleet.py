@@ -134,3 +134,30 @@ def test_racing_replicas_get_one_lease(tmp_path: Path) -> None:
     assert sum(granted) == 1
     holder = first.get("llm", "champion").lease.holder
     assert holder == f"pod-{granted.index(True)}"
+
+
+async def test_pools_list_in_pages(store: FleetStore, tmp_path: Path) -> None:
+    from llmops.registry.fleet_service import FleetService
+    from llmops.registry.stores.fake import FakeRegistryStore
+
+    registry = FakeRegistryStore(tmp_path / "artifacts")
+    await registry.create_model("llm", "", {}, "test")
+    service = FleetService(registry, store)
+    for name in ("pool-b", "pool-c", "pool-d"):
+        store.sync("llm", name, "champion", 0, Member(f"pod-{name}"))
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await service.list("llm", page_size=2, page_token=token)
+        seen.extend(p.pool for p in page.items)
+        pages += 1
+        token = page.next_token
+        if not token:
+            break
+    assert seen == ["champion", "pool-b", "pool-c", "pool-d"]
+    assert pages == 2
+    with pytest.raises(InvalidArgument):
+        await service.list("llm", page_size=5000)
+    with pytest.raises(InvalidArgument):
+        await service.list("llm", page_token="garbage")

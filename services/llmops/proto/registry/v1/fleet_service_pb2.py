@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&llmops/registry/v1/fleet_service.proto\x12\x12llmops.registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"M\n\x0bReloadLease\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd9\x01\n\nPoolMember\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12.\n\x05phase\x18\x04 \x01(\x0e\x32\x1f.llmops.registry.v1.ReloadPhase\x12\x0f\n\x07serving\x18\x05 \x01(\x08\x12\x12\n\ngeneration\x18\x06 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x07 \x01(\x05\x12+\n\x07seen_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x02\n\x04Pool\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0f\n\x05\x61lias\x18\x03 \x01(\tH\x00\x12\x11\n\x07version\x18\x04 \x01(\x03H\x00\x12\x16\n\x0etarget_version\x18\x05 \x01(\x03\x12\x12\n\ngeneration\x18\x06 \x01(\x03\x12.\n\x05lease\x18\x07 \x01(\x0b\x32\x1f.llmops.registry.v1.ReloadLease\x12/\n\x07members\x18\x08 \x03(\x0b\x32\x1e.llmops.registry.v1.PoolMember\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\n\x06target\"\x91\x01\n\x0fSyncPoolRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0f\n\x05\x61lias\x18\x03 \x01(\tH\x00\x12\x11\n\x07version\x18\x04 \x01(\x03H\x00\x12.\n\x06member\x18\x05 \x01(\x0b\x32\x1e.llmops.registry.v1.PoolMemberB\x08\n\x06target\":\n\x10SyncPoolResponse\x12&\n\x04pool\x18\x01 \x01(\x0b\x32\x18.llmops.registry.v1.Pool\"2\n\x0eGetPoolRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\"9\n\x0fGetPoolResponse\x12&\n\x04pool\x18\x01 \x01(\x0b\x32\x18.llmops.registry.v1.Pool\"&\n\x10ListPoolsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"<\n\x11ListPoolsResponse\x12\'\n\x05pools\x18\x01 \x03(\x0b\x32\x18.llmops.registry.v1.Pool\"5\n\x11ReloadPoolRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\"<\n\x12ReloadPoolResponse\x12&\n\x04pool\x18\x01 \x01(\x0b\x32\x18.llmops.registry.v1.Pool\"b\n\x19\x41\x63quireReloadLeaseRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x05\"]\n\x1a\x41\x63quireReloadLeaseResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12.\n\x05lease\x18\x02 \x01(\x0b\x32\x1f.llmops.registry.v1.ReloadLease\"M\n\x19ReleaseReloadLeaseRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\"\x1c\n\x1aReleaseReloadLeaseResponse*\xf9\x01\n\x0bReloadPhase\x12\x1c\n\x18RELOAD_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15RELOAD_PHASE_STARTING\x10\x01\x12\x16\n\x12RELOAD_PHASE_READY\x10\x02\x12\x18\n\x14RELOAD_PHASE_WAITING\x10\x03\x12\x19\n\x15RELOAD_PHASE_DRAINING\x10\x04\x12\x1a\n\x16RELOAD_PHASE_UNLOADING\x10\x05\x12\x18\n\x14RELOAD_PHASE_LOADING\x10\x06\x12\x17\n\x13RELOAD_PHASE_FAILED\x10\x07\x12\x15\n\x11RELOAD_PHASE_IDLE\x10\x08\x32\xda\x04\n\x0c\x46leetService\x12U\n\x08SyncPool\x12#.llmops.registry.v1.SyncPoolRequest\x1a$.llmops.registry.v1.SyncPoolResponse\x12R\n\x07GetPool\x12\".llmops.registry.v1.GetPoolRequest\x1a#.llmops.registry.v1.GetPoolResponse\x12X\n\tListPools\x12$.llmops.registry.v1.ListPoolsRequest\x1a%.llmops.registry.v1.ListPoolsResponse\x12[\n\nReloadPool\x12%.llmops.registry.v1.ReloadPoolRequest\x1a&.llmops.registry.v1.ReloadPoolResponse\x12s\n\x12\x41\x63quireReloadLease\x12-.llmops.registry.v1.AcquireReloadLeaseRequest\x1a..llmops.registry.v1.AcquireReloadLeaseResponse\x12s\n\x12ReleaseReloadLease\x12-.llmops.registry.v1.ReleaseReloadLeaseRequest\x1a..llmops.registry.v1.ReleaseReloadLeaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&llmops/registry/v1/fleet_service.proto\x12\x12llmops.registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"M\n\x0bReloadLease\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd9\x01\n\nPoolMember\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12.\n\x05phase\x18\x04 \x01(\x0e\x32\x1f.llmops.registry.v1.ReloadPhase\x12\x0f\n\x07serving\x18\x05 \x01(\x08\x12\x12\n\ngeneration\x18\x06 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x07 \x01(\x05\x12+\n\x07seen_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x02\n\x04Pool\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0f\n\x05\x61lias\x18\x03 \x01(\tH\x00\x12\x11\n\x07version\x18\x04 \x01(\x03H\x00\x12\x16\n\x0etarget_version\x18\x05 \x01(\x03\x12\x12\n\ngeneration\x18\x06 \x01(\x03\x12.\n\x05lease\x18\x07 \x01(\x0b\x32\x1f.llmops.registry.v1.ReloadLease\x12/\n\x07members\x18\x08 \x03(\x0b\x32\x1e.llmops.registry.v1.PoolMember\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\n\x06target\"\x91\x01\n\x0fSyncPoolRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0f\n\x05\x61lias\x18\x03 \x01(\tH\x00\x12\x11\n\x07version\x18\x04 \x01(\x03H\x00\x12.\n\x06member\x18\x05 \x01(\x0b\x32\x1e.llmops.registry.v1.PoolMemberB\x08\n\x06target\":\n\x10SyncPoolResponse\x12&\n\x04pool\x18\x01 \x01(\x0b\x32\x18.llmops.registry.v1.Pool\"2\n\x0eGetPoolRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\"9\n\x0fGetPoolResponse\x12&\n\x04pool\x18\x01 \x01(\x0b\x32\x18.llmops.registry.v1.Pool\"M\n\x10ListPoolsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x11ListPoolsResponse\x12\'\n\x05pools\x18\x01 \x03(\x0b\x32\x18.llmops.registry.v1.Pool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x11ReloadPoolRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\"<\n\x12ReloadPoolResponse\x12&\n\x04pool\x18\x01 \x01(\x0b\x32\x18.llmops.registry.v1.Pool\"b\n\x19\x41\x63quireReloadLeaseRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x05\"]\n\x1a\x41\x63quireReloadLeaseResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12.\n\x05lease\x18\x02 \x01(\x0b\x32\x1f.llmops.registry.v1.ReloadLease\"M\n\x19ReleaseReloadLeaseRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\"\x1c\n\x1aReleaseReloadLeaseResponse*\xf9\x01\n\x0bReloadPhase\x12\x1c\n\x18RELOAD_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15RELOAD_PHASE_STARTING\x10\x01\x12\x16\n\x12RELOAD_PHASE_READY\x10\x02\x12\x18\n\x14RELOAD_PHASE_WAITING\x10\x03\x12\x19\n\x15RELOAD_PHASE_DRAINING\x10\x04\x12\x1a\n\x16RELOAD_PHASE_UNLOADING\x10\x05\x12\x18\n\x14RELOAD_PHASE_LOADING\x10\x06\x12\x17\n\x13RELOAD_PHASE_FAILED\x10\x07\x12\x15\n\x11RELOAD_PHASE_IDLE\x10\x08\x32\xda\x04\n\x0c\x46leetService\x12U\n\x08SyncPool\x12#.llmops.registry.v1.SyncPoolRequest\x1a$.llmops.registry.v1.SyncPoolResponse\x12R\n\x07GetPool\x12\".llmops.registry.v1.GetPoolRequest\x1a#.llmops.registry.v1.GetPoolResponse\x12X\n\tListPools\x12$.llmops.registry.v1.ListPoolsRequest\x1a%.llmops.registry.v1.ListPoolsResponse\x12[\n\nReloadPool\x12%.llmops.registry.v1.ReloadPoolRequest\x1a&.llmops.registry.v1.ReloadPoolResponse\x12s\n\x12\x41\x63quireReloadLease\x12-.llmops.registry.v1.AcquireReloadLeaseRequest\x1a..llmops.registry.v1.AcquireReloadLeaseResponse\x12s\n\x12ReleaseReloadLease\x12-.llmops.registry.v1.ReleaseReloadLeaseRequest\x1a..llmops.registry.v1.ReleaseReloadLeaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmops.proto.registry.v1.fleet_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RELOADPHASE']._serialized_start=1515
-  _globals['_RELOADPHASE']._serialized_end=1764
+  _globals['_RELOADPHASE']._serialized_start=1579
+  _globals['_RELOADPHASE']._serialized_end=1828
   _globals['_RELOADLEASE']._serialized_start=95
   _globals['_RELOADLEASE']._serialized_end=172
   _globals['_POOLMEMBER']._serialized_start=175
@@ -49,21 +49,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPOOLRESPONSE']._serialized_start=932
   _globals['_GETPOOLRESPONSE']._serialized_end=989
   _globals['_LISTPOOLSREQUEST']._serialized_start=991
-  _globals['_LISTPOOLSREQUEST']._serialized_end=1029
-  _globals['_LISTPOOLSRESPONSE']._serialized_start=1031
-  _globals['_LISTPOOLSRESPONSE']._serialized_end=1091
-  _globals['_RELOADPOOLREQUEST']._serialized_start=1093
-  _globals['_RELOADPOOLREQUEST']._serialized_end=1146
-  _globals['_RELOADPOOLRESPONSE']._serialized_start=1148
-  _globals['_RELOADPOOLRESPONSE']._serialized_end=1208
-  _globals['_ACQUIRERELOADLEASEREQUEST']._serialized_start=1210
-  _globals['_ACQUIRERELOADLEASEREQUEST']._serialized_end=1308
-  _globals['_ACQUIRERELOADLEASERESPONSE']._serialized_start=1310
-  _globals['_ACQUIRERELOADLEASERESPONSE']._serialized_end=1403
-  _globals['_RELEASERELOADLEASEREQUEST']._serialized_start=1405
-  _globals['_RELEASERELOADLEASEREQUEST']._serialized_end=1482
-  _globals['_RELEASERELOADLEASERESPONSE']._serialized_start=1484
-  _globals['_RELEASERELOADLEASERESPONSE']._serialized_end=1512
-  _globals['_FLEETSERVICE']._serialized_start=1767
-  _globals['_FLEETSERVICE']._serialized_end=2369
+  _globals['_LISTPOOLSREQUEST']._serialized_end=1068
+  _globals['_LISTPOOLSRESPONSE']._serialized_start=1070
+  _globals['_LISTPOOLSRESPONSE']._serialized_end=1155
+  _globals['_RELOADPOOLREQUEST']._serialized_start=1157
+  _globals['_RELOADPOOLREQUEST']._serialized_end=1210
+  _globals['_RELOADPOOLRESPONSE']._serialized_start=1212
+  _globals['_RELOADPOOLRESPONSE']._serialized_end=1272
+  _globals['_ACQUIRERELOADLEASEREQUEST']._serialized_start=1274
+  _globals['_ACQUIRERELOADLEASEREQUEST']._serialized_end=1372
+  _globals['_ACQUIRERELOADLEASERESPONSE']._serialized_start=1374
+  _globals['_ACQUIRERELOADLEASERESPONSE']._serialized_end=1467
+  _globals['_RELEASERELOADLEASEREQUEST']._serialized_start=1469
+  _globals['_RELEASERELOADLEASEREQUEST']._serialized_end=1546
+  _globals['_RELEASERELOADLEASERESPONSE']._serialized_start=1548
+  _globals['_RELEASERELOADLEASERESPONSE']._serialized_end=1576
+  _globals['_FLEETSERVICE']._serialized_start=1831
+  _globals['_FLEETSERVICE']._serialized_end=2433
 # @@protoc_insertion_point(module_scope)

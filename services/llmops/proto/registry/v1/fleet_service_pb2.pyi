@@ -29,6 +29,7 @@ class _ReloadPhase:
 class _ReloadPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReloadPhase.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     RELOAD_PHASE_UNSPECIFIED: _ReloadPhase.ValueType  # 0
+    """Not set."""
     RELOAD_PHASE_STARTING: _ReloadPhase.ValueType  # 1
     """Loading its first version (a new replica)."""
     RELOAD_PHASE_READY: _ReloadPhase.ValueType  # 2
@@ -50,6 +51,7 @@ class ReloadPhase(_ReloadPhase, metaclass=_ReloadPhaseEnumTypeWrapper):
     """ReloadPhase is where a replica is in its life in the pool."""
 
 RELOAD_PHASE_UNSPECIFIED: ReloadPhase.ValueType  # 0
+"""Not set."""
 RELOAD_PHASE_STARTING: ReloadPhase.ValueType  # 1
 """Loading its first version (a new replica)."""
 RELOAD_PHASE_READY: ReloadPhase.ValueType  # 2
@@ -168,7 +170,9 @@ class Pool(_message.Message):
     pool: _builtins.str
     """The pool's name (DNS label: a-z, 0-9, '-')."""
     alias: _builtins.str
+    """The alias the pool follows."""
     version: _builtins.int
+    """The version the pool is pinned to."""
     target_version: _builtins.int
     """The version the target resolves to now; 0 when the alias does not exist."""
     generation: _builtins.int
@@ -224,7 +228,9 @@ class SyncPoolRequest(_message.Message):
     pool: _builtins.str
     """The pool."""
     alias: _builtins.str
+    """The alias the pool follows."""
     version: _builtins.int
+    """The version the pool is pinned to."""
     @_builtins.property
     def member(self) -> Global___PoolMember:
         """The reporting replica (seen_at is ignored)."""
@@ -329,16 +335,24 @@ class ListPoolsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Only this model's pools; empty: every model's."""
+    page_size: _builtins.int
+    """At most this many pools (0: 50; at most 1000)."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first."""
     def __init__(
         self,
         *,
         model_name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,6 +365,9 @@ class ListPoolsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POOLS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty on the last page."""
     @_builtins.property
     def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Pool]:
         """The pools."""
@@ -359,10 +376,11 @@ class ListPoolsResponse(_message.Message):
         self,
         *,
         pools: _abc.Iterable[Global___Pool] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pools", b"pools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "pools", b"pools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -64,6 +64,7 @@ class _ArtifactAccess:
 class _ArtifactAccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArtifactAccess.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ARTIFACT_ACCESS_UNSPECIFIED: _ArtifactAccess.ValueType  # 0
+    """Not set."""
     ARTIFACT_ACCESS_SHARED_PATH: _ArtifactAccess.ValueType  # 1
     """A folder on a filesystem artifact store; readers mount it (read-only) and map shared_root to
     their mount point.
@@ -75,6 +76,7 @@ class ArtifactAccess(_ArtifactAccess, metaclass=_ArtifactAccessEnumTypeWrapper):
     """ArtifactAccess is how the files of a version can be read directly."""
 
 ARTIFACT_ACCESS_UNSPECIFIED: ArtifactAccess.ValueType  # 0
+"""Not set."""
 ARTIFACT_ACCESS_SHARED_PATH: ArtifactAccess.ValueType  # 1
 """A folder on a filesystem artifact store; readers mount it (read-only) and map shared_root to
 their mount point.
@@ -1748,7 +1750,9 @@ class ArtifactLocation(_message.Message):
     SHARED_PATH_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     shared_path: _builtins.str
+    """Absolute path as the registry sees it (SHARED_PATH)."""
     url: _builtins.str
+    """Presigned GET URL (PRESIGNED_URL)."""
     @_builtins.property
     def file(self) -> Global___ManifestFile:
         """Manifest path, size and sha256 of the file."""
