@@ -166,6 +166,19 @@ async def create_subprocess_exec(
 # The reaper -------------------------------------------------------------------------------------
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (another user's process counts; a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # a zombie (not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].split()[0] != "Z"
+    return True
+
+
 def start_time(pid: int) -> int | None:
     """The process's start time (clock ticks since boot), or ``None`` when there is no such process."""
     try:

@@ -45,7 +45,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmops.common import metric_names as names
-from llmops.common.process import forget, popen, watch
+from llmops.common.process import alive, forget, popen, watch
 
 STATE_FILE = "stack.json"
 CONFIG_FILE = "scaler.json"
@@ -191,28 +191,16 @@ def read_router(url: str, timeout: float = 2.0) -> RouterSignals | None:
         return None
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].split()[0] != "Z"
-    return True
-
-
 def stop_group(pid: int, grace_seconds: float) -> None:
     """SIGTERM the process group (serving drains), SIGKILL it after ``grace_seconds``."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
-    while process_alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.05)
-    if process_alive(pid):
+    if alive(pid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError, OSError):
@@ -275,7 +263,7 @@ def run(config: ScalerConfig, stop_event: Callable[[], bool]) -> None:
     try:
         while not stop_event():
             for replica in replicas:  # one that exited on its own is stopped: the next request starts it
-                if replica.pid is not None and (replica.pid <= 0 or not process_alive(replica.pid)):
+                if replica.pid is not None and (replica.pid <= 0 or not alive(replica.pid)):
                     with contextlib.suppress(ChildProcessError, OSError):
                         os.waitpid(replica.pid, os.WNOHANG)
                     print(f"{replica.launch.name} (pid {replica.pid}) is not running", flush=True)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llmops.common.process import forget, popen, watch
+from llmops.common.process import alive, forget, popen, watch
 from llmops.stack.dashboards import RULES, local_rules
 
 STATE_FILE = "stack.json"
@@ -122,19 +122,6 @@ def options_from_settings(settings: Any, *, free_ports: bool = False, **fields: 
     )
     http = 0 if free_ports else settings.serving.http_port
     return StackOptions(data_dir=settings.data_dir, ports=ports, http_port=http, **fields)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie child of this process is not alive
-        status = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].split()[0]
-        return status != "Z"
-    return True
 
 
 def free_port() -> int:
