@@ -43,6 +43,7 @@ from rich.table import Table
 from safetensors.numpy import save_file
 
 from benchmarks.gate import Goal, alternating, finish, median, quick_default
+from benchmarks.llama_weights import llama_weight_shapes
 from llmops.common.artifacts.client import download_to_directory, upload_directory
 from llmops.common.artifacts.direct import DirectFetcher, DirectLocations
 from llmops.common.artifacts.domain import ManifestFile
@@ -75,24 +76,14 @@ def build_model(folder: Path, size_mb: int) -> int:
         intermediate_size=intermediate, head_dim=head_dim, tie_word_embeddings=False, torch_dtype="float32",
     )  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (vocab, hidden),
-        "model.norm.weight": (hidden,),
-        "lm_head.weight": (vocab, hidden),
-    }
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        shapes |= {
-            f"{p}.self_attn.q_proj.weight": (hidden, hidden),
-            f"{p}.self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-            f"{p}.self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-            f"{p}.self_attn.o_proj.weight": (hidden, hidden),
-            f"{p}.mlp.gate_proj.weight": (intermediate, hidden),
-            f"{p}.mlp.up_proj.weight": (intermediate, hidden),
-            f"{p}.mlp.down_proj.weight": (hidden, intermediate),
-            f"{p}.input_layernorm.weight": (hidden,),
-            f"{p}.post_attention_layernorm.weight": (hidden,),
-        }
+    shapes = llama_weight_shapes(
+        layers=layers,
+        hidden=hidden,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=intermediate,
+        vocab=vocab,
+    )
     rng = np.random.default_rng(0)
     tensors = {k: (rng.standard_normal(s, dtype=np.float32) * 0.02) for k, s in shapes.items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})

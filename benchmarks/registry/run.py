@@ -42,6 +42,7 @@ from rich.table import Table
 from safetensors.numpy import save_file
 
 from benchmarks.gate import Goal, alternating, finish, median, percentile, quick_default
+from benchmarks.llama_weights import llama_weight_shapes
 from llmops.common.artifacts.client import download_to_directory, upload_directory
 from llmops.common.artifacts.manifest import build_manifest
 from llmops.common.clients import RegistryClient
@@ -66,24 +67,14 @@ def write_llama(folder: Path, *, layers: int, hidden: int = 512, vocab: int = 32
         "max_position_embeddings": 256, "torch_dtype": "float32",
     }  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (vocab, hidden),
-        "model.norm.weight": (hidden,),
-        "lm_head.weight": (vocab, hidden),
-    }
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        shapes |= {
-            f"{p}.self_attn.q_proj.weight": (hidden, hidden),
-            f"{p}.self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-            f"{p}.self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-            f"{p}.self_attn.o_proj.weight": (hidden, hidden),
-            f"{p}.mlp.gate_proj.weight": (intermediate, hidden),
-            f"{p}.mlp.up_proj.weight": (intermediate, hidden),
-            f"{p}.mlp.down_proj.weight": (hidden, intermediate),
-            f"{p}.input_layernorm.weight": (hidden,),
-            f"{p}.post_attention_layernorm.weight": (hidden,),
-        }
+    shapes = llama_weight_shapes(
+        layers=layers,
+        hidden=hidden,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=intermediate,
+        vocab=vocab,
+    )
     rng = np.random.default_rng(seed)
     tensors = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
