@@ -186,7 +186,7 @@ image: $(STAMP) tools ## Build docker/Dockerfile (IMAGE=...) and the smoke's Red
 	$(PY) docker/build_image.py --image $(IMAGE)
 
 .PHONY: kube-smoke
-kube-smoke: image tools ## Play the chart's render (ci/local-values.yaml) as podman pods: probes, register + generate + cache hit, MLflow, SIGTERM drain; prints times to SERVING
+kube-smoke: image tools ## Play the chart's render (ci/local-values.yaml) as podman pods: probes, register + generate + cache hit, MLflow, an alias move rolling the champion pool under load, a rollout between the pools, SIGTERM drain; prints times to SERVING
 	$(PY) scripts/kube_smoke.py
 
 ##@ Housekeeping

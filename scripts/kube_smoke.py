@@ -10,6 +10,9 @@ of the pods it selects), and checks from the host:
   - every serving pool (champion, challenger) answers by its alias on its own pods and through a
     router on the host over all of them (static discovery: the chart's router reads EndpointSlices);
   - MLflow answers and holds the registered model;
+  - an alias move rolls the champion pool under load, and a rollout promotes between the pools'
+    pods (scripts/kube_smoke_fleet.py; the host router splits by alias weights and runs the
+    rollout controller, as the chart's router does with rollouts on);
   - SIGTERM to serving while a stream is open: the stream finishes and the container exits within
     the pod's terminationGracePeriodSeconds.
 Workarounds for what podman cannot do are listed (scripts/kube_smoke_manifest.py); one that touches
@@ -22,6 +25,7 @@ Usage: python scripts/kube_smoke.py [--values FILE ...] [--keep-going]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fcntl
 import json
 import os
@@ -43,6 +47,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import kube_smoke_fleet as kf
 import kube_smoke_manifest as km
 import kube_smoke_router as kr
 from kube_smoke_podman import PodmanSession
@@ -209,25 +214,37 @@ def alias_of(workload: dict[str, Any], configmaps: list[dict[str, Any]]) -> str:
     return reference.split("@", 1)[1]
 
 
-def check_pools(addresses: dict[str, str], versions: dict[str, str]) -> None:
-    """Every pool answers by its alias, on its own pods and through a router over all of them."""
+def check_pools(addresses: dict[str, str], versions: dict[str, str], router: str) -> None:
+    """Every pool answers by its alias, on its own pods and through the router over all of them."""
     for address, alias in addresses.items():
         text, _, resolved = stream(address, 8, alias=alias)
         if not text or not resolved.startswith(f"{versions[alias]}@{alias}"):
             raise SmokeFailure(f"{alias} pool at {address}: resolved={resolved!r} text={text!r}")
     console.print(f"[green]ok[/]  every pool answers by its alias: {sorted(addresses.values())}")
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmops-kube-smoke-router-{os.getpid()}.log"
-    with console.status("a router on the host over every serving pod (static discovery)"):
-        process, router = kr.start_router(sorted(addresses), log)
-    try:
-        for alias in sorted(set(addresses.values())):
-            text, _, resolved = stream(router, 8, alias=alias)
-            if not text or not resolved.startswith(f"{versions[alias]}@{alias}"):
-                raise SmokeFailure(f"through the router, {MODEL_NAME}@{alias}: resolved={resolved!r}")
-            console.print(f"[green]ok[/]  through the router: {MODEL_NAME}@{alias} answered by {resolved}")
-    finally:
-        kr.stop_router(process)
-        log.unlink(missing_ok=True)
+    for alias in sorted(set(addresses.values())):
+        text, _, resolved = stream(router, 8, alias=alias)
+        if not text or not resolved.startswith(f"{versions[alias]}@{alias}"):
+            raise SmokeFailure(f"through the router, {MODEL_NAME}@{alias}: resolved={resolved!r}")
+        console.print(f"[green]ok[/]  through the router: {MODEL_NAME}@{alias} answered by {resolved}")
+
+
+def check_fleet(registry: str, router: str, pods: dict[str, str], versions: dict[str, str]) -> dict[str, Any]:
+    """The alias move under load, then a rollout to a third version (scripts/kube_smoke_fleet.py)."""
+    say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
+    numbers = {alias: int(version.split(":")[1]) for alias, version in versions.items()}
+    metrics = {pool: f"http://{address.rsplit(':', 1)[0]}:9090/metrics" for pool, address in pods.items()}
+    with console.status("alias move: champion -> the challenger's version, under load through the router"):
+        moved = asyncio.run(kf.alias_move(registry, router, pods, metrics, numbers, say))
+    console.print(
+        f"[green]ok[/]  alias move rolled the champion pool in {moved['seconds']:.1f} s, no request failed"
+    )
+    with console.status("registering a third version (alias challenger) for the rollout"):
+        third = register_model(registry, "challenger")
+    console.print(f"[green]ok[/]  registered {third} as {MODEL_NAME}@challenger")
+    with console.status(f"rollout to {third} through the router (its controller steps it)"):
+        done = asyncio.run(kf.rollout(registry, router, pods, int(third.split(":")[1]), say))
+    console.print(f"[green]ok[/]  rollout {done['id']} promoted {third} between the pools' pods")
+    return {"alias_move": moved, "rollout": done}
 
 
 class Interrupted(Exception):
@@ -292,6 +309,9 @@ def main() -> int:
         )
 
     session = PodmanSession()
+    router_process: subprocess.Popen[bytes] | None = None
+    router_log = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmops-kube-smoke-router-{os.getpid()}.log"
+    fleet: dict[str, Any] = {}
     sizes: dict[str, int] = {}
     times: dict[str, tuple[float, float]] = {}
     failed = False
@@ -382,7 +402,9 @@ def main() -> int:
         if not cached or again != text:
             raise SmokeFailure(f"repeated request: cached={cached}, same text={again == text}")
         console.print("[green]ok[/]  repeated request answered from the response cache (Redis)")
-        check_pools(pool_addresses, versions)
+        with console.status("a router on the host over every serving pod (static discovery)"):
+            router_process, router = kr.start_router(sorted(pool_addresses), router_log, registry)
+        check_pools(pool_addresses, versions, router)
 
         mlflow_pod = pods_of[next(km.name_of(o) for o, _ in others if km.name_of(o).endswith("-mlflow"))][0]
         mlflow = f"http://{session.ip(session.containers(mlflow_pod)[0])}:5000"
@@ -398,6 +420,11 @@ def main() -> int:
         if MODEL_NAME not in names:
             raise SmokeFailure(f"MLflow answers but lists {names}, not {MODEL_NAME}")
         console.print(f"[green]ok[/]  MLflow answers and holds the registered model ({mlflow})")
+
+        pods = {alias: address for address, alias in pool_addresses.items()}
+        if len(pods) != len(pool_addresses) or set(pods) != {"champion", "challenger"}:
+            raise SmokeFailure(f"the fleet checks want one champion and one challenger pod: {pool_addresses}")
+        fleet = check_fleet(registry, router, pods, versions)
 
         grace = float(km.pod_spec(serving_original).get("terminationGracePeriodSeconds", 30))
         sent: dict[str, float] = {}
@@ -424,6 +451,7 @@ def main() -> int:
         pid = session.inspect(serving_ctr)["State"]["Pid"]
         with console.status(f"SIGTERM to {serving_ctr} during a stream (grace {grace:.0f} s)"):
             drained, _, _ = stream(address, 200, on_first=sigterm)
+            ended = time.monotonic() - sent["at"]
             while True:
                 state = session.inspect(serving_ctr)["State"]
                 if state["Pid"] != pid or state["Status"] != "running":
@@ -433,8 +461,9 @@ def main() -> int:
                 time.sleep(0.2)
         exited = time.monotonic() - sent["at"]
         console.print(
-            f"[green]ok[/]  SIGTERM: the open stream finished ({len(drained)} characters) and serving "
-            f"exited after {exited:.1f} s (grace {grace:.0f} s)"
+            f"[green]ok[/]  SIGTERM: the open stream finished ({len(drained)} characters, {ended:.1f} s "
+            f"after preStop began) and serving exited after {exited:.1f} s (grace {grace:.0f} s; the "
+            "host router's open watch streams were attached)"
         )
     except (
         SmokeFailure,
@@ -446,11 +475,16 @@ def main() -> int:
     ) as exc:
         failed = True
         console.print(f"[red]FAIL[/] {exc}")
+        if router_process is not None and router_log.exists():
+            console.print("the host router's log (last lines):", router_log.read_text()[-3000:], markup=False)
     except Interrupted as exc:
         failed = True
         console.print(f"[yellow]interrupted ({exc})[/]")
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if router_process is not None:
+            kr.stop_router(router_process)
+        router_log.unlink(missing_ok=True)
         with console.status("removing pods, volumes and the network"):
             problems = session.close()
         for problem in problems:
@@ -465,6 +499,8 @@ def main() -> int:
     for pod, (took, budget) in times.items():
         result.add_row(pod, f"{took:.1f}", f"{budget:.0f}")
     console.print(result)
+    if fleet:
+        console.print(kf.summary(fleet), markup=False)
     for image, size in sizes.items():
         console.print(f"image {image}: {size / 1e9:.2f} GB")
     console.print(

@@ -8,6 +8,9 @@ Invariants:
   - the smoke's workarounds leave every container's command, args, env, envFrom, ports and volume
     mounts, and every pod's volumes, as rendered: the guard passes on the real plan and fails on
     any change to one of them;
+  - the fleet checks' premises: each serving pod follows its pool's record (one pod per pool in
+    the local profile), and the host router reads the registry's alias weights and runs the rollout
+    controller, as the chart's router does by default with rollouts on;
   - the Dockerfiles build air-gapped: pip settings arrive as build arguments, the final images run
     as 10001, the GPU Dockerfile has a stage a CPU machine builds, and `make image`'s GPU check
     reads the versions the Dockerfile pins.
@@ -225,3 +228,30 @@ def test_containers_conf_sets_what_this_host_needs() -> None:
     assert re.search(r"^default_ulimits = \[\]$", text, flags=re.MULTILINE)
     assert re.search(r'^runtime = "runc"$', text, flags=re.MULTILINE)
     assert re.search(r'^cgroup_manager = "cgroupfs"$', text, flags=re.MULTILINE)
+
+
+def test_every_serving_pod_follows_its_pool_one_pod_per_pool(rendered: list[dict[str, Any]]) -> None:
+    # the fleet checks move `champion` and roll out to the challenger: the pods must follow their
+    # pool's record (LLMOPS_SERVING_POOL from the chart), one pod per pool in the local profile
+    configmaps = [d for d in rendered if d["kind"] == "ConfigMap"]
+    pools = {}
+    for workload in km.workloads(rendered):
+        env = km.container_env(km.pod_spec(workload)["containers"][0], configmaps)
+        if "LLMOPS_SERVING_MODEL" in env:
+            pools[env["LLMOPS_SERVING_POOL"]] = (env["LLMOPS_SERVING_MODEL"], len(km.replicas_of(workload)))
+    assert pools == {"champion": ("tiny@champion", 1), "challenger": ("tiny@challenger", 1)}
+
+
+def test_the_host_router_splits_by_alias_weights_and_runs_the_rollout_controller() -> None:
+    # as the chart's router would in a cluster with rollouts: settings the router really reads
+    from llmops.common.settings import Settings
+
+    kr = _load("kube_smoke_router", ROOT / "scripts" / "kube_smoke_router.py")
+    env = kr.router_env(["10.0.0.2:50051", "10.0.0.3:50051"], "10.0.0.4:50051")
+    settings = Settings.load(env={k: v for k, v in env.items() if k.startswith("LLMOPS_")})
+    defaults = yaml.safe_load((ROOT / "charts" / "llmops" / "values.yaml").read_text())["router"]
+    assert settings.router.traffic_split is defaults["trafficSplit"] is True
+    assert settings.router.rollout_controller is True
+    assert settings.router.discovery == "static"
+    assert settings.router.endpoints == ["10.0.0.2:50051", "10.0.0.3:50051"]
+    assert settings.registry.address == "10.0.0.4:50051"
