@@ -241,3 +241,23 @@ async def test_stop_never_hangs_on_a_readiness_check_in_flight() -> None:
         server, _ = await create_server("127.0.0.1:0", [binding], settings)
         await asyncio.sleep(0.005 + (i % 7) * 0.001)
         await asyncio.wait_for(server.stop(0), 5)
+
+
+async def test_watch_streams_end_when_the_work_is_done_not_at_the_grace() -> None:
+    # A router keeps a health Watch (and serving's WatchLoad) open on every replica. Those streams
+    # never end by themselves: stop(grace) used to wait the whole grace for them, so every pod
+    # with a router attached took its full termination grace to exit.
+    app = ProbeApp()
+    server, channel = await _start(app)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    in_flight = asyncio.ensure_future(_unary(channel, "Echo")(b"0.5", timeout=10))
+    await _wait_for(lambda: app.servicer.calls == 1)
+    stopping = asyncio.ensure_future(server.stop(300))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING  # seen while draining
+    assert await in_flight == b"0.5"  # the work still gets its grace
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(watch.read(), 60)  # a TimeoutError here: the watch held the drain
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    await asyncio.wait_for(stopping, 60)  # not the 300 s grace: nothing but the watch was left
+    await channel.close()

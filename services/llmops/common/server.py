@@ -13,7 +13,9 @@
 * TLS, and mutual TLS with a client CA, from certificate files in the settings;
 * message-size and concurrency limits (over the limit: ``RESOURCE_EXHAUSTED``);
 * graceful shutdown: health turns NOT_SERVING, new calls are refused, in-flight calls get
-  ``grace_seconds`` to finish;
+  ``grace_seconds`` to finish; endless watch streams (``Watch*`` methods: health ``Watch``,
+  serving's ``WatchLoad``, the job services' ``WatchJob``) end with ``UNAVAILABLE`` once the other
+  calls have finished, so a router watching the server does not hold the drain open for the grace;
 * a Prometheus ``/metrics`` HTTP endpoint.
 """
 
@@ -37,7 +39,7 @@ from prometheus_client import CollectorRegistry
 from llmops.common.access import Access
 from llmops.common.auth import Authenticator, Identity, acting_as
 from llmops.common.clients import KEEPALIVE_TIME_MS
-from llmops.common.errors import InvalidArgument, status_for
+from llmops.common.errors import InvalidArgument, Unavailable, status_for
 from llmops.common.metrics import GrpcServerMetrics, MetricsHttpServer, serve_metrics
 from llmops.common.ratelimit import RateLimiter
 from llmops.common.settings import Settings
@@ -121,6 +123,70 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _checked(request)
 
 
+def is_watch(method: str) -> bool:
+    """Whether a method is an endless watch stream (it ends when the watcher or the server goes)."""
+    return method.startswith("Watch")
+
+
+class _Drain:
+    """What a drain waits for: the calls in flight that are not watch streams.
+
+    Watch streams never end by themselves, so ``grpc.aio``'s ``stop(grace)`` would wait the whole
+    grace for them. They end (``UNAVAILABLE``) once every other call has finished, so watchers see
+    NOT_SERVING and the load fall while the work drains, and the server stops as soon as it is done.
+    """
+
+    def __init__(self) -> None:
+        self.work = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.started = asyncio.Event()  # watch streams end when this is set
+
+    def begin(self, method: str) -> None:
+        if not is_watch(method):
+            self.work += 1
+            self.idle.clear()
+
+    def end(self, method: str) -> None:
+        if not is_watch(method):
+            self.work -= 1
+            if self.work == 0:
+                self.idle.set()
+
+    async def end_watches(self, grace: float) -> None:
+        """Wait (at most ``grace`` seconds) for the other calls to finish, then end the watches."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self.idle.wait()
+        self.started.set()
+
+    async def race(self, step: Awaitable[Any]) -> Any:
+        """``step``'s result, or :class:`Unavailable` (``step`` cancelled) once the drain starts."""
+        task = asyncio.ensure_future(step)
+        stop = asyncio.ensure_future(self.started.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            raise Unavailable("this server is shutting down; watch another replica")
+        return task.result()
+
+    async def stream(self, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """``items`` until they end, or until the drain starts (then :class:`Unavailable`)."""
+        iterator = aiter(items)
+        while True:
+            try:
+                item = await self.race(anext(iterator))
+            except StopAsyncIteration:
+                return
+            yield item
+
+
 class _RuntimeInterceptor(Interceptor):
     """Authentication, rate limits, error mapping and metrics around every handler."""
 
@@ -129,10 +195,12 @@ class _RuntimeInterceptor(Interceptor):
         metrics: GrpcServerMetrics,
         authenticator: Authenticator | None = None,
         limiter: RateLimiter | None = None,
+        drain: _Drain | None = None,
     ) -> None:
         self._metrics = metrics
         self._auth = authenticator if authenticator is not None else Authenticator(None)
         self._limiter = limiter
+        self._drain = drain if drain is not None else _Drain()
 
     async def _admit(self, context: Context, service: str, method: str) -> Identity | None:
         identity = self._auth.check(context.invocation_metadata() or (), service, method)
@@ -194,11 +262,13 @@ class _RuntimeInterceptor(Interceptor):
             try:
                 with acting_as(await self._admit(context, service, method)):
                     result = behavior(_checked(request), context)
+                    watch = is_watch(method)
                     if hasattr(result, "__aiter__"):
-                        async for item in result:
+                        async for item in self._drain.stream(result) if watch else result:
                             yield item
                     elif asyncio.iscoroutine(result):
-                        await result  # the handler wrote its messages with context.write()
+                        # the handler wrote its messages with context.write()
+                        await (self._drain.race(result) if watch else result)
                     else:
                         for item in result:
                             yield item
@@ -216,6 +286,7 @@ class _RuntimeInterceptor(Interceptor):
         return wrapper
 
     def _begin(self, service: str, method: str) -> float:
+        self._drain.begin(method)
         self._metrics.in_flight.labels(service, method).inc()
         return time.perf_counter()
 
@@ -227,6 +298,7 @@ class _RuntimeInterceptor(Interceptor):
         context: Context,
         failure: BaseException | None,
     ) -> None:
+        self._drain.end(method)
         self._metrics.in_flight.labels(service, method).dec()
         self._metrics.handling_seconds.labels(service, method).observe(time.perf_counter() - started)
         self._metrics.handled.labels(service, method, _final_code(context, failure).name).inc()
@@ -292,8 +364,10 @@ class LLMOpsServer:
         registry: CollectorRegistry,
         metrics_port: int | None,
         owned_access: Access | None = None,
+        drain: _Drain | None = None,
     ) -> None:
         self.grpc_server = grpc_server
+        self._drain = drain if drain is not None else _Drain()
         self.port = port
         self.bindings = tuple(bindings)
         self.health = health_servicer
@@ -368,7 +442,9 @@ class LLMOpsServer:
                 await self._readiness_task
         await self.health.enter_graceful_shutdown()
         log.info("draining: grace %.1fs", grace)
-        await self.grpc_server.stop(grace)
+        stopping = asyncio.ensure_future(self.grpc_server.stop(grace))  # new calls are refused now
+        await self._drain.end_watches(grace)
+        await stopping
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
             self.metrics_server = None
@@ -474,8 +550,9 @@ async def create_server(
     owned_access = None
     if access is None:
         access = owned_access = Access.from_settings(settings)
+    drain = _Drain()
     grpc_server = grpc.aio.server(
-        interceptors=[_RuntimeInterceptor(metrics, access.authenticator, access.limiter)],
+        interceptors=[_RuntimeInterceptor(metrics, access.authenticator, access.limiter, drain)],
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -494,7 +571,15 @@ async def create_server(
         if port == 0:
             raise OSError(f"could not bind gRPC server to {address}")
         server = LLMOpsServer(
-            grpc_server, port, bindings, health_servicer, settings, registry, metrics_port, owned_access
+            grpc_server,
+            port,
+            bindings,
+            health_servicer,
+            settings,
+            registry,
+            metrics_port,
+            owned_access,
+            drain,
         )
         await server.start()
     except BaseException:
