@@ -4,8 +4,9 @@ On the demo's stack (every service scraped every second by Prometheus from Debia
 rules loaded), a short headless Locust run with the mixed scenario (unary and streamed generation,
 cache hits, the control plane) and then: every PromQL expression of every dashboard panel, every
 dashboard variable and every recording rule returns data over the stack's lifetime, except the
-panels that read only kube-state-metrics and the router's retries, which only a replica failing
-before its first answer makes (both named here, so the lists cannot grow unnoticed). The load goes
+panels that read only kube-state-metrics, the router's retries and a version's error ratio, which
+only failing replicas make, and the serving-pool panels (the demo runs no pools): all named here, so
+the lists cannot grow unnoticed. The load goes
 through the router in front of the two serving replicas, and one request for a model no replica
 serves is held until its deadline (the held-request, hold-time and error panels); the
 check itself reports a selector that matches nothing as empty; Prometheus loaded every recording
@@ -40,8 +41,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(2400)]
 #: Panels that need a Kubernetes cluster: replicas come from kube-state-metrics.
 CLUSTER_ONLY = {"serving.json panel 'Serving replicas' A", "serving.json panel 'Serving replicas' B"}
 #: Panels that show data only after a fault: a retry needs a replica that fails before its first
-#: answer (tests/integration/router/test_faults.py counts them on real replicas).
-FAULT_ONLY = {"router.json panel 'Errors and retries' B"}
+#: answer (tests/integration/router/test_faults.py counts them on real replicas); a version's error
+#: ratio needs failed generations (tests/integration/router/test_rollouts.py rolls back on them).
+FAULT_ONLY = {
+    "router.json panel 'Errors and retries' B",
+    "router.json panel 'Rollout $model: traffic share and error ratio by version' B",
+}
+#: Panels of serving pools, which the demo's stack does not run (its replicas load by RPC):
+#: tests/integration/test_fleet_pools.py reads these series from real pool replicas' /metrics.
+POOL_ONLY = {
+    "serving.json panel 'Pool reload phases' A",
+    "serving.json panel 'Pool versions and reloads' A",
+    "serving.json panel 'Pool versions and reloads' B",
+    "serving.json panel 'Pool versions and reloads' C",
+}
 
 
 def _locust(demo_run: DemoRun, prefix: Path) -> subprocess.CompletedProcess[str]:
@@ -75,7 +88,7 @@ def test_every_panel_and_recording_rule_shows_data_after_a_load(demo_run: DemoRu
     outcomes = evaluate(prometheus.url, queries(), {"namespace": "local"}, seconds=lifetime)
     shown = "\n".join(f"{o.status:8} {o.series:3} {o.query.where}: {o.error or o.promql}" for o in outcomes)
     missing = {o.query.where for o in outcomes if o.status in ("empty", "error")}
-    assert missing == FAULT_ONLY, shown
+    assert missing == FAULT_ONLY | POOL_ONLY, shown
     assert {o.query.where for o in outcomes if o.status == "cluster"} == CLUSTER_ONLY, shown
     wheres = {o.query.where for o in outcomes}
     assert len(wheres) == len(outcomes) > 60  # every dashboard's panels and every rule, each once
