@@ -166,10 +166,14 @@ class LocationService:
         return f"{destination.rstrip('/')}/{parsed.path.lstrip('/')}"
 
     def _shared(self, version: ModelVersion, folder: Path) -> ArtifactLocations:
-        root = local_uri_path(self._config.artifact_root or "")
         shared_root = ""
-        if root is not None and folder.is_relative_to(root):
-            shared_root = str(root)
+        # The registry's own root, else the MLflow server's --artifacts-destination (a proxied store on a
+        # volume other pods mount too: the chart's mlflow.artifacts.sharedClaim).
+        for uri in (self._config.artifact_root, self._config.artifacts_destination):
+            root = local_uri_path(uri or "")
+            if root is not None and folder.is_relative_to(root):
+                shared_root = str(root)
+                break
         files = tuple(FileLocation(f, str(manifests.local_path(folder, f.path))) for f in version.manifest)
         return ArtifactLocations(version, Access.SHARED_PATH, shared_root, files, None)
 

@@ -87,6 +87,18 @@ async def test_filesystem_store_gives_paths_under_the_root(tmp_path: Path) -> No
     ]
 
 
+async def test_proxied_store_on_a_shared_volume_gives_paths_under_the_destination() -> None:
+    """mlflow-artifacts: URIs of a server whose --artifacts-destination is a path (a shared volume)."""
+    found = await service(
+        version("mlflow-artifacts:/1/run/artifacts/model"),
+        artifact_root=None,
+        artifacts_destination="/var/lib/mlflow/artifacts",
+    ).locations(ModelRef("m", alias="champion"))
+    assert found.access is Access.SHARED_PATH
+    assert found.shared_root == "/var/lib/mlflow/artifacts"
+    assert found.files[0].where == "/var/lib/mlflow/artifacts/1/run/artifacts/model/config.json"
+
+
 @pytest.mark.parametrize(
     ("uri", "destination", "bucket", "prefix"),
     [
