@@ -235,11 +235,21 @@ class VLLMEngine(HFTokenizerEngine):
         args = engine_args(self.model_path, self.served_name, self.options)
         with engine_core_log() as read_log:  # the EngineCore logs its weight-loading time there
             # Our tokenizer loads while this process waits for the EngineCore to start (cold start).
-            tokenizer, engine = await asyncio.gather(
+            starting = asyncio.gather(
                 asyncio.to_thread(HFTokenizer, self.model_path),
                 asyncio.to_thread(AsyncLLM.from_engine_args, args),
                 return_exceptions=True,
             )
+            try:
+                tokenizer, engine = await asyncio.shield(starting)
+            except asyncio.CancelledError:
+                # The threads run on whatever happens here: wait for them (the log configuration
+                # must outlive the EngineCore's start) and shut a started engine down, or its
+                # EngineCore outlives this process's interest in it.
+                _, engine = await starting
+                if not isinstance(engine, BaseException):
+                    await asyncio.to_thread(engine.shutdown)
+                raise
             weights = weights_seconds(read_log())
         if not isinstance(engine, BaseException):
             self._engine = engine  # shut down by shutdown() should the tokenizer have failed

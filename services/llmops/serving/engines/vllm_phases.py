@@ -11,12 +11,14 @@ changed and the split is unknown (the whole start counts as engine start).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,24 +47,44 @@ def engine_core_log() -> Iterator[Callable[[], str]]:
         return
     from vllm.logger import DEFAULT_LOGGING_CONFIG
 
-    with tempfile.TemporaryDirectory(prefix="llmops-vllm-log-") as folder:
-        log_file = Path(folder) / "engine-core.log"
-        config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
-        config["handlers"]["llmops_phases"] = {
-            "class": "logging.FileHandler",
-            "filename": str(log_file),
-            "level": "INFO",
-            "formatter": "vllm",
-        }
-        logger = config["loggers"]["vllm"]
-        logger["handlers"] = [*logger["handlers"], "llmops_phases"]
-        # the console handler keeps its own level (VLLM_LOGGING_LEVEL); the file needs INFO records
-        if logging.getLevelName(str(logger.get("level", "INFO")).upper()) > logging.INFO:
-            logger["level"] = "INFO"
-        config_file = Path(folder) / "logging.json"
-        config_file.write_text(json.dumps(config))
-        os.environ[_CONFIG_VARIABLE] = str(config_file)
-        try:
-            yield lambda: log_file.read_text(errors="replace") if log_file.is_file() else ""
-        finally:
-            os.environ.pop(_CONFIG_VARIABLE, None)
+    global _STARTS
+    _STARTS += 1
+    folder = _log_folder()
+    log_file = folder / f"engine-core-{_STARTS}.log"
+    config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
+    config["handlers"]["llmops_phases"] = {
+        "class": "logging.FileHandler",
+        "filename": str(log_file),
+        "level": "INFO",
+        "formatter": "vllm",
+    }
+    logger = config["loggers"]["vllm"]
+    logger["handlers"] = [*logger["handlers"], "llmops_phases"]
+    # the console handler keeps its own level (VLLM_LOGGING_LEVEL); the file needs INFO records
+    if logging.getLevelName(str(logger.get("level", "INFO")).upper()) > logging.INFO:
+        logger["level"] = "INFO"
+    config_file = folder / f"logging-{_STARTS}.json"
+    config_file.write_text(json.dumps(config))
+    os.environ[_CONFIG_VARIABLE] = str(config_file)
+    try:
+        yield lambda: log_file.read_text(errors="replace") if log_file.is_file() else ""
+    finally:
+        os.environ.pop(_CONFIG_VARIABLE, None)
+
+
+_STARTS = 0
+_FOLDER: Path | None = None
+
+
+def _log_folder() -> Path:
+    """One folder per process, removed when it exits, never before.
+
+    A handler vLLM configured from one of these files (in a child, or in this process when vLLM
+    configures its logging again) may reopen its file at any later time, e.g. to log its shutdown:
+    a folder removed at the end of the start made that shutdown fail and leave the EngineCore running.
+    """
+    global _FOLDER
+    if _FOLDER is None or not _FOLDER.is_dir():
+        _FOLDER = Path(tempfile.mkdtemp(prefix="llmops-vllm-log-"))
+        atexit.register(shutil.rmtree, _FOLDER, ignore_errors=True)
+    return _FOLDER
