@@ -538,7 +538,10 @@ def test_network_policies_let_the_platform_talk_and_keep_others_out(
 def test_config_maps_and_claims_that_pods_mount_exist(renders: dict[str, Rendered], name: str) -> None:
     rendered, values = renders[name], load_values(name)
     config_maps = rendered.names("ConfigMap")
-    claims = rendered.names("PersistentVolumeClaim") | {values["serving"]["modelCache"]["existingClaim"]}
+    claims = rendered.names("PersistentVolumeClaim") | {
+        values["serving"]["modelCache"]["existingClaim"],
+        values["mlflow"]["artifacts"].get("sharedClaim", {}).get("existingClaim", ""),
+    }
     for pod in rendered.pod_templates():
         for container in pod.containers:
             for source in container.get("envFrom") or []:

@@ -43,6 +43,8 @@ ALLOWED = (
     r"serving\.(engine|models)",
     r"serving\.gpu\.enabled",
     r"raycluster\.enabled",
+    # weights from MLflow's artifact volume (a named volume shared by the play's pods), not the registry
+    r"mlflow\.artifacts\.sharedClaim\.(enabled|size)",
 )
 
 

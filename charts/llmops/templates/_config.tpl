@@ -48,6 +48,33 @@ first) and 15 s for the process to exit after draining.
 {{- max 1 (sub (sub (int $s.terminationGracePeriodSeconds) (int $s.preStopSeconds)) 15) }}
 {{- end }}
 
+{{/*
+The claim holding MLflow's artifacts that serving pods mount read-only (mlflow.artifacts.sharedClaim);
+empty when there is none (S3 artifacts, the MLflow pod's own volume, or serving as RayServices).
+*/}}
+{{- define "llmops.artifactsClaim" -}}
+{{- $m := .Values.mlflow }}
+{{- $shared := $m.artifacts.sharedClaim | default dict }}
+{{- if and $m.enabled $shared.enabled (not (hasPrefix "s3://" $m.artifacts.destination)) }}
+{{- $shared.existingClaim | default (printf "%s-artifacts" (include "llmops.componentName" (dict "root" . "component" "mlflow"))) }}
+{{- end }}
+{{- end }}
+
+{{/* Where the MLflow server keeps artifacts on its filesystem (its --artifacts-destination). */}}
+{{- define "llmops.mlflowArtifactsPath" -}}
+{{- default "/var/lib/mlflow/artifacts" .Values.mlflow.artifacts.destination }}
+{{- end }}
+
+{{/* Where serving pods mount the shared artifacts claim (read-only). */}}
+{{- define "llmops.sharedWeightsMount" -}}/mnt/mlflow-artifacts{{- end }}
+
+{{/* Where serving pods read weights: serving.weightsSource, else `store` when S3 or the shared claim is set. */}}
+{{- define "llmops.weightsSource" -}}
+{{- $s3 := and .Values.mlflow.enabled (hasPrefix "s3://" .Values.mlflow.artifacts.destination) }}
+{{- $shared := and (include "llmops.artifactsClaim" .) (eq (include "llmops.servingDeployments" .) "true") }}
+{{- .Values.serving.weightsSource | default (ternary "store" "registry" (or $s3 (not (empty $shared)))) }}
+{{- end }}
+
 {{/* LLMOPS_* settings of one service: (dict "root" $ "component" "training"). */}}
 {{- define "llmops.componentConfigData" -}}
 {{- $root := .root }}
@@ -67,8 +94,16 @@ first) and 15 s for the process to exit after draining.
 {{- $_ := set $data "LLMOPS_REGISTRY_ARTIFACTS_DESTINATION" $root.Values.mlflow.artifacts.destination }}
 {{- with $root.Values.mlflow.artifacts.s3EndpointUrl }}{{ $_ := set $data "LLMOPS_REGISTRY_S3_ENDPOINT_URL" . }}{{ end }}
 {{- end }}
+{{- $sharedClaim := include "llmops.artifactsClaim" $root }}
+{{- if and (eq $c "registry") $sharedClaim }}
+{{- /* The path mlflow-artifacts: URIs resolve under: serving pods map it to their own mount of the claim. */}}
+{{- $_ := set $data "LLMOPS_REGISTRY_ARTIFACTS_DESTINATION" (include "llmops.mlflowArtifactsPath" $root) }}
+{{- end }}
 {{- if eq $c "serving" }}
-{{- $_ := set $data "LLMOPS_SERVING_WEIGHTS__SOURCE" ($values.weightsSource | default (ternary "store" "registry" $s3)) }}
+{{- $_ := set $data "LLMOPS_SERVING_WEIGHTS__SOURCE" (include "llmops.weightsSource" $root) }}
+{{- if and $sharedClaim (eq (include "llmops.servingDeployments" $root) "true") }}
+{{- $_ := set $data "LLMOPS_SERVING_WEIGHTS__SHARED_MOUNT" (include "llmops.sharedWeightsMount" $root) }}
+{{- end }}
 {{- $_ := set $data "LLMOPS_SERVING_ENGINE" $values.engine }}
 {{- $_ := set $data "LLMOPS_SERVING_MAX_WAITING" (toString $values.maxWaiting) }}
 {{- /* `llmops serve` has no --http-port: the OpenAI HTTP port is a setting. */}}
