@@ -116,3 +116,36 @@ def test_values_that_cannot_work_are_refused(helm: str) -> None:
         helm, sets=[*SHARED, "mlflow.enabled=false", "mlflow.external.trackingUri=http://m:5000"]
     )
     assert result.returncode != 0 and "sharedClaim" in result.stderr
+
+
+def test_registry_paths_map_onto_the_serving_mount(renders: dict[str, Rendered]) -> None:
+    """The rendered settings, loaded as each service loads them: a path the registry names (under
+    the MLflow server's destination) maps onto the serving pod's read-only mount of the claim."""
+    import asyncio
+
+    from llmops.common.artifacts.direct import Access, DirectFetcher, DirectLocations
+    from llmops.common.domain import ModelRef
+    from llmops.common.settings import Settings
+    from llmops.registry.locations import LocationConfig
+    from tests.unit.registry.test_locations import service, version
+
+    rendered = renders["local-values"]
+    registry = Settings.load(_env(rendered, _registry(rendered))[0])
+    config = LocationConfig(
+        artifact_root=registry.mlflow_locations()[1],
+        artifacts_destination=registry.registry.artifacts_destination,
+    )
+    found = asyncio.run(
+        service(version("mlflow-artifacts:/1/run/artifacts/model"), **vars(config)).locations(
+            ModelRef("tiny", alias="champion")
+        )
+    )
+    for deployment in rendered.serving_deployments():
+        serving = Settings.load(_env(rendered, deployment)[0])
+        mount = serving.serving.weights.shared_mount
+        assert mount is not None
+        fetcher = DirectFetcher(shared_mount=mount)
+        located = DirectLocations("tiny", 1, "", Access.SHARED_PATH, found.shared_root, ())
+        assert (
+            fetcher.source_path(located, found.files[0].where) == mount / "1/run/artifacts/model/config.json"
+        )
