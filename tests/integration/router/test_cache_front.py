@@ -38,8 +38,12 @@ async def test_deterministic_answers_come_from_the_cache_once_computed(
     fleet: Fleet, make_router, redis_server: RedisServer
 ) -> None:
     replicas = await fleet.start(2, step_delay=0.02)
+    # Redis calls get 1 s, not the default 50 ms: on a loaded CI machine a lookup past 50 ms fails
+    # open (a counted miss) and the single-flight count below would measure the machine, not the cache.
     router = await make_router(
-        [r.address for r in replicas], env={"LLMOPS_REDIS_URL": redis_server.url}, policy="round_robin"
+        [r.address for r in replicas],
+        env={"LLMOPS_REDIS_URL": redis_server.url, "LLMOPS_CACHE_REDIS_TIMEOUT_MS": "1000"},
+        policy="round_robin",
     )
     await router.wait_ready(2)
     client = router.client
