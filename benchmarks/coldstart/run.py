@@ -141,13 +141,20 @@ def run_ours(model: Path, work: Path, timeout: float) -> dict[str, float]:
     finally:
         process.stop()
     return {
+        **phases(started, ready, token, cpu, log),
+        **{f"histogram_{phase}": value for phase, value in histogram.items()},
+    }
+
+
+def phases(started: float, ready: float, token: float, cpu: float, log: Path) -> dict[str, float]:
+    """One round's times from its clock readings, CPU seconds and the weight and init times vLLM logged."""
+    return {
         "ready": ready - started,
         "first_token": token - ready,
         "total": token - started,
         "cpu_seconds": cpu,
         "weights": logged(_WEIGHTS, log),
         "engine_init": logged(_ENGINE_INIT, log),
-        **{f"histogram_{phase}": value for phase, value in histogram.items()},
     }
 
 
@@ -190,14 +197,7 @@ def run_vllm(model: Path, work: Path, timeout: float) -> dict[str, float]:
         cpu = group_cpu_seconds(process.proc.pid)
     finally:
         process.stop()
-    return {
-        "ready": ready - started,
-        "first_token": token - ready,
-        "total": token - started,
-        "cpu_seconds": cpu,
-        "weights": logged(_WEIGHTS, log),
-        "engine_init": logged(_ENGINE_INIT, log),
-    }
+    return phases(started, ready, token, cpu, log)
 
 
 def model_folder(which: str, scratch: Path) -> Path:
