@@ -92,9 +92,11 @@ class FleetService:
         pools: list[Pool] = await self._run(self.store.list, model_name)
         page = pools[offset : offset + limit]
         more = offset + limit < len(pools)
-        return Page(
-            tuple([await self._resolved(p) for p in page]), encode_token(offset + limit) if more else ""
-        )
+        aliases: dict[str, dict[str, int]] = {}  # one registry read per model, not one per pool
+        for name in {p.model_name for p in page}:
+            aliases[name] = dict((await self.registry.get_model(name)).aliases)
+        resolved = tuple([await self._resolved(p, aliases[p.model_name]) for p in page])
+        return Page(resolved, encode_token(offset + limit) if more else "")
 
     async def reload(self, model_name: str, pool: str) -> Pool:
         check_ids(model_name, pool)
