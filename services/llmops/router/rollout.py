@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -162,12 +163,14 @@ class RolloutController:
         *,
         poll_seconds: float = 1.0,
         identity: str = "rollout-controller",
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.rollouts = rollouts
         self.registry = registry
         self.source = source
         self.poll_seconds = poll_seconds
         self.identity = identity
+        self.clock = clock  # wall time; steps are timed against the registry's step_started_at
         self._task: asyncio.Task[None] | None = None
         self.owned: list[RolloutClient] = []  # clients closed with the controller
 
@@ -237,7 +240,7 @@ class RolloutController:
             )
         if rollout.state is RolloutState.PENDING:
             return await self._guarded(rollout, Decision.STEP, "first step", None)
-        elapsed = (datetime.now(UTC) - rollout.step_started_at).total_seconds()
+        elapsed = (self.clock() - rollout.step_started_at).total_seconds()
         if elapsed < rollout.spec.step_min_seconds:
             return None
         versions = (rollout.from_version, rollout.spec.to_version)

@@ -89,7 +89,7 @@ def controller(
     challenger: Window = GOOD, champion: int = 1, refuse: str = ""
 ) -> tuple[RolloutController, FakeRollouts]:
     fake = FakeRollouts(refuse)
-    made = RolloutController(fake, FakeRegistry(champion), FakeSource(challenger))  # type: ignore[arg-type]
+    made = RolloutController(fake, FakeRegistry(champion), FakeSource(challenger), clock=lambda: NOW)  # type: ignore[arg-type]
     return made, fake
 
 
