@@ -247,8 +247,12 @@ def check_fleet(registry: str, router: str, pods: dict[str, str], versions: dict
     return {"alias_move": moved, "rollout": done}
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM reached the harness."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the harness.
+
+    A BaseException, as KeyboardInterrupt is: a library's ``except Exception`` around a probe (or a
+    callback in a running event loop) must not swallow it and leave the harness waiting out a budget.
+    """
 
 
 def on_signal(signum: int, frame: FrameType | None) -> None:
