@@ -303,6 +303,14 @@ class WeightsSection(_Model):
         le=604800,
         description="Validity asked of presigned URLs; 0: the registry's default.",
     )
+    cache_max_bytes: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Byte budget of the node cache (model_cache_dir): after a fill, least recently used entries "
+            "that no process on the node is serving are removed until it fits; 0: never evict."
+        ),
+    )
 
 
 class ServingSection(ServiceEndpoint):

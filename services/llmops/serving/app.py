@@ -76,6 +76,7 @@ def default_resolver(settings: Settings) -> ModelResolver:
             source=weights.source,
             fetcher=fetcher,
             url_ttl_seconds=weights.url_ttl_seconds,
+            cache_max_bytes=weights.cache_max_bytes,
         )
     return CompositeResolver(LocalPathResolver(), registry)
 

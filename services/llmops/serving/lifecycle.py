@@ -131,6 +131,7 @@ class ModelLifecycle:
             follow_alias=request.follow_alias,
         )
         entry.cold_start = cold_start
+        entry.weights_path = resolved.path
         if existing is None or existing.state is ModelState.FAILED:
             self._models[served_name] = entry  # listed as LOADING meanwhile
         if request.no_wait:
@@ -242,6 +243,9 @@ class ModelLifecycle:
             with contextlib.suppress(KeyError):
                 self.metrics.model_loaded.remove(name, entry.info.engine.value)
             self.shim.forget(name)
+        if entry.weights_path is not None:
+            self._resolver.release(entry.weights_path)  # its node-cache entry may be evicted now
+            entry.weights_path = None
         log.info("unloaded %s (%d requests aborted)", name, aborted)
         return aborted
 

@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from llmops.common.errors import DeadlineExceeded, ResourceExhausted
 from llmops.serving.coldstart import ColdStart
@@ -134,6 +135,8 @@ class ServedModel:
     watch_task: asyncio.Task[None] | None = None
     #: This load's cold-start phases, until its first request's first token is observed.
     cold_start: ColdStart | None = None
+    #: The resolved folder while this entry holds it (a node-cache entry is not evicted meanwhile).
+    weights_path: Path | None = None
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

@@ -49,6 +49,9 @@ class ModelResolver(abc.ABC):
     async def resolve_ref(self, ref: ModelRef) -> ResolvedModel:
         """The version a reference names now (an alias is looked up at the time of the call)."""
 
+    def release(self, path: Path) -> None:  # noqa: B027 - optional hook
+        """The folder :meth:`resolve` returned is no longer served (its node-cache entry may be evicted)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -98,6 +101,8 @@ class RegistryResolver(ModelResolver):
             them through the registry's DownloadArtifact (explicit only: the laptop/legacy path).
         fetcher: reads from the store (shared-volume mapping, concurrency, timeouts).
         url_ttl_seconds: validity asked of presigned URLs (0: the registry's default).
+        cache_max_bytes: the node cache's byte budget (0: never evict). Each resolved version is
+            held in use (not evictable) until :meth:`release` of its folder or :meth:`close`.
     """
 
     def __init__(
@@ -108,11 +113,12 @@ class RegistryResolver(ModelResolver):
         source: WeightsSource = "store",
         fetcher: DirectFetcher | None = None,
         url_ttl_seconds: int = 0,
+        cache_max_bytes: int = 0,
     ) -> None:
         if source not in ("store", "registry"):
             raise InvalidArgument(f"weights source must be store or registry, not {source!r}")
         self._client = client
-        self.cache = NodeCache(Path(cache_dir))
+        self.cache = NodeCache(Path(cache_dir), max_bytes=cache_max_bytes)
         self.source = source
         self._fetcher = fetcher or DirectFetcher()
         self._ttl = url_ttl_seconds
@@ -186,6 +192,10 @@ class RegistryResolver(ModelResolver):
             )
         return ResolvedSource(path=folder, model=resolved, format=fmt, adapter_base=base)
 
+    def release(self, path: Path) -> None:
+        if path.parent == self.cache.root / "sha256":
+            self.cache.release(path.name)
+
     async def _fetch(self, located: Any, folder: Path) -> None:
         """Files straight from the store; refused presigned URLs (expired) are asked for once more."""
         locations = DirectLocations.from_proto(located)
@@ -215,6 +225,7 @@ class RegistryResolver(ModelResolver):
         await download_to_directory(self._client, exact, folder)
 
     async def close(self) -> None:
+        self.cache.close()
         await self._client.close()
 
 
@@ -235,6 +246,10 @@ class CompositeResolver(ModelResolver):
 
     async def resolve_ref(self, ref: ModelRef) -> ResolvedModel:
         return await self._for(ModelSource(model_ref=ref)).resolve_ref(ref)
+
+    def release(self, path: Path) -> None:
+        if self._registry is not None:
+            self._registry.release(path)
 
     async def close(self) -> None:
         await self._local.close()

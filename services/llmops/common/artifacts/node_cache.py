@@ -14,7 +14,15 @@ dies while filling releases the lock with its file descriptors; its temporary fo
 the next filler of that digest.
 
 A hit checks the marker and every file's size (cheap); the bytes were hashed when the entry was
-filled. Entries are never evicted here: size the volume for the versions a node serves.
+filled. Hits and fills touch the marker, whose mtime is the entry's last use.
+
+Eviction: with ``max_bytes`` > 0, after each fill the least recently used entries are removed until
+the cache is within budget (never the entry just filled). A process serving an entry holds a shared
+``fcntl`` lock on ``<root>/locks/<digest>.use`` (taken before the lookup, kept until
+:meth:`NodeCache.release`); the evictor takes the digest's fill lock and an exclusive lock on the
+use file, both without waiting, and skips the entry when either is held. An evicted entry is renamed
+into ``<root>/tmp/`` before it is removed, so readers see a whole entry or none. When every entry
+left is in use the budget stays exceeded (logged); a load never fails for it.
 """
 
 from __future__ import annotations
@@ -43,9 +51,11 @@ Fill = Callable[[Path], Awaitable[None]]
 class NodeCache:
     """Versions' files under ``root``, one entry per manifest digest."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, max_bytes: int = 0) -> None:
         self.root = Path(root)
+        self.max_bytes = max_bytes  # 0: unbounded
         self._locks: dict[str, asyncio.Lock] = {}
+        self._uses: dict[str, list[int]] = {}  # digest -> [use-lock fd, holders in this process]
 
     def entry_path(self, digest: str) -> Path:
         return self.root / "sha256" / check_sha256(digest, "manifest_sha256")
@@ -72,11 +82,27 @@ class NodeCache:
     ) -> tuple[Path, bool]:
         """The entry of ``digest``, filled by ``fill(folder)`` when the node lacks it.
 
-        ``fill`` writes (and verifies) every manifest file into the folder it is given.
+        ``fill`` writes (and verifies) every manifest file into the folder it is given. The entry is
+        held in use (not evictable by any process) until :meth:`release` of ``digest``.
 
         Returns:
             (entry folder, True when it was already on the node).
         """
+        check_sha256(digest, "manifest_sha256")
+        await asyncio.to_thread(self.hold, digest)
+        try:
+            found, hit = await self._get_or_fill(digest, manifest, fill, label)
+        except BaseException:
+            self.release(digest)
+            raise
+        await asyncio.to_thread(_touch, found / COMPLETE_MARKER)
+        if not hit:
+            await asyncio.to_thread(self.evict, digest)
+        return found, hit
+
+    async def _get_or_fill(
+        self, digest: str, manifest: Sequence[ManifestFile], fill: Fill, label: str
+    ) -> tuple[Path, bool]:
         found = await asyncio.to_thread(self.lookup, digest, manifest)
         if found is not None:
             log.info("node cache hit for %s (manifest %s...)", label or digest, digest[:12])
@@ -118,6 +144,107 @@ class NodeCache:
         finally:
             await asyncio.to_thread(shutil.rmtree, staging, True)
 
+    def hold(self, digest: str) -> None:
+        """Mark ``digest``'s entry in use by this process (blocks only while an evictor removes it)."""
+        used = self._uses.get(digest)
+        if used is not None:
+            used[1] += 1
+            return
+        locks_dir = self.root / "locks"
+        locks_dir.mkdir(parents=True, exist_ok=True)
+        handle = os.open(
+            locks_dir / f"{check_sha256(digest, 'manifest_sha256')}.use", os.O_RDWR | os.O_CREAT, 0o644
+        )
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(handle)
+            raise
+        self._uses[digest] = [handle, 1]
+
+    def release(self, digest: str) -> None:
+        """Undo one :meth:`hold` (or :meth:`get_or_fill`) of ``digest``; the last one frees the entry."""
+        used = self._uses.get(digest)
+        if used is None:
+            return
+        used[1] -= 1
+        if used[1] <= 0:
+            del self._uses[digest]
+            os.close(used[0])  # releases the shared flock
+
+    def close(self) -> None:
+        """Release every entry this process holds."""
+        for digest in list(self._uses):
+            self._uses[digest][1] = 1
+            self.release(digest)
+
+    def evict(self, keep: str = "") -> list[str]:
+        """Remove least recently used entries (not ``keep``, none in use) until within ``max_bytes``.
+
+        Returns:
+            the digests evicted.
+        """
+        if self.max_bytes <= 0:
+            return []
+        entries = []
+        for entry in _glob(self.root / "sha256", "*"):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            try:
+                last_use = (entry / COMPLETE_MARKER).stat().st_mtime
+            except OSError:
+                last_use = 0.0  # incomplete: oldest
+            entries.append((last_use, entry.name, _size(entry)))
+        total = sum(size for _, _, size in entries)
+        evicted: list[str] = []
+        in_use: list[str] = []
+        for _, digest, size in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if digest == keep:
+                continue
+            if self._evict_one(digest):
+                evicted.append(digest)
+                total -= size
+            else:
+                in_use.append(digest)
+        if evicted:
+            log.info("node cache: evicted %s (least recently used)", ", ".join(d[:12] for d in evicted))
+        if in_use:
+            log.info("node cache: kept %s (in use)", ", ".join(d[:12] for d in in_use))
+        if total > self.max_bytes:
+            log.warning(
+                "node cache: %d bytes exceed the budget of %d; the rest is in use or just filled",
+                total,
+                self.max_bytes,
+            )
+        return evicted
+
+    def _evict_one(self, digest: str) -> bool:
+        """Remove ``digest``'s entry unless a filler or a user holds it; False when it is held."""
+        locks_dir = self.root / "locks"
+        locks_dir.mkdir(parents=True, exist_ok=True)
+        handles: list[int] = []
+        try:
+            for name in (f"{digest}.lock", f"{digest}.use"):
+                handle = os.open(locks_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
+                handles.append(handle)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+            trash = self.root / "tmp" / f"{digest}-evicted-{uuid.uuid4().hex[:8]}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.entry_path(digest).rename(trash)
+            except FileNotFoundError:
+                return True  # another evictor removed it meanwhile
+        finally:
+            for handle in handles:
+                os.close(handle)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
     @staticmethod
     def _remove_leftovers(tmp_root: Path, digest: str) -> None:
         """Folders of earlier fills of ``digest`` that died (the caller holds the digest's lock)."""
@@ -132,6 +259,20 @@ class NodeCache:
             entry.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
         staging.rename(entry)
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache still serves; only its LRU order ages
+        os.utime(path)
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(parent, name)).st_size
+    return total
 
 
 def _glob(folder: Path, pattern: str) -> Iterator[Path]:
