@@ -9,7 +9,11 @@ stream aborts the request inside vLLM; /metrics carries our ``llmops_serving_*``
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
+import tempfile
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -171,6 +175,19 @@ async def test_cancelled_stream_aborts_the_vllm_request(stack: Stack, vllm_engin
     assert vllm_engine.num_unfinished_requests() == 0
     assert stack.app.service.waiting("tiny-vllm") == 0
     assert await stack.client.generate_text("tiny-vllm", "x", max_tokens=2)  # still serving
+
+
+def _sockets(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if stat.S_ISSOCK(p.lstat().st_mode)]
+
+
+async def test_vllm_ipc_sockets_live_in_the_process_folder(vllm_engine) -> None:  # type: ignore[no-untyped-def]
+    """vLLM names a ZMQ socket per engine start and never unlinks it: ours go to a folder removed at exit."""
+    from llmops.serving.engines.vllm_phases import process_folder
+
+    folder = Path(os.environ["VLLM_RPC_BASE_PATH"])
+    assert folder == process_folder() and folder != Path(tempfile.gettempdir())
+    assert _sockets(folder)  # the running engine's
 
 
 async def test_metrics_carry_our_series_and_vllm_names_for_every_engine(stack: Stack) -> None:

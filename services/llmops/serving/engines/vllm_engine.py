@@ -47,7 +47,7 @@ from llmops.serving.engines.base import ALL_OPTIONS, AdapterInfo, decode_extra_a
 from llmops.serving.engines.beam import beam_search
 from llmops.serving.engines.hf import HFTokenizer, HFTokenizerEngine, read_config
 from llmops.serving.engines.sampling import beam_deltas
-from llmops.serving.engines.vllm_phases import engine_core_log, weights_seconds
+from llmops.serving.engines.vllm_phases import engine_core_log, process_folder, weights_seconds
 from llmops.serving.validation import MAX_BEAM_WIDTH, MAX_LOGPROBS
 
 _DTYPES = {"": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -59,10 +59,12 @@ def prepare_environment() -> None:
     """Process-wide vLLM settings, before vLLM is first imported (its logging reads them then).
 
     Spawned (not forked) engine processes; vLLM's logs on stderr, so stdout keeps the one line
-    ``llmops serve`` prints for scripts. An explicit setting in the environment wins.
+    ``llmops serve`` prints for scripts; its IPC sockets in this process's own folder, removed at
+    exit (vLLM leaves them in /tmp). An explicit setting in the environment wins.
     """
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(process_folder()))
 
 
 def config_dtype(model_path: Path) -> str:

@@ -49,7 +49,7 @@ def engine_core_log() -> Iterator[Callable[[], str]]:
 
     global _STARTS
     _STARTS += 1
-    folder = _log_folder()
+    folder = process_folder()
     log_file = folder / f"engine-core-{_STARTS}.log"
     config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
     config["handlers"]["llmops_phases"] = {
@@ -76,8 +76,12 @@ _STARTS = 0
 _FOLDER: Path | None = None
 
 
-def _log_folder() -> Path:
-    """One folder per process, removed when it exits, never before.
+def process_folder() -> Path:
+    """One folder per process for vLLM's files, removed when it exits, never before.
+
+    It holds the log configurations below and vLLM's ZMQ IPC sockets (``VLLM_RPC_BASE_PATH``, set by
+    the engine): vLLM names one socket per engine start in the temp folder and never unlinks it, so
+    a long-lived server that reloads models, or a test suite, would leave thousands behind.
 
     A handler vLLM configured from one of these files (in a child, or in this process when vLLM
     configures its logging again) may reopen its file at any later time, e.g. to log its shutdown:
