@@ -5,7 +5,8 @@ endpoint and the object store's Secret (it presigns URLs with them) and serving 
 straight from the store (LLMOPS_SERVING_WEIGHTS__SOURCE=store); without it (the MLflow pod's own
 volume, which no other pod can read) serving explicitly streams through the registry; the setting
 can be forced; ``serving.modelCache.hostPath`` mounts one node-local cache shared by every serving
-pod of the node; a typo in the source is refused by the schema.
+pod of the node; its byte budget ``serving.modelCache.maxBytes`` reaches the setting as an integer;
+a typo in the source is refused by the schema.
 """
 
 from __future__ import annotations
@@ -83,3 +84,17 @@ def test_host_path_node_cache_is_shared_by_the_node(helm: str) -> None:
 def test_schema_refuses_an_unknown_weights_source(helm: str) -> None:
     result = helm_template(helm, sets=["serving.weightsSource=s3"])
     assert result.returncode != 0 and "weightsSource" in result.stderr
+
+
+def test_node_cache_budget_reaches_the_setting(renders: dict[str, Rendered], helm: str) -> None:
+    from llmops.common.settings import Settings
+
+    defaults = renders["defaults"]
+    for deployment in defaults.serving_deployments():
+        env, _ = _env(defaults, deployment)
+        assert env["LLMOPS_SERVING_WEIGHTS__CACHE_MAX_BYTES"] == str(80 * 2**30)  # no float rendering
+        budget = env["LLMOPS_SERVING_WEIGHTS__CACHE_MAX_BYTES"]
+        loaded = Settings.load(env={"LLMOPS_SERVING_WEIGHTS__CACHE_MAX_BYTES": budget})
+        assert loaded.serving.weights.cache_max_bytes == 80 * 2**30
+    result = helm_template(helm, sets=["serving.modelCache.maxBytes=-1"])
+    assert result.returncode != 0 and "maxBytes" in result.stderr

@@ -109,6 +109,7 @@ empty when there is none (S3 artifacts, the MLflow pod's own volume, or serving 
 {{- /* `llmops serve` has no --http-port: the OpenAI HTTP port is a setting. */}}
 {{- $_ := set $data "LLMOPS_SERVING_HTTP_PORT" (toString $root.Values.ports.http) }}
 {{- $_ := set $data "LLMOPS_MODEL_CACHE_DIR" $values.modelCache.mountPath }}
+{{- $_ := set $data "LLMOPS_SERVING_WEIGHTS__CACHE_MAX_BYTES" (int64 $values.modelCache.maxBytes | toString) }}
 {{- $_ := set $data "LLMOPS_GRACE_SECONDS" (include "llmops.servingGraceSeconds" $root) }}
 {{- end }}
 {{- range $name, $value := $values.env }}{{ $_ := set $data $name (toString $value) }}{{ end }}
