@@ -29,6 +29,7 @@ import asyncio
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -247,6 +248,30 @@ def check_fleet(registry: str, router: str, pods: dict[str, str], versions: dict
     return {"alias_move": moved, "rollout": done}
 
 
+def check_weights_path(registry: str) -> dict[str, float]:
+    """No serving pod read weights through the registry process (the chart's shared claim serves them).
+
+    The registry's own call counts, after every load and reload above: serving pods asked it where a
+    version's files are (GetArtifactLocations) and never for the bytes (DownloadArtifact).
+    """
+    url = f"http://{registry.rsplit(':', 1)[0]}:9090/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    calls = {method: 0.0 for method in ("GetArtifactLocations", "DownloadArtifact")}
+    for method, value in re.findall(
+        r'llmops_grpc_server_handled_total\{[^}]*method="(\w+)"[^}]*\} ([0-9.e+-]+)', text
+    ):
+        if method in calls:
+            calls[method] += float(value)
+    if calls["DownloadArtifact"] or not calls["GetArtifactLocations"]:
+        raise SmokeFailure(f"serving's weights went through the registry process: its calls {calls}")
+    console.print(
+        f"[green]ok[/]  weights read from the shared claim: the registry answered "
+        f"{calls['GetArtifactLocations']:.0f} GetArtifactLocations and no DownloadArtifact"
+    )
+    return calls
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM reached the harness.
 
@@ -429,6 +454,7 @@ def main() -> int:
         if len(pods) != len(pool_addresses) or set(pods) != {"champion", "challenger"}:
             raise SmokeFailure(f"the fleet checks want one champion and one challenger pod: {pool_addresses}")
         fleet = check_fleet(registry, router, pods, versions)
+        check_weights_path(registry)
 
         grace = float(km.pod_spec(serving_original).get("terminationGracePeriodSeconds", 30))
         sent: dict[str, float] = {}
