@@ -256,7 +256,10 @@ def print_summary(result: Any, seconds: float, *, kept: bool) -> None:
         requests.add_column(column)
     for row in result.requests:
         ttft = f"{row['ttft_ms']:.0f}" if "ttft_ms" in row else ""
-        requests.add_row(row["request"], ttft, f"{row['latency_ms']:.0f}", "yes" if row["cached"] else "no",
+        hit = ("yes" if row["cached"] else "no") + (
+            f" (try {row['tries']})" if row.get("tries", 1) > 1 else ""
+        )
+        requests.add_row(row["request"], ttft, f"{row['latency_ms']:.0f}", hit,
                          row["text"].strip().replace("\n", " ")[:60])  # fmt: skip
     out.print(requests)
     if result.rollouts:

@@ -41,6 +41,11 @@ from llmops.common.process import run
 from llmops.stack.rollout_demo import FAULTY_REPLICA_ENV
 from llmops.stack.stack import LocalStack, StackOptions, StackState
 
+#: How often the demo asks its repeated request while it misses the cache, and the pause between
+#: (longer than the cache's default failure cooldown, 1 s).
+REPEAT_TRIES = 4
+REPEAT_PAUSE_SECONDS = 1.5
+
 Say = Callable[[str], None]
 QUESTION = "What does the function `len` return?"
 
@@ -219,12 +224,24 @@ async def _serve_and_ask(
             text=template.format(prompt="Write a Python function that reverses a list.")
         )
         for attempt in ("first", "repeat"):
-            start = time.perf_counter()
-            response = await client.unary(
-                client.stub.Generate, pb.GenerateRequest(model=selector, prompt=question, sampling=sampling)
-            )
+            # The repeat is asked again, at most REPEAT_TRIES times, while it misses: on a busy laptop a
+            # Redis call past the cache's timeout fails open for the cooldown (a miss, or a store skipped
+            # on the first request), and the demo shows the hit once the cache answers again.
+            for tries in range(1, (REPEAT_TRIES if attempt == "repeat" else 1) + 1):
+                start = time.perf_counter()
+                response = await client.unary(
+                    client.stub.Generate,
+                    pb.GenerateRequest(model=selector, prompt=question, sampling=sampling),
+                )
+                if response.cached:
+                    break
+                if tries < REPEAT_TRIES and attempt == "repeat":
+                    say(
+                        "the repeated request missed the cache (Redis slow or busy: the cache failed open); again"
+                    )
+                    await asyncio.sleep(REPEAT_PAUSE_SECONDS)
             requests.append({"request": f"unary ({attempt})", "latency_ms": (time.perf_counter() - start) * 1000,
-                             "cached": response.cached, "text": response.output.completions[0].text,
+                             "cached": response.cached, "text": response.output.completions[0].text, "tries": tries,
                              "served": f"{response.model.name}:{response.model.version}", "engine": served_engine})  # fmt: skip
     return requests
 
